@@ -1,0 +1,275 @@
+"""LoRA layers (Hu et al., 2021, arXiv 2106.09685).
+
+A wrapped layer computes ``h = base(x) + B(A(dropout(x))) * scaling`` with ``scaling = alpha / r``
+(``alpha / sqrt(r)`` with rsLoRA). ``A`` maps the layer input to rank ``r``; ``B`` maps rank ``r`` to the
+layer output and starts at zero, so a fresh adapter leaves the output bit-identical. The base layer
+sits untouched in ``base_layer``; its weight changes only through an explicit ``merge``.
+
+Shapes for a linear layer with ``k`` inputs and ``d`` outputs: ``lora_A.weight`` is ``(r, k)``,
+``lora_B.weight`` is ``(d, r)`` and ``delta_weight() = B @ A * scaling`` is ``(d, k)``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoraConfig
+
+
+class Adapter(nn.Module):
+    """One adapter on one layer: ``lora_A``, ``lora_B``, dropout and scaling together."""
+
+    def __init__(self, lora_A: nn.Module, lora_B: nn.Module, dropout: float, scaling: float, config: LoraConfig):
+        super().__init__()
+        self.lora_A = lora_A
+        self.lora_B = lora_B
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.config = config  # the adapter's LoraConfig, shared by all its layers (read-only)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_B.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_B.weight.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def plain_pair(self) -> tuple[Tensor, Tensor]:
+        """(A, B) as matrices ``(r, k)`` and ``(d, r)``: the update is ``B @ A * scaling`` (flattened
+        over the kernel for convolutions; ``k`` = vocabulary size for embeddings)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if isinstance(self.lora_A, nn.Embedding):
+            A = A.T
+        return A.flatten(1), B.flatten(1)
+
+    def load_pair(self, A: Tensor, B: Tensor) -> None:
+        """Set the weights from matrices in :meth:`plain_pair`'s form."""
+        with torch.no_grad():
+            if isinstance(self.lora_A, nn.Embedding):
+                A = A.T
+            self.lora_A.weight.copy_(A.reshape(self.lora_A.weight.shape))
+            self.lora_B.weight.copy_(B.reshape(self.lora_B.weight.shape))
+
+
+class SlicedAdapter(Adapter):
+    """LoRA on chosen equal output slices of a fused projection (loralib's ``MergedLinear``).
+
+    For GPT-2's ``c_attn`` (q, k, v fused, ``d = 3 * 768``) with ``mask = [True, False, True]``, q and v
+    each get a rank-r pair and k gets nothing. ``lora_A.weight`` is ``(n_on * r, k)``; ``lora_B.weight``
+    is ``(n_on * d_slice, r)``: block ``j`` of B maps rank block ``j`` of A to the j-th enabled slice.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: list[bool], r: int, dropout: float,
+                 scaling: float, config: LoraConfig, *, device=None, dtype=None):
+        if out_features % len(mask):
+            raise ValueError(f"slices {mask}: output size {out_features} does not split into {len(mask)} equal parts")
+        n_on = sum(mask)
+        self.d_slice = out_features // len(mask)
+        lora_A = nn.Linear(in_features, n_on * r, bias=False, device=device, dtype=dtype)
+        lora_B = nn.Linear(r, n_on * self.d_slice, bias=False, device=device, dtype=dtype)
+        super().__init__(lora_A, lora_B, dropout, scaling, config)
+        self.mask = list(mask)
+        self.register_buffer("on_slices", torch.tensor([i for i, m in enumerate(mask) if m]), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n_on, r = len(self.on_slices), self.rank
+        a = self.lora_A(self.dropout(x)).unflatten(-1, (n_on, r))  # (..., n_on, r)
+        b = torch.einsum("...jr,jdr->...jd", a, self.lora_B.weight.view(n_on, self.d_slice, r))
+        out = a.new_zeros(*x.shape[:-1], len(self.mask), self.d_slice)
+        out = out.index_copy(-2, self.on_slices, b)  # enabled slices get their update, others stay zero
+        return out.flatten(-2) * self.scaling
+
+    def plain_pair(self) -> tuple[Tensor, Tensor]:
+        """A: ``(n_on*r, k)``; B: ``(d, n_on*r)`` block-structured, zero outside enabled slices."""
+        r, ds = self.rank, self.d_slice
+        B = self.lora_B.weight
+        full_B = B.new_zeros(len(self.mask) * ds, len(self.on_slices) * r)
+        for j, s in enumerate(self.on_slices.tolist()):
+            full_B[s * ds:(s + 1) * ds, j * r:(j + 1) * r] = B[j * ds:(j + 1) * ds]
+        return self.lora_A.weight, full_B
+
+
+class LoraLayer(nn.Module):
+    """Wraps a base layer and holds its named adapters; subclasses say how to build and merge them."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_plan = None  # set by per_row_adapters(): callable x -> per-row LoRA update
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.row_plan is not None:
+            return out + self.row_plan(x).to(out.dtype)
+        if self.disabled or self.active is None or self.active in self.merged:
+            return out
+        adapter = self.adapters[self.active]
+        return out + adapter(_cast(x, adapter.dtype)).to(out.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight (so code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> Adapter:
+        r, scaling = config.rank_for(module_name), config.scaling(module_name)
+        adapter = self.make_adapter(r, scaling, config, module_name)
+        self.init_adapter(adapter, config.init)
+        self.adapters[name] = adapter
+        return adapter
+
+    def make_adapter(self, r: int, scaling: float, config: LoraConfig, module_name: str) -> Adapter:
+        raise NotImplementedError
+
+    def init_adapter(self, adapter: Adapter, init: str) -> None:
+        """A random (Kaiming-uniform, or N(0, 1/r) for ``gaussian``), B zero."""
+        if adapter.lora_A.weight.is_meta:
+            return
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(adapter.lora_A.weight, std=1.0 / adapter.rank)
+            else:
+                nn.init.kaiming_uniform_(adapter.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(adapter.lora_B.weight)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """The update ``B @ A * scaling`` in fp32, in the layout of ``base_layer.weight``."""
+        A, B = self.adapters[name].plain_pair()
+        return self.to_base_layout((B.float() @ A.float()) * self.adapters[name].scaling)
+
+    def to_base_layout(self, delta: Tensor) -> Tensor:
+        """``(d, k)`` update -> the shape and layout of ``base_layer.weight``."""
+        return delta
+
+    # ----- merge -----------------------------------------------------------------------------------------
+    def merge(self, name: str, safe: bool = False) -> None:
+        """Add adapter ``name``'s update into the base weight (computed in fp32, cast back)."""
+        weight = self.base_layer.weight
+        merged = weight.detach().float() + self.delta_weight(name).to(weight.device)
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
+        with torch.no_grad():
+            weight.copy_(merged.to(weight.dtype))
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged update, last merged first."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            while self.merged:
+                name = self.merged.pop()
+                weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+
+
+class LoraLinear(LoraLayer):
+    """``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (weight stored ``(in, out)``: fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        w = base_layer.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
+
+    def make_adapter(self, r, scaling, config, module_name):
+        kw = _factory_kwargs(self.base_layer.weight)
+        mask = config.slices_for(module_name)
+        if mask is not None:
+            return SlicedAdapter(self.in_features, self.out_features, mask, r, config.dropout, scaling, config, **kw)
+        A = nn.Linear(self.in_features, r, bias=False, **kw)
+        B = nn.Linear(r, self.out_features, bias=False, **kw)
+        return Adapter(A, B, config.dropout, scaling, config)
+
+    def to_base_layout(self, delta):
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """``nn.Embedding``: ``lora_A`` is an embedding table ``(num, r)``, ``lora_B`` maps ``r -> dim``."""
+
+    def make_adapter(self, r, scaling, config, module_name):
+        base, kw = self.base_layer, _factory_kwargs(self.base_layer.weight)
+        A = nn.Embedding(base.num_embeddings, r, padding_idx=base.padding_idx, **kw)
+        B = nn.Linear(r, base.embedding_dim, bias=False, **kw)
+        return Adapter(A, B, 0.0, scaling, config)  # no dropout on token ids
+
+    def init_adapter(self, adapter, init):
+        if not adapter.lora_A.weight.is_meta:
+            with torch.no_grad():
+                nn.init.normal_(adapter.lora_A.weight, std=1.0 / adapter.rank if init == "gaussian" else 1.0)
+                nn.init.zeros_(adapter.lora_B.weight)
+
+    def to_base_layout(self, delta):
+        return delta.T  # (dim, num) -> (num, dim)
+
+
+class LoraConv(LoraLayer):
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base kernel, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Module):
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        super().__init__(base_layer)
+
+    def make_adapter(self, r, scaling, config, module_name):
+        base, kw = self.base_layer, _factory_kwargs(self.base_layer.weight)
+        conv = type(base)
+        A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                 bias=False, padding_mode=base.padding_mode, **kw)
+        B = conv(r, base.out_channels, 1, bias=False, **kw)
+        return Adapter(A, B, config.dropout, scaling, config)
+
+    def to_base_layout(self, delta):
+        return delta.view(self.base_layer.weight.shape)
+
+
+def _conv1d_type() -> type | None:
+    """transformers' GPT-2 ``Conv1D``, if transformers is already imported (never imported here)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
+    """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable)."""
+    if isinstance(module, LoraLayer):
+        return None
+    table: list[tuple[type, type[LoraLayer]]] = [
+        (nn.Linear, LoraLinear),
+        (nn.Embedding, LoraEmbedding),
+        (nn.Conv1d, LoraConv),
+        (nn.Conv2d, LoraConv),
+        (nn.Conv3d, LoraConv),
+    ]
+    conv1d = _conv1d_type()
+    if conv1d is not None:
+        table.append((conv1d, LoraLinear))
+    for base_type, lora_type in table:
+        if isinstance(module, base_type):
+            return lora_type
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return lora_layer_type(module) is LoraLinear
+
+
+def _factory_kwargs(weight: Tensor) -> dict:
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return {"device": weight.device, "dtype": dtype}
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
+
+

@@ -1,0 +1,51 @@
+"""``modules_to_save``: modules trained in full, one copy per adapter, the original kept untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+
+class SavedModule(nn.Module):
+    """Holds the original module and a trainable copy of it per adapter; runs the active copy.
+
+    With ``row_names`` set (by ``per_row_adapters``), batch row ``i`` runs the copy of ``row_names[i]``
+    (the original where that name is ``None`` or has no copy here).
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.row_names: list[str | None] | None = None
+
+    def add_copy(self, name: str) -> nn.Module:
+        module = copy.deepcopy(self.original)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = module
+        return module
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active is None or self.active not in self.copies:
+            return self.original
+        return self.copies[self.active]
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        if self.row_names is None:
+            return self.current()(x, *args, **kwargs)
+        if len(self.row_names) != x.shape[0]:
+            raise ValueError(f"per_row_adapters got {len(self.row_names)} names for a batch of {x.shape[0]} rows")
+        out = None
+        for name in dict.fromkeys(self.row_names):
+            rows = torch.tensor([i for i, n in enumerate(self.row_names) if n == name], device=x.device)
+            module = self.copies[name] if name in self.copies else self.original
+            part = module(x[rows], *args, **kwargs)
+            if out is None:
+                out = part.new_empty(x.shape[0], *part.shape[1:])
+            out[rows] = part
+        return out

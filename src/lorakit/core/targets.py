@@ -1,0 +1,130 @@
+"""Which modules of a model to adapt: names, regex, ``all-linear``, block indices, exclusions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, LoraLinear, lora_layer_type
+
+# The paper's choice (query and value projections) for common transformers architectures.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt_neox": ["query_key_value"],
+    "t5": ["q", "v"],
+}
+
+
+def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of every module a LoRA layer can wrap, or already wraps; never inside a wrapper."""
+    from .saved import SavedModule
+
+    def walk(module: nn.Module, prefix: str):
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, LoraLayer):
+                yield path, child
+            elif isinstance(child, SavedModule):
+                continue
+            else:
+                if lora_layer_type(child) is not None:
+                    yield path, child
+                yield from walk(child, path)
+
+    yield from walk(model, "")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LoraLinear) or lora_layer_type(module) is LoraLinear
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        names |= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def _block_index(path: str, layers_pattern: str | None) -> int | None:
+    if layers_pattern:
+        m = re.search(rf"(?:^|\.){re.escape(layers_pattern)}\.(\d+)(?:\.|$)", path)
+    else:
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(m.group(1)) if m else None
+
+
+def _selected(path: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == key or path.endswith("." + key) for key in spec)
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """``config.target_modules``, or the default for the model's transformers architecture."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError(
+        f"target_modules is not set and there is no default for model_type={model_type!r}; "
+        f"pass target_modules (e.g. 'all-linear'). Linear-like modules: {describe_linear_modules(model)}"
+    )
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules ``config`` adapts, in model order. Raises ValueError if there are none."""
+    spec = resolve_target_modules(model, config)
+    heads = _output_head_names(model) if spec == "all-linear" else set()
+    found = []
+    for path, module in adaptable_modules(model):
+        if spec == "all-linear":
+            if not _is_linear(module) or path in heads or path.split(".")[-1] in heads:
+                continue
+        elif not _selected(path, spec):
+            continue
+        if config.exclude_modules is not None and _selected(path, config.exclude_modules):
+            continue
+        if config.layers is not None and _block_index(path, config.layers_pattern) not in config.layers:
+            continue
+        found.append(path)
+    if not found:
+        raise ValueError(
+            f"no module matches target_modules={spec!r}"
+            + (f" with layers={config.layers}" if config.layers is not None else "")
+            + f". Linear-like modules of this model: {describe_linear_modules(model)}"
+        )
+    return found
+
+
+def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
+    """Short listing of linear-like module names: distinct last components, then a few full paths."""
+    paths = [p for p, m in adaptable_modules(model) if _is_linear(m)]
+    if not paths:
+        return "(none)"
+    leaves = list(dict.fromkeys(p.split(".")[-1] for p in paths))
+    sample = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return f"names {leaves[:limit]}{' ...' if len(leaves) > limit else ''} ({len(paths)} in all, e.g. {sample})"
+
+
+def find_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
+    """Paths of the modules named by ``modules_to_save`` (exact path or suffix), outermost only."""
+    found: list[str] = []
+    for path, _ in model.named_modules():  # parents come before their children
+        if path and not any(path.startswith(p + ".") for p in found) and _selected(path, keys):
+            found.append(path)
+    return found
