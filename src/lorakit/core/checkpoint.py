@@ -100,6 +100,9 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
+    d["fan_in_fan_out"] = any(
+        getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
+    )
     d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
     for p, m in model.named_modules():
         adapter_obj = m.adapters[adapter] if isinstance(m, LoraLayer) and adapter in m.adapters else None
@@ -192,7 +195,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise CheckpointError(f"{path}: {e}") from None
     targets = _load_targets(model, config, planned, copies)
     weights_file = path / WEIGHTS_NAME
-    missing = sorted(set(targets) - set(tensors))
+    optional = {k for k in targets if k.endswith(".base_layer.weight")}
+    missing = sorted(set(targets) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(targets))
     if missing or unexpected:
         raise CheckpointError(
@@ -202,6 +206,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         )
     staged = []
     for key, (dest, transpose) in targets.items():
+        if key not in tensors:
+            continue
         t = tensors[key]
         t = t.T if transpose else t
         if tuple(t.shape) != tuple(dest.shape):
@@ -239,6 +245,8 @@ def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, boo
         if isinstance(p.layer, LoraEmbedding):
             targets[f"{PREFIX}{p.path}.lora_embedding_A"] = (adapter.lora_A.weight.data, True)
             targets[f"{PREFIX}{p.path}.lora_embedding_B"] = (adapter.lora_B.weight.data, False)
+            # PEFT's save_embedding_layers also stores the (possibly resized) base table: optional
+            targets[f"{PREFIX}{p.path}.base_layer.weight"] = (p.layer.base_layer.weight.data, False)
         else:
             targets[f"{PREFIX}{p.path}.lora_A.weight"] = (adapter.lora_A.weight.data, False)
             targets[f"{PREFIX}{p.path}.lora_B.weight"] = (adapter.lora_B.weight.data, False)

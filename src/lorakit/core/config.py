@@ -148,7 +148,7 @@ class LoraConfig:
                 continue
             d[_TO_PEFT.get(f.name, f.name)] = getattr(self, f.name)
         d["init_lora_weights"] = _PEFT_INIT[self.init]
-        d["fan_in_fan_out"] = False  # lorakit detects Conv1D by type; stored weights are in PEFT's layout
+        d["fan_in_fan_out"] = False  # save_adapter sets it for Conv1D models; lorakit itself detects Conv1D by type
         d["inference_mode"] = True
         d.update(_PEFT_UNSUPPORTED)
         return d

@@ -1,0 +1,209 @@
+"""Checkpoints: round trips, PEFT's format both ways, atomic writes, and every bad checkpoint refused."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from tests.conftest import CASES, MLP, build, randomize_lora
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _assert_unchanged(model, snapshot):
+    sd, types = snapshot
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
+
+
+def test_save_load_round_trip_under_another_seed(case, tmp_path):
+    model = build(case, seed=0)
+    randomize_lora(model, seed=1)
+    if case.config.get("modules_to_save"):
+        with torch.no_grad():
+            model.classifier.copies["default"].weight.add_(0.5)
+    inputs = case.inputs(3)
+    expected = case.run(model, inputs)
+    out_dir = lorakit.save_adapter(model, tmp_path / "ad")
+    assert sorted(p.name for p in out_dir.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    torch.manual_seed(0)
+    fresh = case.build()  # same base weights (seed 0), then adapter init under another seed
+    torch.manual_seed(123)
+    assert lorakit.load_adapter(fresh, out_dir) == "default"
+    torch.testing.assert_close(case.run(fresh, inputs), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_checkpoint_keys_and_config_follow_peft(tmp_path):
+    from tests.conftest import gpt2
+
+    model = lorakit.add_lora(gpt2(), lorakit.LoraConfig(r=2, alpha=4, target_modules=["c_attn"],
+                                                       slices={"c_attn": [True, False, True]}, bias="lora_only"))
+    lorakit.save_adapter(model, tmp_path)
+    keys = load_file(tmp_path / WEIGHTS_NAME)
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
+    assert keys["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 32)
+    assert keys["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 4)
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 4
+    assert cfg["target_modules"] == ["c_attn"]
+    assert cfg["rank_pattern"]["transformer.h.0.attn.c_attn"] == 4
+    assert cfg["alpha_pattern"]["transformer.h.0.attn.c_attn"] == 8  # same scaling alpha/r as the slices
+    assert len(cfg["lorakit"]["base_fingerprint"]) == 16
+
+
+def test_non_default_adapter_goes_to_a_subfolder(tmp_path):
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]), "taskb")
+    out = lorakit.save_adapter(model, tmp_path, adapter="taskb")
+    assert out == tmp_path / "taskb" and (out / CONFIG_NAME).is_file()
+    other = MLP()
+    other.load_state_dict(lorakit.unload(model, merge=False).state_dict())
+    assert lorakit.load_adapter(other, tmp_path, adapter="taskb") == "taskb"
+
+
+def test_write_is_atomic_when_the_save_crashes(tmp_path, monkeypatch):
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]))
+    lorakit.save_adapter(model, tmp_path)
+    good = (tmp_path / WEIGHTS_NAME).read_bytes()
+    randomize_lora(model)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lorakit.core.checkpoint.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lorakit.save_adapter(model, tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left
+
+
+def _saved_mlp(tmp_path):
+    torch.manual_seed(0)
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    randomize_lora(model)
+    lorakit.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    return MLP(), load_file(tmp_path / WEIGHTS_NAME)
+
+
+KEY = "base_model.model.fc2.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: t.pop(KEY), r"missing 1: \['base_model.model.fc2.lora_B.weight'\]"),
+        (lambda t: t.update({"base_model.model.fc9.lora_A.weight": torch.zeros(2, 2)}), "unexpected 1"),
+        (lambda t: t.update({KEY: torch.zeros(24, 3)}), r"fc2.lora_B.weight has shape \(24, 3\), expected \(24, 2\)"),
+        (lambda t: t.update({KEY: torch.zeros(24, 2, dtype=torch.int64)}), "dtype torch.int64, expected a floating"),
+        (lambda t: t[KEY].__setitem__((0, 0), float("nan")), "fc2.lora_B.weight has non-finite"),
+    ],
+    ids=["missing", "extra", "shape", "dtype", "nan"],
+)
+def test_bad_tensors_are_refused_and_model_untouched(tmp_path, corrupt, message):
+    model, tensors = _saved_mlp(tmp_path)
+    corrupt(tensors)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    snapshot = _state(model)
+    with pytest.raises(CheckpointError, match=message):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snapshot)
+
+
+def test_broken_files_are_refused_and_model_untouched(tmp_path):
+    model, _ = _saved_mlp(tmp_path)
+    snapshot = _state(model)
+    weights = tmp_path / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        lorakit.load_adapter(model, tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        lorakit.load_adapter(model, tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 2, "use_dora": True}))
+    with pytest.raises(CheckpointError, match="use_dora"):
+        lorakit.load_adapter(model, tmp_path)
+    weights.unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="never loaded"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snapshot)
+
+
+def test_target_mismatch_is_refused_and_model_untouched(tmp_path):
+    model, _ = _saved_mlp(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["target_modules"] = ["q_proj"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    snapshot = _state(model)
+    with pytest.raises(CheckpointError, match="no module matches target_modules"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snapshot)
+
+
+def test_fingerprint_warns_on_a_different_base(tmp_path):
+    _saved_mlp(tmp_path)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_adapter(MLP(), tmp_path)  # same base: silent
+    torch.manual_seed(99)
+    with pytest.warns(UserWarning, match="different base weights"):
+        lorakit.load_adapter(MLP(), tmp_path)
+
+
+def test_lora_state_dict_holds_only_the_adapter():
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]), "a")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=3, target_modules=["fc2"]), "b")
+    sd = lorakit.lora_state_dict(model, "b")
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "base_model.model.fc2.lora_A.weight": (3, 24),
+        "base_model.model.fc2.lora_B.weight": (24, 3),
+    }
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("gpt2", {}), ("gpt2-slices", {}), ("llama", {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
+     ("bert", {"bias": "lora_only"})],
+    ids=["gpt2", "gpt2-slices", "llama-embedding", "bert-head-bias"],
+)
+def test_lorakit_adapter_loads_in_peft_with_same_outputs(name, overrides, tmp_path):
+    peft = pytest.importorskip("peft")
+    case = next(c for c in CASES if c.name == name)
+    model = build(case, seed=0, **overrides)
+    randomize_lora(model, seed=5, std=0.1)
+    inputs = case.inputs(3)
+    expected = case.run(model, inputs)
+    lorakit.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    base = case.build()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.testing.assert_close(case.run(peft_model, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_peft_adapter_loads_in_lorakit_with_same_outputs(name, tmp_path):
+    peft = pytest.importorskip("peft")
+    case = next(c for c in CASES if c.name == name)
+    torch.manual_seed(0)
+    targets = {"gpt2": ["c_attn", "wte"], "llama": ["q_proj", "v_proj", "embed_tokens"], "bert": ["query", "value"]}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets[name], init_lora_weights=False,
+                          modules_to_save=["classifier"] if name == "bert" else None, bias="lora_only")
+    peft_model = peft.get_peft_model(case.build(), cfg).eval()
+    inputs = case.inputs(3)
+    expected = case.run(peft_model, inputs)
+    peft_model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = case.build()
+    lorakit.load_adapter(model, tmp_path)
+    torch.testing.assert_close(case.run(model, inputs), expected, atol=1e-5, rtol=1e-5)
