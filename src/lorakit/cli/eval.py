@@ -1,0 +1,64 @@
+"""``lorakit eval ADAPTER --data DEV``: accuracy/F1/MCC, perplexity, or the E2E metrics (BLEU, NIST, METEOR,
+ROUGE-L, CIDEr) after beam-search decoding as in the LoRA paper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "Evaluate an adapter on a dataset: classification metrics, perplexity, or E2E generation metrics."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--data", required=True, help="evaluation file, or a directory (its dev/validation split is used)")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--task", choices=["classification", "sft", "e2e"], help="default: from the adapter's task_type")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples (E2E: the first N MRs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="E2E: generation length")
+    p.add_argument("--num-beams", type=int, default=10, help="E2E: beam size (the paper: 10)")
+    p.add_argument("--output", help="also write the metrics (and E2E hypotheses) to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..train.data import read_records, resolve_splits
+    from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
+    from ..train.models import load_with_adapter
+    from ..train.tasks import group_references, load_task_data
+
+    splits = resolve_splits(args.data)
+    path = splits.get("dev") or splits.get("test") or splits.get("train")
+    model, tokenizer, task = load_with_adapter(args.adapter, args.model)
+    task = args.task or task
+    result: dict = {}
+    if task == "e2e":
+        refs = group_references(read_records(path))
+        refs = dict(list(refs.items())[: args.max_examples])
+        metrics, hyps = evaluate_e2e(model, tokenizer, refs, args.max_new_tokens, args.batch_size,
+                                     num_beams=args.num_beams)
+        result["hypotheses"] = hyps
+    else:
+        kw = {"max_length": args.max_length}
+        if task == "classification":
+            labels = model.config.id2label
+            kw["label_names"] = [labels[i] for i in sorted(labels)] if _real_names(labels) else None
+        data = load_task_data(path, task, tokenizer, **kw)
+        examples = data.examples[: args.max_examples]
+        pad = tokenizer.pad_token_id
+        metrics = (evaluate_classification(model, examples, pad, args.batch_size) if task == "classification"
+                   else evaluate_perplexity(model, examples, pad, args.batch_size))
+    result["metrics"] = metrics
+    for k, v in metrics.items():
+        print(f"{k:<12} {v:.4f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _real_names(id2label: dict) -> bool:
+    """transformers fills id2label with LABEL_0, LABEL_1... when no names were given."""
+    return not all(str(v).startswith("LABEL_") for v in id2label.values())

@@ -1,0 +1,74 @@
+"""``lorakit generate``: text generation with an adapter, or a different adapter per prompt in one batch."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+
+HELP = "Generate text with a causal LM and one or more adapters (optionally a different adapter per prompt)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base causal LM (default: the first adapter's base_model_name_or_path)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter to load (repeatable); NAME defaults to the directory name")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--row-adapters", metavar="NAME,NAME,...",
+                   help="adapter for each prompt, in order ('none' = base model); default: the last adapter for all")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name.replace(".", "_") or "default", spec
+        out.append((name, path))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..core.checkpoint import load_adapter, read_adapter
+    from ..core.model import per_row_adapters
+    from ..train.evaluate import generate_texts
+    from ..train.models import load_model, load_tokenizer
+
+    adapters = _parse_adapters(args.adapter)
+    base = args.model or (read_adapter(adapters[0][1])[0].base_model_name_or_path if adapters else None)
+    if not base:
+        raise ValueError("pass --model (or an --adapter whose config names its base model)")
+    torch.manual_seed(args.seed)
+    model = load_model(base, "sft").eval()
+    tokenizer = load_tokenizer(base)
+    for name, path in adapters:
+        load_adapter(model, path, adapter=name)
+    names = [n for n, _ in adapters]
+    if args.row_adapters:
+        rows = [None if n.strip().lower() == "none" else n.strip() for n in args.row_adapters.split(",")]
+        if len(rows) != len(args.prompt):
+            raise ValueError(f"--row-adapters names {len(rows)} adapters for {len(args.prompt)} prompts")
+        unknown = sorted({n for n in rows if n is not None and n not in names})
+        if unknown:
+            raise ValueError(f"--row-adapters: unknown adapter {unknown}; loaded: {names}")
+        # generate() repeats each prompt num_beams times, consecutively
+        context = per_row_adapters(model, [n for n in rows for _ in range(args.num_beams)])
+    else:
+        context = nullcontext()
+    prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
+    decoding = {"num_beams": args.num_beams, "do_sample": args.do_sample}
+    if args.do_sample:
+        decoding["temperature"] = args.temperature
+    with context:
+        texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, batch_size=len(prompts), **decoding)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"{prompt}{' ' if text and not prompt.endswith(' ') else ''}{text}")
+    return 0

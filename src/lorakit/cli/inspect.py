@@ -1,0 +1,62 @@
+"""``lorakit inspect ADAPTER``: config, parameter count, size on disk, per-layer rank and ||B·A||."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+
+HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def describe(path: str | Path) -> dict:
+    """Everything ``inspect`` reports, as a dict (no model needed)."""
+    path = Path(path)
+    config, raw, tensors = read_adapter(path)
+    layers = []
+    for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
+        stem = key.rsplit(".lora_", 1)[0]
+        embedding = key.endswith("lora_embedding_A")
+        A = tensors[key].float()
+        B = tensors[f"{stem}.lora_embedding_B" if embedding else f"{stem}.lora_B.weight"].float()
+        module = stem.removeprefix("base_model.model.")
+        r, scaling = A.shape[0], config.scaling(module)
+        delta_norm = torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling
+        layers.append({"module": module, "rank": r, "scaling": scaling, "delta_norm": delta_norm,
+                       "params": A.numel() + B.numel()})
+    size = sum(f.stat().st_size for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
+    return {
+        "path": str(path),
+        "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias",
+                                           "modules_to_save", "use_rslora", "task_type", "base_model_name_or_path")},
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "lora_parameters": sum(layer["params"] for layer in layers),
+        "size_bytes": size,
+        "layers": layers,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"adapter      {info['path']}")
+    for k, v in info["config"].items():
+        print(f"{k:<12} {v}")
+    print(f"parameters   {info['parameters']:,} ({info['lora_parameters']:,} in LoRA A/B)")
+    print(f"size         {info['size_bytes'] / 1024:.1f} KiB")
+    width = max((len(layer["module"]) for layer in info["layers"]), default=6)
+    print(f"\n{'module':<{width}}  rank  scaling   ||B·A||·s")
+    for layer in info["layers"]:
+        print(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>7.3f}  {layer['delta_norm']:>10.4g}")
+    return 0

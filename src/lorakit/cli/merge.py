@@ -1,0 +1,41 @@
+"""``lorakit merge ADAPTER --out DIR``: a merged model directory in transformers format (safetensors)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..core.model import unload
+from ..train.models import load_with_adapter
+
+HELP = "Merge an adapter into its base model and save a plain transformers model (no lorakit needed to load it)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--out", required=True, help="output directory for the merged model")
+    p.add_argument("--model", help="base model path or hub id (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
+    model, tokenizer, _ = load_with_adapter(args.adapter, args.model)
+    merged = unload(model, merge=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # the merged model appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged model written to {out}")
+    return 0
