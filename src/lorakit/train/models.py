@@ -52,6 +52,7 @@ def load_model(model: str, task: str, num_labels: int | None = None, dtype=None)
     else:
         auto = transformers.AutoModelForCausalLM
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    transformers.logging.disable_progress_bar()  # a weight-loading bar per model is noise on the CLI
     try:
         return auto.from_pretrained(model, **kwargs)
     except OSError as e:

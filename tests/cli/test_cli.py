@@ -1,0 +1,186 @@
+"""The ``lorakit`` command line on tiny saved models: train, eval, merge, inspect, generate, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit.cli.main import main
+from tests.train.helpers_tokenizer import minilm_tokenizer, tiny_tokenizer
+
+FAST = ["--epochs", "1", "--batch-size", "4", "--save-every", "3", "--log-every", "1", "--progress", "false",
+        "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=128,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = minilm_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                     vocab_size=tok.vocab_size, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("bert")
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    rows = ["sentence\tlabel"] + [f"{w} movie .\t{int(w in ('good', 'great'))}" for w in
+                                  ["good", "bad", "great", "awful"] * 6]
+    (d / "train.tsv").write_text("\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text("\n".join(rows[:9]) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def e2e_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    lines = ["name : The Vaults | Type : pub||The Vaults pub near Cafe Adriatic . ",
+             "name : The Vaults | Type : pub||The Vaults is a pub . ",
+             "name : Cafe Adriatic | area : city centre||Cafe Adriatic is in the city centre . "] * 4
+    (d / "train.txt").write_text("\n".join(lines) + "\n")
+    (d / "valid.txt").write_text("\n".join(lines[:3]) + "\n")
+    return d
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ("train", "eval", "merge", "inspect", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: lorakit " + cmd in capsys.readouterr().out
+
+
+def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "trainable" in text and "dev before" in text and "dev after" in text
+    for f in ("adapter/adapter_model.safetensors", "best/adapter_config.json", "metrics.jsonl",
+              "training_curves.png", "run_args.json"):
+        assert (out / f).exists(), f
+    assert main(["inspect", str(out / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {layer["rank"] for layer in info["layers"]} == {8}
+    assert len(info["layers"]) == 4  # query, value x 2 layers
+    assert info["config"]["modules_to_save"] == ["classifier"]
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakit.train.models import load_with_adapter
+
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert not any("lorakit" in type(m).__module__ for m in plain.modules())
+    adapted, _, _ = load_with_adapter(out / "adapter")
+    batch = AutoTokenizer.from_pretrained(merged)(["good movie .", "awful movie ."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+    assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 2  # exists: refuses without --force
+
+
+def test_yaml_config_and_flags_win(bert_dir, cls_data, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {bert_dir}\ndata: {cls_data}\nr: 2\nmax-steps: 2\nprogress: false\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--r", "3", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    main(["inspect", str(out / "adapter"), "--json"])
+    assert {layer["rank"] for layer in json.loads(capsys.readouterr().out)["layers"]} == {3}
+    saved = json.loads((out / "run_args.json").read_text())
+    assert saved["max_steps"] == 2 and saved["r"] == 3
+    cfg.write_text("nonsense_option: 1\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown option 'nonsense_option'" in capsys.readouterr().err
+
+
+def test_train_e2e_then_eval_with_paper_metrics(gpt2_dir, e2e_data, tmp_path, capsys):
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("pycocoevalcap")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(gpt2_dir), "--data", str(e2e_data), "--task", "e2e",
+                 "--target-modules", "c_attn", "--output-dir", str(out), *FAST]) == 0
+    assert "dev after    loss" in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out / "adapter"), "--data", str(e2e_data), "--task", "e2e", "--num-beams", "2",
+                 "--max-new-tokens", "8", "--output", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert len(result["hypotheses"]) == 2  # two distinct MRs in valid
+
+
+def test_generate_per_row_adapters_equals_one_adapter_each(gpt2_dir, tmp_path, capsys):
+    import lorakit
+    from tests.conftest import randomize_lora
+
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for seed, name in ((1, "a"), (2, "b")):
+        model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+        lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["c_attn"],
+                                                   base_model_name_or_path=str(gpt2_dir), task_type="CAUSAL_LM"))
+        randomize_lora(model, seed=seed, std=1.0)
+        paths[name] = lorakit.save_adapter(model, tmp_path / name)
+    prompts = ["the cat sat", "a dog ran", "what is two"]
+    common = ["--max-new-tokens", "5"] + [x for p in prompts for x in ("--prompt", p)]
+    assert main(["generate", "--adapter", f"a={paths['a']}", "--adapter", f"b={paths['b']}",
+                 "--row-adapters", "a,b,none", *common]) == 0
+    mixed = capsys.readouterr().out.splitlines()
+    singles = {}
+    for name in ("a", "b"):
+        assert main(["generate", "--adapter", f"{name}={paths[name]}", *common]) == 0
+        singles[name] = capsys.readouterr().out.splitlines()
+    assert main(["generate", "--model", str(gpt2_dir), *common]) == 0
+    base = capsys.readouterr().out.splitlines()
+    assert mixed == [singles["a"][0], singles["b"][1], base[2]]
+    assert singles["a"] != singles["b"]
+
+
+def _bad(args, tmp_path, capsys, message):
+    out = tmp_path / "never"
+    rc = main(["train", *args, "--output-dir", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("lorakit: error:") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_bad_input_exit_2_one_line_nothing_written(bert_dir, cls_data, tmp_path, capsys):
+    model = ["--model", str(bert_dir)]
+    _bad([*model, "--data", str(tmp_path / "missing.tsv")], tmp_path, capsys, "missing.tsv")
+    _bad(["--model", str(tmp_path / "no-model"), "--data", str(cls_data)], tmp_path, capsys, "does not exist")
+    _bad([*model, "--data", str(cls_data), "--target-modules", "q_proj"], tmp_path, capsys,
+         "no module matches target_modules")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train.tsv").write_text("text\tlabel\n")
+    _bad([*model, "--data", str(d / "train.tsv")], tmp_path, capsys, "empty")
+    (d / "train.tsv").write_text("words\tlabel\nfine\t1\n")
+    _bad([*model, "--data", str(d / "train.tsv")], tmp_path, capsys, "column")
+    (d / "train.tsv").write_bytes(b"sentence\tlabel\nok\t1\nbad \xff byte\t0\n")
+    _bad([*model, "--data", str(d / "train.tsv")], tmp_path, capsys, "UTF-8")
+    (d / "train.tsv").write_text("sentence\tlabel\nok\t1\nfine\t0\n")
+    (d / "dev.tsv").write_text("sentence\tlabel\nok\t7\n")
+    _bad([*model, "--data", str(d)], tmp_path, capsys, "label")
