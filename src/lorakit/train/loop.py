@@ -1,0 +1,398 @@
+"""The training loop of ``lorakit train``: AdamW over the trainable (LoRA) parameters, resumable bit for bit.
+
+    lorakit.add_lora(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    result = train(model, examples, collate, TrainConfig(output_dir="out", max_steps=1000, save_every=100))
+    # killed? the same call with resume_from=True continues exactly where the last checkpoint was
+
+``output_dir`` receives ``metrics.jsonl`` (one JSON record per log / eval), ``training_curves.png``,
+``adapter/`` (final adapter, PEFT format), ``best/`` (best adapter by the tracked eval metric),
+``checkpoint/`` (training state, see :mod:`lorakit.train.state`) and ``tensorboard/`` when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.checkpoint import save_adapter
+from ..core.model import active_adapter
+from . import distributed as D
+from .config import LinearWarmupSchedule, TrainConfig, TrainResult, param_groups
+from .plots import plot_curves, read_metrics
+from .state import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training_curves.png"
+# Config fields that shape the trajectory: a resume that changes one of them cannot continue exactly.
+_TRAJECTORY = ("lr", "lora_plus_ratio", "weight_decay", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio",
+               "scheduler", "max_grad_norm", "seed", "shuffle", "drop_last", "bf16", "epochs", "max_steps")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on transformers' activation checkpointing (``activation_checkpointing_enable``, or the older
+    ``gradient_checkpointing_enable``); with frozen input embeddings their output is made to require grad
+    (``enable_input_require_grads``, as PEFT does) so checkpointed blocks still backpropagate into LoRA."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ValueError(f"gradient_checkpointing=True needs a transformers model (gradient_checkpointing_enable()); "
+                         f"{type(model).__name__} has none")
+    enable()
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if get_emb is not None else None
+    if emb is not None and not any(p.requires_grad for p in emb.parameters()):
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        else:
+            emb.register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def train(
+    model: nn.Module,
+    train_data: Sequence[Any],
+    collate: Callable[[list[Any]], Any],
+    config: TrainConfig,
+    *,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    resume_from: str | Path | bool | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters (its LoRA adapter) on ``train_data``.
+
+    Args:
+        model: a model that already has an adapter (``lorakit.add_lora``); changed in place.
+        train_data: a map-style dataset (``len`` and ``[i]``), e.g. a list of example dicts.
+        collate: list of examples -> batch (a dict of tensors is passed as ``model(**batch)``, a tuple or
+            list as ``model(*batch)``, anything else as ``model(batch)``).
+        config: a :class:`TrainConfig`.
+        evaluate: ``evaluate(model) -> {name: value}``, called in eval mode under ``no_grad`` (on every rank;
+            rank 0's values count).
+        loss_fn: ``loss_fn(outputs, batch) -> scalar``; None uses ``outputs.loss`` (transformers models given
+            ``labels``).
+        resume_from: a checkpoint directory, or True for ``config.output_dir``: continue that run exactly.
+    """
+    return _Run(model, train_data, collate, config, evaluate, loss_fn).run(resume_from)
+
+
+def resume(model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[Any]], Any], config: TrainConfig,
+           **kwargs: Any) -> TrainResult:
+    """``train(..., resume_from=True)``: continue from ``config.output_dir``'s last checkpoint."""
+    return train(model, train_data, collate, config, resume_from=True, **kwargs)
+
+
+class _Run:
+    """One training run; its methods are the loop's parts (setup, step, log, eval, save)."""
+
+    def __init__(self, model, data, collate, config: TrainConfig, evaluate, loss_fn):
+        self.model, self.data, self.collate, self.cfg = model, data, collate, config
+        self.evaluate, self.loss_fn = evaluate, loss_fn
+        self.out = Path(config.output_dir)
+        self.state = TrainState()
+
+    # ----- setup -----------------------------------------------------------------------------------------
+    def run(self, resume_from: str | Path | bool | None) -> TrainResult:
+        cfg = self.cfg
+        self.info = info = D.init_distributed(cfg.device)
+        try:
+            return self._run(resume_from)
+        finally:
+            D.cleanup(info)
+
+    def _run(self, resume_from) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {info.world_size}")
+        n = len(self.data)
+        tail = n % cfg.batch_size  # a ragged last batch is kept if every rank gets at least one example
+        self.n_batches = n // cfg.batch_size + int(tail >= info.world_size and not cfg.drop_last)
+        self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} examples make no batch of {cfg.batch_size} (drop_last={cfg.drop_last})")
+        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.adapter = active_adapter(self.model) or "default"
+        self.use_bf16 = _resolve_bf16(cfg.bf16, info.device)
+        self.model.to(info.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.wrapped = D.wrap_model(self.model, info, cfg.fsdp)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LinearWarmupSchedule(cfg.scheduler, warmup, self.total))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        ckpt = self._load(resume_from) if resume_from else None
+        if ckpt is None:
+            _seed_all(cfg.seed + info.rank)
+        self._open_logs(resumed_step=self.state.global_step if ckpt else None)
+        try:
+            self._loop()
+        finally:
+            self._close_logs()
+        self._save_adapter(self.out / "adapter")
+        if info.is_main and self.cfg.plot:
+            plot_curves(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE)
+        s = self.state
+        return TrainResult(s.global_step, s.best_metric, s.best_step, s.stopped_early, self.out)
+
+    def _load(self, resume_from):
+        ckpt = load_checkpoint(self.cfg.output_dir if resume_from is True else resume_from)
+        saved = ckpt.config.get("train", {})
+        changed = [k for k in _TRAJECTORY if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            warnings.warn(f"resume: {changed} differ from the checkpoint's config; the run will not continue "
+                          "exactly", UserWarning, stacklevel=4)
+        D.load_trainable(self.model, ckpt.trainable)
+        if D.is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, ckpt.optimizer,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        # the schedule's shape comes from this run's config (a resume may extend max_steps), its position from disk
+        self.scheduler.load_state_dict({**ckpt.scheduler, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        sched = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)  # as LambdaLR computes it: the same bits on a plain resume
+        self.generator.set_state(ckpt.epoch_generator)
+        if len(ckpt.rng) == self.info.world_size:
+            restore_rng(ckpt.rng[self.info.rank])
+        else:
+            warnings.warn(f"resume: checkpoint written by {len(ckpt.rng)} ranks, now {self.info.world_size}; RNG "
+                          "streams are reseeded", UserWarning, stacklevel=4)
+            _seed_all(self.cfg.seed + self.info.rank + ckpt.state.global_step)
+        self.state = ckpt.state
+        return ckpt
+
+    # ----- the loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        cfg, s, B = self.cfg, self.state, self.cfg.batch_size
+        self.wrapped.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        while s.global_step < self.total and not s.stopped_early:
+            self.epoch_start = self.generator.get_state()
+            n = len(self.data)
+            order = torch.randperm(n, generator=self.generator).tolist() if cfg.shuffle else list(range(n))
+            batches = [order[i:i + B] for i in range(0, self.n_batches * B, B)]
+            for k in range(s.epoch_step, self.steps_per_epoch):
+                norm = self._step(batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum], trainable)
+                s.epoch_step, s.global_step = k + 1, s.global_step + 1
+                self._after_step(norm)
+                if s.global_step >= self.total or s.stopped_early:
+                    break
+            if s.epoch_step >= self.steps_per_epoch:
+                s.epoch, s.epoch_step = s.epoch + 1, 0
+
+    def _step(self, window: list[list[int]], trainable: list[nn.Parameter]) -> Tensor | None:
+        """One optimizer step over ``window`` (a list of global micro-batches of example indices)."""
+        info, ddp = self.info, isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+        for j, indices in enumerate(window):
+            batch = self.collate([self.data[i] for i in D.shard(indices, info)])
+            self.tokens += _count_tokens(batch)
+            batch = _to_device(batch, info.device)
+            last = j == len(window) - 1
+            with self.wrapped.no_sync() if ddp and not last else nullcontext():
+                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                    outputs = _call(self.wrapped, batch)
+                    loss = self.loss_fn(outputs, batch) if self.loss_fn else _model_loss(outputs)
+                (loss / len(window)).backward()
+            self.loss_sum += loss.detach().float() / len(window)
+        norm = None
+        if self.cfg.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_steps += 1
+        return norm
+
+    def _after_step(self, norm: Tensor | None) -> None:
+        cfg, s = self.cfg, self.state
+        last = s.global_step >= self.total
+        self.bar.update(1)
+        if s.global_step % cfg.log_every == 0 or last:
+            self._log_train(norm)
+        at_epoch_end = s.epoch_step == self.steps_per_epoch
+        if self.evaluate is not None and (last or (s.global_step % cfg.eval_every == 0 if cfg.eval_every
+                                                    else at_epoch_end)):
+            self._eval()
+        if cfg.save_every and (s.global_step % cfg.save_every == 0 or last or s.stopped_early):
+            self._save_checkpoint()
+
+    # ----- logging -----------------------------------------------------------------------------------------
+    def _open_logs(self, resumed_step: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        main = self.info.is_main
+        self.jsonl = self.tb = None
+        if main and self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self.bar = tqdm(total=self.total, initial=self.state.global_step, disable=not (main and self.cfg.progress),
+                        desc="train", dynamic_ncols=True)
+        self.loss_sum, self.loss_steps, self.tokens = torch.zeros((), device=self.info.device), 0, 0
+        self.t_last = time.perf_counter()
+        if not main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / METRICS_FILE
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= resumed_step] if (
+            resumed_step is not None and path.exists()) else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records past the checkpoint
+        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in _close_logs)
+
+    def _close_logs(self) -> None:
+        self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.jsonl is None:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("kind", "step") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def _log_train(self, norm: Tensor | None) -> None:
+        s, info = self.state, self.info
+        loss = D.mean_across(self.loss_sum / max(1, self.loss_steps), info).item()  # the only sync of a step
+        now = time.perf_counter()
+        rec = {"kind": "train", "step": s.global_step, "epoch": round(s.epoch + s.epoch_step / self.steps_per_epoch, 4),
+               "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": self.tokens * info.world_size / max(now - self.t_last, 1e-9)}
+        if norm is not None:
+            rec["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.loss_sum.zero_()
+        self.loss_steps, self.tokens, self.t_last = 0, 0, now
+        self._record(rec)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    # ----- eval, best, early stopping ---------------------------------------------------------------------
+    def _eval(self) -> None:
+        cfg, s = self.cfg, self.state
+        self.wrapped.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+        self.wrapped.train()
+        metrics = D.broadcast_object(metrics, self.info)
+        self._record({"kind": "eval", "step": s.global_step, **metrics})
+        name = cfg.metric or next(iter(metrics), None)
+        if name is None:
+            return
+        if name not in metrics:
+            raise KeyError(f"metric {name!r} is not among evaluate()'s results {sorted(metrics)}")
+        value = metrics[name]
+        better = s.best_metric is None or (value > s.best_metric if cfg.greater_is_better else value < s.best_metric)
+        if better:
+            s.best_metric, s.best_step, s.bad_evals = value, s.global_step, 0
+            self._save_adapter(self.out / "best")
+        else:
+            s.bad_evals += 1
+            if cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
+                s.stopped_early = True
+
+    # ----- saving ------------------------------------------------------------------------------------------
+    def _save_adapter(self, path: Path) -> None:
+        with D.full_params(self.model):
+            if self.info.is_main:
+                save_adapter(self.model, path, adapter=self.adapter)
+        D.barrier(self.info)
+
+    def _save_checkpoint(self) -> None:
+        info = self.info
+        if D.is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optim = self.optimizer.state_dict()
+        rng = D.gather_objects(capture_rng(), info)
+        with D.full_params(self.model):  # collective under FSDP; inside, parameters are plain tensors
+            if info.is_main:
+                run = {"train": asdict(self.cfg), "num_examples": len(self.data), "world_size": info.world_size}
+                save_checkpoint(self.out, state=self.state, trainable=D.trainable_full(self.model), optimizer=optim,
+                                scheduler=self.scheduler.state_dict(), rng=rng, epoch_generator=self.epoch_start,
+                                config=run, write_adapter=self._adapter_writer)
+        D.barrier(info)
+
+    def _adapter_writer(self, path: Path) -> None:
+        save_adapter(self.model, path, adapter=self.adapter)
+
+
+# ----- helpers ---------------------------------------------------------------------------------------------
+def _resolve_bf16(flag: bool | None, device: torch.device) -> bool:
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        if flag and not ok:
+            raise ValueError(f"bf16=True but {torch.cuda.get_device_name(device)} does not support bf16")
+        return ok if flag is None else flag
+    return bool(flag)
+
+
+def _seed_all(seed: int) -> None:
+    import random
+    import sys
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _model_loss(outputs: Any) -> Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError("the model returned no loss: put labels in the batch or pass loss_fn=")
+    return loss
+
+
+def _count_tokens(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("attention_mask"), Tensor):
+            return int(batch["attention_mask"].sum())
+        if isinstance(batch.get("input_ids"), Tensor):
+            return batch["input_ids"].numel()
+    first = next(iter(batch.values()), None) if isinstance(batch, Mapping) else (
+        batch[0] if isinstance(batch, (tuple, list)) else batch)
+    return first.shape[0] if isinstance(first, Tensor) and first.dim() else 0
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
