@@ -130,10 +130,10 @@ def test_train_e2e_then_eval_with_paper_metrics(gpt2_dir, e2e_data, tmp_path, ca
 
 
 def test_generate_per_row_adapters_equals_one_adapter_each(gpt2_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
     import lorakit
     from tests.conftest import randomize_lora
-
-    from transformers import AutoModelForCausalLM
 
     paths = {}
     for seed, name in ((1, "a"), (2, "b")):

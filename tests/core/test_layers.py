@@ -39,6 +39,26 @@ def test_linear_matches_reference_outputs_and_gradients(dtype):
     assert base.weight.grad is None  # frozen
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_inference_fast_path_equals_autograd_path_and_spares_hooked_outputs(hooked):
+    """Under no_grad the update is added into the base output in place (one addmm); fp32, same kernels
+    up to summation order: 1e-6. A forward hook that keeps the base output must see it unmodified."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["0"]))
+    randomize_lora(model)
+    kept = []
+    if hooked:
+        model[0].base_layer.register_forward_hook(lambda m, i, o: kept.append(o))
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x)  # grad enabled: the out-of-place path
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+    if hooked:
+        torch.testing.assert_close(kept[0], model[0].base_layer(x).detach(), atol=0, rtol=0)
+
+
 def test_rslora_scaling():
     config = lorakit.LoraConfig(r=16, alpha=8, use_rslora=True, target_modules=["0"])
     assert config.scaling("0") == pytest.approx(8 / 4)

@@ -42,6 +42,23 @@ class Adapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
+    def add_to(self, out: Tensor, x: Tensor, inplace: bool = False) -> Tensor:
+        """``out + self(x)``, with B's product, the scaling and the sum in one GEMM where B is a plain
+        ``nn.Linear`` without hooks: ``addmm(out, A(dropout(x)), B.T, alpha=scaling)`` (shapes
+        ``(n, d) + (n, r) @ (r, d)``). ``inplace`` writes into ``out`` (for outputs nothing else holds, with
+        no autograd graph recorded): no new ``(n, d)`` tensor at all.
+        """
+        B = self.lora_B
+        plain = type(self).forward is Adapter.forward and type(B) is nn.Linear  # not sliced, not FSDP-wrapped
+        if not plain or B._forward_hooks or B._forward_pre_hooks or out.dtype != B.weight.dtype:
+            return out + self(x).to(out.dtype)
+        a = self.lora_A(self.dropout(x))  # (..., r)
+        a2d = a.reshape(-1, a.shape[-1])
+        if inplace and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(a2d, B.weight.T, alpha=self.scaling)
+            return out
+        return torch.addmm(out.reshape(-1, out.shape[-1]), a2d, B.weight.T, alpha=self.scaling).view(out.shape)
+
     def plain_pair(self) -> tuple[Tensor, Tensor]:
         """(A, B) as matrices ``(r, k)`` and ``(d, r)``: the update is ``B @ A * scaling`` (flattened
         over the kernel for convolutions; ``k`` = vocabulary size for embeddings)."""
@@ -108,6 +125,8 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.row_plan = None  # set by per_row_adapters(): callable x -> per-row LoRA update
+        # outputs of these base types are fresh tensors: the update may be added into them in place
+        self.fresh_output = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer) is _conv1d_type()
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -116,7 +135,10 @@ class LoraLayer(nn.Module):
         if self.disabled or self.active is None or self.active in self.merged:
             return out
         adapter = self.adapters[self.active]
-        return out + adapter(_cast(x, adapter.dtype)).to(out.dtype)
+        # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
+        base_hooks = self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks
+        inplace = self.fresh_output and not base_hooks and not torch.is_grad_enabled()
+        return adapter.add_to(out, _cast(x, adapter.dtype), inplace)
 
     @property
     def weight(self) -> Tensor:

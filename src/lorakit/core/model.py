@@ -156,14 +156,26 @@ def _unknown(model: nn.Module, adapter: str) -> KeyError:
 # ----- switching -------------------------------------------------------------------------------------------
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make ``name`` the adapter every layer runs (``None``: no adapter, the base model)."""
-    if name is not None and name not in adapter_names(model):
+    layers, saved = _wrappers(model)
+    if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
-    for layer in lora_layers(model):
+    for layer in layers:
         if layer.merged and name not in layer.merged:
             raise RuntimeError(f"adapter {layer.merged} is merged; unmerge(model) before switching to {name!r}")
         layer.active = name if name in layer.adapters else None
-    for saved in _saved_modules(model):
-        saved.active = name
+    for m in saved:
+        m.active = name
+
+
+def _wrappers(model: nn.Module) -> tuple[list[LoraLayer], list[SavedModule]]:
+    """The LoRA layers and ``modules_to_save`` holders of ``model``, in one pass over its modules."""
+    layers, saved = [], []
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            layers.append(m)
+        elif isinstance(m, SavedModule):
+            saved.append(m)
+    return layers, saved
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -2,8 +2,8 @@
 
 Gathered path (BGMV-style, as Punica / S-LoRA): the adapters in use are stacked once,
 ``A_s: (n+1, r_max, k)`` and ``B_s: (n+1, d, r_max)`` with the scaling folded into B, slot ``n`` all
-zeros for base rows (``None``), ranks zero-padded to ``r_max``. Each row gathers its slot and the
-update is two batched matmuls::
+zeros for base rows (``None``; stacked only when there are some), ranks zero-padded to ``r_max``. Each
+row gathers its slot and the update is two batched matmuls::
 
     a[i] = x[i] @ A_s[idx[i]].T        # (s, r_max)
     y[i] = a[i] @ B_s[idx[i]].T        # (s, d)
@@ -44,42 +44,68 @@ def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
 class GatheredUpdate:
     """Per-row LoRA update for one linear-like or embedding layer from stacked, gathered weights.
 
-    Under ``torch.no_grad`` the stacks are built once; with grad enabled they are rebuilt per call
-    so that gradients reach every adapter's A and B.
+    With grad enabled the stacks are rebuilt per call so that gradients reach every adapter's A and B.
+    Under ``torch.no_grad`` / ``inference_mode`` the per-row weights are gathered once and reused by every
+    call inside the context (decoding runs the same rows for every new token); they hold ``b`` adapter
+    copies per layer (``b * r_max * (k + d)`` values), less than the KV cache of those rows.
     """
 
     def __init__(self, layer: LoraLayer, names: list[str | None]):
         used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
         self.adapters = [layer.adapters[n] for n in used]
         slot = {n: j for j, n in enumerate(used)}  # base rows get the zero slot len(used)
-        self.index = torch.tensor([slot.get(n, len(used)) for n in names], device=layer.weight.device)
+        slots = [slot.get(n, len(used)) for n in names]
+        self.index = torch.tensor(slots, device=layer.weight.device)
+        self.zero_slot = len(used) in slots  # only stacked when some row is a base row
+        self.shared = len(used) == 1 and not self.zero_slot  # every row runs one adapter: no gather
         self.embedding = isinstance(layer, LoraEmbedding)
         self._cached: tuple[Tensor, Tensor] | None = None
 
     def stacks(self) -> tuple[Tensor, Tensor]:
-        """``A_s: (n+1, r_max, k)``, ``B_s: (n+1, d, r_max)``; scaling folded into B, last slot zero."""
+        """``A_s: (n, r_max, k)``, ``B_s: (n, d, r_max)``, scaling folded into B; one more zero slot
+        (index ``n``) when some row is a base row."""
         pairs = [(A, B * adapter.scaling) for adapter in self.adapters for A, B in [adapter.plain_pair()]]
         r_max = max(A.shape[0] for A, _ in pairs)
         A_s = [F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A, _ in pairs]
         B_s = [F.pad(B, (0, r_max - B.shape[1])) for _, B in pairs]
-        return torch.stack(A_s + [torch.zeros_like(A_s[0])]), torch.stack(B_s + [torch.zeros_like(B_s[0])])
+        if self.zero_slot:
+            A_s, B_s = A_s + [torch.zeros_like(A_s[0])], B_s + [torch.zeros_like(B_s[0])]
+        return torch.stack(A_s), torch.stack(B_s)
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """Right-hand operands: ``A_g: (b, k, r_max)``, ``B_g: (b, r_max, d)`` gathered per row.
+
+        Embeddings keep the whole stack ``A_g: (n, k, r_max)`` (rows read it by token id). With
+        ``shared``: ``(k, r_max)`` and ``(r_max, d)``, the one adapter's matrices.
+        """
+        if self._cached is not None:
+            return self._cached
+        A_s, B_s = self.stacks()
+        if self.shared:
+            A_g, B_g = A_s[0].T, B_s[0].T
+        else:
+            A_g = A_s.transpose(1, 2) if self.embedding else A_s[self.index].transpose(1, 2)
+            B_g = B_s[self.index].transpose(1, 2)
+        if not torch.is_grad_enabled():
+            self._cached = (A_g, B_g)
+        return A_g, B_g
 
     def __call__(self, x: Tensor) -> Tensor:
         _check_rows(self.index, x)
-        if self._cached is not None:
-            A_s, B_s = self._cached
-        else:
-            A_s, B_s = self.stacks()
-            if not torch.is_grad_enabled():
-                self._cached = (A_s, B_s)
+        A_g, B_g = self.weights()
         b = x.shape[0]
-        if self.embedding:  # x holds token ids (b, ...); row i reads columns x[i] of A_s[idx[i]]
-            a = A_s.transpose(1, 2)[self.index.view(b, *([1] * (x.dim() - 1))), x].reshape(b, -1, A_s.shape[1])
+        if self.embedding:  # x holds token ids (b, ...); row i reads rows x[i] of A_g[idx[i]]
+            if self.shared:
+                return A_g[x] @ B_g  # (b, ..., d)
+            a = A_g[self.index.view(b, *([1] * (x.dim() - 1))), x].reshape(b, -1, A_g.shape[-1])  # (b, s, r_max)
             lead = x.shape
         else:
-            a = x.to(A_s.dtype).reshape(b, -1, x.shape[-1]) @ A_s[self.index].transpose(1, 2)  # (b, s, r_max)
+            x = x.to(A_g.dtype)
+            if self.shared:
+                return (x @ A_g) @ B_g  # (b, ..., d)
+            a = torch.bmm(x.reshape(b, -1, x.shape[-1]), A_g)  # (b, s, r_max)
             lead = x.shape[:-1]
-        y = a @ B_s[self.index].transpose(1, 2)  # (b, s, d)
+        y = torch.bmm(a, B_g)  # (b, s, d)
         return y.view(*lead, y.shape[-1])
 
 
