@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,17 @@ from torch import nn
 
 import lorakit
 from lorakit.core.layers import LoraLayer
+
+# the project's real datasets (SST-2, MRPC, RTE, CoLA, E2E, instructions) live beside the checkout
+SHARED_DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+
+
+def shared_data(rel: str) -> Path:
+    """A file of the shared datasets; the test is skipped where they are not present."""
+    path = SHARED_DATA / rel
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
 
 # fp32: the LoRA path adds one rank-r matmul pair; results differ from a reference only by float
 # summation order, well under 1e-5 at these sizes. bf16 has an 8-bit mantissa (~4e-3 relative).

@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.train.data import DataError, default_data_dir, read_records, resolve_splits
-
-SHARED = Path(__file__).parents[2].parent / "shared" / "data"
-
-
-def shared(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.exists():
-        pytest.skip(f"shared data not available: {path}")
-    return path
+from tests.conftest import shared_data
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -33,7 +25,7 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
 
 
 def test_sst2_dev_header_and_counts():
-    recs = read_records(shared("sst2/dev.tsv"))
+    recs = read_records(shared_data("sst2/dev.tsv"))
     assert len(recs) == 872
     assert list(recs[0]) == ["sentence", "label"]
     assert recs[0]["sentence"] == "it 's a charming and often affecting journey ."  # trailing space stripped
@@ -41,7 +33,7 @@ def test_sst2_dev_header_and_counts():
 
 
 def test_mrpc_dev_bom_header_and_quotes():
-    recs = read_records(shared("mrpc/dev.tsv"))
+    recs = read_records(shared_data("mrpc/dev.tsv"))
     assert len(recs) == 408
     assert list(recs[0]) == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]  # BOM gone
     assert recs[0]["#2 String"].startswith('" The foodservice pie')  # unbalanced quote kept as text
@@ -49,7 +41,7 @@ def test_mrpc_dev_bom_header_and_quotes():
 
 
 def test_rte_dev_string_labels():
-    recs = read_records(shared("rte/dev.tsv"))
+    recs = read_records(shared_data("rte/dev.tsv"))
     assert len(recs) == 277
     assert list(recs[0]) == ["index", "sentence1", "sentence2", "label"]
     assert Counter(r["label"] for r in recs) == {"entailment": 146, "not_entailment": 131}
@@ -57,14 +49,14 @@ def test_rte_dev_string_labels():
 
 @pytest.mark.parametrize(("split", "n", "ones"), [("train", 8551, 6023), ("dev", 1043, 721)])
 def test_cola_headerless_detected(split, n, ones):
-    recs = read_records(shared(f"cola/{split}.tsv"))
+    recs = read_records(shared_data(f"cola/{split}.tsv"))
     assert len(recs) == n  # the first line is data, not a header
     assert list(recs[0]) == ["source", "label", "mark", "sentence"]
     assert sum(r["label"] == "1" for r in recs) == ones
 
 
 def test_e2e_valid_lines():
-    recs = read_records(shared("e2e/valid.txt"))
+    recs = read_records(shared_data("e2e/valid.txt"))
     assert len(recs) == 4672
     assert recs[0]["mr"] == "name : Alimentum | area : city centre | family friendly : no"
     assert recs[0]["ref"].endswith("not family - friendly .")  # trailing space stripped
@@ -72,21 +64,21 @@ def test_e2e_valid_lines():
 
 
 def test_sft_files():
-    assert len(read_records(shared("gsm8k/test.jsonl"))) == 1319
-    evals = read_records(shared("alpaca_eval/alpaca_eval.json"))
+    assert len(read_records(shared_data("gsm8k/test.jsonl"))) == 1319
+    evals = read_records(shared_data("alpaca_eval/alpaca_eval.json"))
     assert len(evals) == 805 and set(evals[0]) == {"dataset", "instruction", "output", "generator"}
-    seed = read_records(shared("self_instruct/seed_tasks.jsonl"))
+    seed = read_records(shared_data("self_instruct/seed_tasks.jsonl"))
     assert len(seed) == 175 and seed[1]["instances"][0]["input"] == "Night : Day :: Right : Left"
 
 
 def test_resolve_splits_on_shared_dirs():
-    e2e = resolve_splits(shared("e2e"))
+    e2e = resolve_splits(shared_data("e2e"))
     assert {k: p.name for k, p in e2e.items()} == {
         "train": "train.txt",
         "dev": "valid.txt",
         "test": "test.txt",
     }
-    sst2 = resolve_splits(shared("sst2"))
+    sst2 = resolve_splits(shared_data("sst2"))
     assert {k: p.name for k, p in sst2.items()} == {"train": "train.tsv", "dev": "dev.tsv"}
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import Adapter
 from lorakit.train.config import LinearWarmupSchedule, TrainConfig, param_groups
-from lorakit.train.loop import train
+from lorakit.train.loop import group_by_length, train
 from tests.train.tiny_run import TinyNet, build, collate, make_data
 
 
@@ -41,6 +41,7 @@ def test_trains_and_writes_outputs(tmp_path):
     result = train(model, data, collate, _cfg(tmp_path, epochs=4, save_every=8, plot=True), evaluate=evaluate)
     assert result.global_step == 32 and not result.stopped_early
     assert result.best_metric == max(acc) and result.best_step in (8, 16, 24, 32)
+    assert result.final_metrics["accuracy"] == acc[-1] and len(acc) == 4  # the last step's evaluation
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [8, 16, 24, 32]  # end of each epoch
@@ -222,3 +223,38 @@ def test_tensorboard_is_optional(tmp_path):
     else:
         train(build(0.0), make_data(8), collate, _cfg(tmp_path, tensorboard=True))
         assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_group_by_length_batches_similar_lengths(tmp_path):
+    """Each batch's padded width (its longest example) shrinks; the data still covers every example once per
+    epoch, and the run stays deterministic."""
+    data = make_data()
+    lengths = torch.randint(1, 65, (len(data),), generator=torch.Generator().manual_seed(0)).tolist()
+    for ex, n in zip(data, lengths, strict=True):
+        ex["input_ids"] = list(range(n))
+
+    def run(out, grouped):
+        seen = []
+
+        def collate_ids(batch):
+            seen.append([len(ex["input_ids"]) for ex in batch])
+            return collate([{k: v for k, v in ex.items() if k != "input_ids"} for ex in batch])
+
+        train(build(0.0), data, collate_ids, _cfg(tmp_path / out, group_by_length=grouped))
+        return seen
+
+    plain, grouped = run("plain", False), run("grouped", True)
+    assert sorted(n for b in grouped for n in b) == sorted(lengths)
+    padded = {name: sum(max(b) * len(b) for b in seen) for name, seen in (("plain", plain), ("grouped", grouped))}
+    assert padded["grouped"] < 0.6 * padded["plain"], padded
+    assert grouped == run("again", True)
+    assert _adapter(tmp_path / "grouped" / "adapter").keys() == _adapter(tmp_path / "again" / "adapter").keys()
+    for k, v in _adapter(tmp_path / "grouped" / "adapter").items():
+        assert torch.equal(v, _adapter(tmp_path / "again" / "adapter")[k]), k
+
+
+def test_group_by_length_order_and_bad_examples(tmp_path):
+    lengths = [3, 9, 1, 7, 5, 2]
+    assert group_by_length([0, 1, 2, 3, 4, 5], lengths, 4) == [1, 3, 0, 2, 4, 5]
+    with pytest.raises(ValueError, match="example 0 has no 'input_ids'"):
+        train(build(0.0), make_data(), collate, _cfg(tmp_path, group_by_length=True))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,16 +20,8 @@ from lorakit.train.tasks import (
     sft_messages,
     sft_prompt_ids,
 )
+from tests.conftest import shared_data
 from tests.train.helpers_tokenizer import minilm_tokenizer, tiny_tokenizer
-
-SHARED = Path(__file__).parents[2].parent / "shared" / "data"
-
-
-def shared(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.exists():
-        pytest.skip(f"shared data not available: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +66,16 @@ def test_classification_truncates(bert):
 
 
 def test_rte_string_labels_sorted_and_reused(bert):
-    train = classification_examples(read_records(shared("rte/train.tsv"))[:200], bert)
+    train = classification_examples(read_records(shared_data("rte/train.tsv"))[:200], bert)
     assert train.label_names == ["entailment", "not_entailment"]
-    dev = classification_examples(read_records(shared("rte/dev.tsv")), bert, label_names=train.label_names)
+    dev = classification_examples(read_records(shared_data("rte/dev.tsv")), bert, label_names=train.label_names)
     assert len(dev.examples) == 277
     assert Counter(e["labels"] for e in dev.examples) == {0: 146, 1: 131}
     assert 1 in dev.examples[0]["token_type_ids"]  # sentence1 + sentence2 pair
 
 
 def test_cola_real_file(bert):
-    data = classification_examples(read_records(shared("cola/dev.tsv")), bert)
+    data = classification_examples(read_records(shared_data("cola/dev.tsv")), bert)
     assert data.label_names == ["0", "1"]
     assert Counter(e["labels"] for e in data.examples) == {1: 721, 0: 322}
 
@@ -253,7 +244,7 @@ def test_sft_real_files(tiny):
         ("self_instruct/seed_tasks.jsonl", 175),
         ("alpaca_eval/alpaca_eval.json", 805),
     ):
-        data = load_task_data(shared(rel), "sft", tiny, max_length=64)
+        data = load_task_data(shared_data(rel), "sft", tiny, max_length=64)
         assert len(data.examples) + data.skipped == n
         assert all(len(e["input_ids"]) <= 64 for e in data.examples)
 
@@ -304,7 +295,7 @@ def test_group_references():
 
 
 def test_e2e_real_valid_grouping(tiny):
-    recs = read_records(shared("e2e/valid.txt"))
+    recs = read_records(shared_data("e2e/valid.txt"))
     groups = group_references(recs)
     assert len(groups) == 547 and sum(map(len, groups.values())) == 4672
     data = e2e_examples(recs[:50], tiny)

@@ -23,9 +23,10 @@ RUN_ARGS = "run_args.json"
 # The demo's settings (fit 2 CPU cores in a few minutes); every one can be overridden by a flag.
 TRAIN_DEFAULTS = {
     "output_dir": "runs/sst2-minilm",
-    "lr": 1e-3,
-    "epochs": 1,
+    "lr": 2e-3,
+    "epochs": 3,
     "batch_size": 32,
+    "group_by_length": True,
     "warmup_ratio": 0.06,
     "scheduler": "linear",
     "weight_decay": 0.01,
@@ -134,6 +135,7 @@ def _train(args: argparse.Namespace, say) -> int:
     from ..train.tasks import load_task_data
 
     t0 = time.perf_counter()
+    torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
     model_path = args.model or default_model_path()
     splits = resolve_splits(args.data or default_data_dir())
     if "train" not in splits:
@@ -184,7 +186,7 @@ def _train(args: argparse.Namespace, say) -> int:
         say(f"dev before   {_fmt(before)}")
     result = train(model, train_examples, lambda b: collate(b, pad), train_cfg,
                    evaluate=evaluate if dev_examples else None, resume_from=True if args.resume else None)
-    after = evaluate(model) if dev_examples else None
+    after = (result.final_metrics or evaluate(model)) if dev_examples else None
     adapter_dir = out / "adapter"
     if not (adapter_dir / "adapter_model.safetensors").exists():
         save_adapter(model, adapter_dir)

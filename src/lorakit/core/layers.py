@@ -16,8 +16,13 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .config import LoraConfig
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class Adapter(nn.Module):
@@ -48,11 +53,14 @@ class Adapter(nn.Module):
         ``(n, d) + (n, r) @ (r, d)``). ``inplace`` writes into ``out`` (for outputs nothing else holds, with
         no autograd graph recorded): no new ``(n, d)`` tensor at all.
         """
-        B = self.lora_B
+        A, B = self.lora_A, self.lora_B
         plain = type(self).forward is Adapter.forward and type(B) is nn.Linear  # not sliced, not FSDP-wrapped
-        if not plain or B._forward_hooks or B._forward_pre_hooks or out.dtype != B.weight.dtype:
+        if not plain or _hooked(B) or out.dtype != B.weight.dtype:
             return out + self(x).to(out.dtype)
-        a = self.lora_A(self.dropout(x))  # (..., r)
+        if self.training:  # dropout is the identity in eval mode
+            x = self.dropout(x)
+        # a plain A is applied as a function: the module call costs more than the (n, r) product at decode sizes
+        a = F.linear(x, A.weight, A.bias) if type(A) is nn.Linear and not _hooked(A) else A(x)  # (..., r)
         a2d = a.reshape(-1, a.shape[-1])
         if inplace and out.is_contiguous():
             out.view(-1, out.shape[-1]).addmm_(a2d, B.weight.T, alpha=self.scaling)
@@ -136,8 +144,7 @@ class LoraLayer(nn.Module):
             return out
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
-        base_hooks = self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks
-        inplace = self.fresh_output and not base_hooks and not torch.is_grad_enabled()
+        inplace = self.fresh_output and not _hooked(self.base_layer) and not torch.is_grad_enabled()
         return adapter.add_to(out, _cast(x, adapter.dtype), inplace)
 
     @property

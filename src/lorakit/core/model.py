@@ -186,18 +186,19 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.merged:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) first")
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer) and name in module.adapters:
-            del module.adapters[name]
-            if module.active == name:
-                module.active = None
-            if not len(module.adapters):
-                _set_submodule(model, path, module.base_layer)
-        elif isinstance(module, SavedModule) and name in module.copies:
-            del module.copies[name]
-            if module.active == name:
-                module.active = None
-            if not len(module.copies):
-                _set_submodule(model, path, module.original)
+        if isinstance(module, LoraLayer):
+            held, original = module.adapters, module.base_layer
+        elif isinstance(module, SavedModule):
+            held, original = module.copies, module.original
+        else:
+            continue
+        if name not in held:
+            continue
+        del held[name]
+        if module.active == name:
+            module.active = None
+        if not len(held):  # the last adapter gone: the original module goes back in place
+            _set_submodule(model, path, original)
 
 
 @contextmanager

@@ -29,6 +29,9 @@ class TrainConfig:
         max_grad_norm: clip the global gradient norm to this; None = no clipping.
         seed: seeds torch / python / numpy RNGs (plus the rank) and the data order.
         shuffle / drop_last: data order per epoch; drop the last incomplete batch.
+        group_by_length: batch examples of similar length (less padding): the shuffled order is cut into
+            windows of 50 optimizer steps' examples, each sorted by length (as transformers'
+            ``LengthGroupedSampler``). Examples must be mappings with ``input_ids``.
         bf16: bf16 autocast. None = on for CUDA devices that support it, off elsewhere; True forces it
             (CPU autocast included).
         gradient_checkpointing: call ``model.gradient_checkpointing_enable()`` (transformers models) and make
@@ -60,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
+    group_by_length: bool = False
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     eval_every: int | None = None
@@ -93,13 +97,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run did: last step, best metric (and its step), whether it stopped early, where files are."""
+    """What a run did: last step, best metric (and its step), whether it stopped early, where files are, and
+    the metrics of the evaluation at the last step (None without ``evaluate``)."""
 
     global_step: int
     best_metric: float | None
     best_step: int | None
     stopped_early: bool
     output_dir: Path
+    final_metrics: dict[str, float] | None = None
 
 
 class LinearWarmupSchedule:

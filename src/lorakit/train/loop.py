@@ -35,7 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
 # Config fields that shape the trajectory: a resume that changes one of them cannot continue exactly.
 _TRAJECTORY = ("lr", "lora_plus_ratio", "weight_decay", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio",
-               "scheduler", "max_grad_norm", "seed", "shuffle", "drop_last", "bf16", "epochs", "max_steps")
+               "scheduler", "max_grad_norm", "seed", "shuffle", "drop_last", "group_by_length", "bf16", "epochs", "max_steps")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -123,6 +123,8 @@ class _Run:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{n} examples make no batch of {cfg.batch_size} (drop_last={cfg.drop_last})")
         self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.lengths = [_length(self.data[i], i) for i in range(n)] if cfg.group_by_length else None
         self.adapter = active_adapter(self.model) or "default"
         self.use_bf16 = _resolve_bf16(cfg.bf16, info.device)
         self.model.to(info.device)
@@ -146,7 +148,8 @@ class _Run:
         if info.is_main and self.cfg.plot:
             plot_curves(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE)
         s = self.state
-        return TrainResult(s.global_step, s.best_metric, s.best_step, s.stopped_early, self.out)
+        final = self.last_eval[1] if self.last_eval and self.last_eval[0] == s.global_step else None
+        return TrainResult(s.global_step, s.best_metric, s.best_step, s.stopped_early, self.out, final)
 
     def _load(self, resume_from):
         ckpt = load_checkpoint(self.cfg.output_dir if resume_from is True else resume_from)
@@ -187,6 +190,8 @@ class _Run:
             self.epoch_start = self.generator.get_state()
             n = len(self.data)
             order = torch.randperm(n, generator=self.generator).tolist() if cfg.shuffle else list(range(n))
+            if cfg.group_by_length:
+                order = group_by_length(order, self.lengths, 50 * B * cfg.grad_accum)
             batches = [order[i:i + B] for i in range(0, self.n_batches * B, B)]
             for k in range(s.epoch_step, self.steps_per_epoch):
                 norm = self._step(batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum], trainable)
@@ -298,6 +303,7 @@ class _Run:
         self.wrapped.train()
         metrics = D.broadcast_object(metrics, self.info)
         self._record({"kind": "eval", "step": s.global_step, **metrics})
+        self.last_eval = (s.global_step, metrics)
         name = cfg.metric or next(iter(metrics), None)
         if name is None:
             return
@@ -375,6 +381,20 @@ def _model_loss(outputs: Any) -> Tensor:
     if loss is None:
         raise ValueError("the model returned no loss: put labels in the batch or pass loss_fn=")
     return loss
+
+
+def group_by_length(order: list[int], lengths: list[int], window: int) -> list[int]:
+    """``order`` cut into consecutive windows of ``window`` indices, each sorted longest first (stable):
+    batches then hold examples of similar length, and the windows keep the shuffle's randomness."""
+    return [i for start in range(0, len(order), window)
+            for i in sorted(order[start:start + window], key=lambda i: -lengths[i])]
+
+
+def _length(example: Any, i: int) -> int:
+    try:
+        return len(example["input_ids"])
+    except (TypeError, KeyError, IndexError):
+        raise ValueError(f"group_by_length: example {i} has no 'input_ids' to measure") from None
 
 
 def _count_tokens(batch: Any) -> int:
