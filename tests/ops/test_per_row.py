@@ -202,6 +202,17 @@ def test_per_row_weights_follow_training_under_grad():
     assert changed.tolist() == [n == "a" for n in NAMES]
 
 
+def test_per_row_grad_call_after_a_no_grad_call_reaches_every_adapter():
+    """Weights cached by a no_grad call are not reused with grad enabled: the loss reaches each adapter."""
+    model, x = make_case("linear")
+    with lorakit.per_row_adapters(model, NAMES):
+        with torch.no_grad():
+            model(x)
+        model(x).square().sum().backward()
+    for name in ("a", "b"):
+        assert float(layer_of(model).adapters[name].lora_A.weight.grad.abs().max()) > 0, name
+
+
 def test_wrong_number_of_rows_is_refused():
     model, x = make_case("linear")
     with lorakit.per_row_adapters(model, NAMES[:-1]), pytest.raises(ValueError, match="adapter names for a batch"):

@@ -204,24 +204,23 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextmanager
 def use_adapter(model: nn.Module, name: str | None):
     """Run with adapter ``name`` active; the previous choice is restored on exit."""
-    before = [(layer, layer.active) for layer in lora_layers(model)]
-    before_saved = [(m, m.active) for m in _saved_modules(model)]
+    layers, saved = _wrappers(model)
+    before = [(obj, obj.active) for obj in layers + saved]
     set_adapter(model, name)
     try:
         yield model
     finally:
-        for obj, active in before + before_saved:
+        for obj, active in before:
             obj.active = active
 
 
 @contextmanager
 def disabled(model: nn.Module):
     """Run the base model: every adapter and ``modules_to_save`` copy is bypassed."""
-    layers = list(lora_layers(model))
+    layers, saved = _wrappers(model)
     for layer in layers:
         if layer.merged:
             raise RuntimeError(f"adapter {layer.merged} is merged into the weights; unmerge(model) first")
-    saved = list(_saved_modules(model))
     for obj in layers + saved:
         obj.disabled = True
     try:
@@ -243,10 +242,9 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise KeyError(f"per_row_adapters: no adapter named {unknown}; the model has {sorted(known)}")
-    layers = list(lora_layers(model))
+    layers, saved = _wrappers(model)
     if any(layer.merged for layer in layers):
         raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
-    saved = list(_saved_modules(model))
     for layer in layers:
         layer.row_plan = make_row_update(layer, names)
     for m in saved:

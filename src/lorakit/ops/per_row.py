@@ -78,7 +78,7 @@ class GatheredUpdate:
         Embeddings keep the whole stack ``A_g: (n, k, r_max)`` (rows read it by token id). With
         ``shared``: ``(k, r_max)`` and ``(r_max, d)``, the one adapter's matrices.
         """
-        if self._cached is not None:
+        if self._cached is not None and not torch.is_grad_enabled():  # with grad: fresh, so gradients flow
             return self._cached
         A_s, B_s = self.stacks()
         if self.shared:

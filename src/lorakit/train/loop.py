@@ -191,7 +191,7 @@ class _Run:
             n = len(self.data)
             order = torch.randperm(n, generator=self.generator).tolist() if cfg.shuffle else list(range(n))
             if cfg.group_by_length:
-                order = group_by_length(order, self.lengths, 50 * B * cfg.grad_accum)
+                order = group_by_length(order, self.lengths, LENGTH_GROUP_STEPS * B * cfg.grad_accum)
             batches = [order[i:i + B] for i in range(0, self.n_batches * B, B)]
             for k in range(s.epoch_step, self.steps_per_epoch):
                 norm = self._step(batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum], trainable)
@@ -381,6 +381,10 @@ def _model_loss(outputs: Any) -> Tensor:
     if loss is None:
         raise ValueError("the model returned no loss: put labels in the batch or pass loss_fn=")
     return loss
+
+
+LENGTH_GROUP_STEPS = 50
+"""``group_by_length`` sorts windows of this many optimizer steps' examples."""
 
 
 def group_by_length(order: list[int], lengths: list[int], window: int) -> list[int]:
