@@ -287,6 +287,18 @@ def test_config_validation_messages():
         lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["fc1"]))
 
 
+def test_modules_to_save_holding_a_target_is_refused_and_model_untouched():
+    from tests.conftest import llama
+
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["model.layers.0"])
+    with pytest.raises(ValueError, match=r"'model\.layers\.0' contains the LoRA target 'model\.layers\.0\.self_attn"):
+        lorakit.add_lora(model, cfg)
+    assert not any(isinstance(m, (LoraLayer, SavedModule)) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_caller_config_is_not_mutated():
     cfg = lorakit.LoraConfig(r=2, target_modules=["fc1"], rank_pattern={"fc1": 3})
     snapshot = copy.deepcopy(cfg)

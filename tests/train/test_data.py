@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -89,10 +90,29 @@ def test_default_data_dir_slice():
     d = default_data_dir()
     assert (d / "README.md").is_file()
     train, dev = read_records(d / "train.tsv"), read_records(d / "dev.tsv")
-    assert len(train) == 6000 and Counter(r["label"] for r in train) == {"0": 3000, "1": 3000}
+    assert len(train) == 5000 and Counter(r["label"] for r in train) == {"0": 2500, "1": 2500}
     assert len(dev) == 872
     assert sum(p.stat().st_size for p in d.iterdir()) < 1_000_000
     assert set(resolve_splits(d)) == {"train", "dev"}
+
+
+def _slice_script():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_sst2_slice.py"
+    spec = importlib.util.spec_from_file_location("make_sst2_slice", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_whole_sentences_drops_rows_inside_another_row():
+    rows = ["a fine film \t1\n", "fine film \t1\n", "film \t1\n", "a fine \t1\n", "dull \t0\n", "fine film , dull \t0\n"]
+    assert _slice_script().whole_sentences(rows) == ["a fine film \t1\n", "fine film , dull \t0\n"]
+
+
+def test_packaged_slice_is_rebuilt_byte_for_byte_from_glue(tmp_path):
+    _slice_script().make_slice(shared_data("sst2"), tmp_path)
+    for name in ("train.tsv", "dev.tsv"):
+        assert (tmp_path / name).read_bytes() == (default_data_dir() / name).read_bytes(), name
 
 
 # --- formats on small fixtures ---------------------------------------------------------------

@@ -52,6 +52,11 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         paths = find_modules_to_save(model, config.modules_to_save)
         if not paths:
             raise ValueError(f"modules_to_save={config.modules_to_save} matches no module of this model")
+        for saved in paths:
+            inside = [p.path for p in planned if p.path == saved or p.path.startswith(saved + ".")]
+            if inside:
+                raise ValueError(f"modules_to_save {saved!r} contains the LoRA target {inside[0]!r}: a module is "
+                                 "either adapted or trained in full, not both")
         for path in paths:
             module = model.get_submodule(path)
             original = module.original if isinstance(module, SavedModule) else module
