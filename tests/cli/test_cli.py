@@ -1,6 +1,7 @@
 """The ``lorakit`` command line on tiny saved models: train, eval, merge, inspect, generate, bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -78,6 +79,9 @@ def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_pat
     for f in ("adapter/adapter_model.safetensors", "best/adapter_config.json", "metrics.jsonl",
               "training_curves.png", "run_args.json"):
         assert (out / f).exists(), f
+    assert main(["eval", str(out / "adapter")]) == 0  # no --data: the run's own dev split
+    after = text.split("dev after")[1].split()
+    assert capsys.readouterr().out.split()[:2] == after[:2]  # "accuracy 0.xxxx", as the run printed it
     assert main(["inspect", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {layer["rank"] for layer in info["layers"]} == {8}
@@ -97,6 +101,38 @@ def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
     assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 2  # exists: refuses without --force
+
+
+def test_class_names_travel_with_the_adapter(bert_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    words = {"good": "pos", "bad": "neg", "fine": "neutral"}
+    rows = ["sentence\tlabel"] + [f"{w} movie .\t{label}" for w, label in words.items()] * 8
+    (data / "train.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--data", str(data), "--output-dir", str(out), *FAST]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["lorakit"]["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}  # sorted label names
+
+    from lorakit.train.evaluate import evaluate_classification
+    from lorakit.train.models import load_with_adapter
+    from lorakit.train.tasks import load_task_data
+
+    model, tok, _ = load_with_adapter(out / "adapter")
+    assert model.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    # A dev file without "neg": its labels must still map to the training ids (neutral=1, pos=2), not 0/1.
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\n" + "".join(f"{w} movie .\t{words[w]}\n" for w in ("good", "fine") * 3))
+    expected = evaluate_classification(model, load_task_data(dev, "classification", tok,
+                                                              label_names=["neg", "neutral", "pos"]).examples,
+                                       tok.pad_token_id)
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter"), "--data", str(dev)]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert float(printed["accuracy"]) == pytest.approx(expected["accuracy"], abs=1e-4)
+    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
 
 
 def test_yaml_config_and_flags_win(bert_dir, cls_data, tmp_path, capsys):
@@ -184,3 +220,8 @@ def test_bad_input_exit_2_one_line_nothing_written(bert_dir, cls_data, tmp_path,
     (d / "train.tsv").write_text("sentence\tlabel\nok\t1\nfine\t0\n")
     (d / "dev.tsv").write_text("sentence\tlabel\nok\t7\n")
     _bad([*model, "--data", str(d)], tmp_path, capsys, "label")
+    shutil.copytree(bert_dir, tmp_path / "bad-model")
+    config = json.loads((tmp_path / "bad-model" / "config.json").read_text())
+    (tmp_path / "bad-model" / "config.json").write_text(json.dumps(config | {"intermediate_size": 41}))
+    _bad(["--model", str(tmp_path / "bad-model"), "--data", str(cls_data)], tmp_path, capsys,
+         "layer.0.intermediate.dense.bias has shape (37,) in the checkpoint, the model expects (41,)")

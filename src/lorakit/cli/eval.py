@@ -1,17 +1,19 @@
-"""``lorakit eval ADAPTER --data DEV``: accuracy/F1/MCC, perplexity, or the E2E metrics (BLEU, NIST, METEOR,
+"""``lorakit eval ADAPTER [--data DEV]``: accuracy/F1/MCC, perplexity, or the E2E metrics (BLEU, NIST, METEOR,
 ROUGE-L, CIDEr) after beam-search decoding as in the LoRA paper."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 HELP = "Evaluate an adapter on a dataset: classification metrics, perplexity, or E2E generation metrics."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter directory")
-    p.add_argument("--data", required=True, help="evaluation file, or a directory (its dev/validation split is used)")
+    p.add_argument("--data", help="evaluation file, or a directory (its dev/validation split is used); default: "
+                   "the data of the `lorakit train` run the adapter came from")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--task", choices=["classification", "sft", "e2e"], help="default: from the adapter's task_type")
     p.add_argument("--max-length", type=int, default=512)
@@ -23,14 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..train.data import read_records, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.models import load_with_adapter
     from ..train.tasks import group_references, load_task_data
 
-    splits = resolve_splits(args.data)
+    splits = resolve_splits(args.data or _training_data(Path(args.adapter)))
     path = splits.get("dev") or splits.get("test") or splits.get("train")
     model, tokenizer, task = load_with_adapter(args.adapter, args.model)
     task = args.task or task
@@ -57,6 +57,19 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _training_data(adapter: Path) -> str:
+    """The ``--data`` of the ``lorakit train`` run whose output directory holds ``adapter``."""
+    from ..train.data import default_data_dir
+    from .train import RUN_ARGS
+
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+    run_args = adapter.resolve().parent / RUN_ARGS
+    if not run_args.is_file():
+        raise FileNotFoundError(f"pass --data: {adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)")
+    return json.loads(run_args.read_text()).get("data") or str(default_data_dir())
 
 
 def _real_names(id2label: dict) -> bool:

@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace, say) -> int:
     dev_data = load_task_data(splits["dev"], args.task, tokenizer, **kw) if "dev" in splits else None
     train_examples = train_data.examples[: args.max_train_examples]
     dev_examples = dev_data.examples[: args.max_eval_examples] if dev_data else None
-    model = load_model(model_path, args.task, num_labels=train_data.num_labels if args.task == "classification" else None)
+    model = load_model(model_path, args.task, label_names=train_data.label_names)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     lora = LoraConfig(

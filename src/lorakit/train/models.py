@@ -40,23 +40,39 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
-def load_model(model: str, task: str, num_labels: int | None = None, dtype=None) -> nn.Module:
-    """``AutoModelForSequenceClassification`` for classification, ``AutoModelForCausalLM`` otherwise."""
+def load_model(model: str, task: str, num_labels: int | None = None, dtype=None,
+               label_names: list[str] | None = None) -> nn.Module:
+    """``AutoModelForSequenceClassification`` for classification, ``AutoModelForCausalLM`` otherwise.
+
+    ``label_names`` (class ``i`` is ``label_names[i]``) go to the model config's ``id2label``/``label2id``.
+    """
     import transformers
 
     _check_exists(model)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if task == "classification":
         auto = transformers.AutoModelForSequenceClassification
-        kwargs["num_labels"] = num_labels or 2
+        kwargs["num_labels"] = len(label_names) if label_names else num_labels or 2
+        if label_names:
+            kwargs["id2label"] = dict(enumerate(label_names))
+            kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
     else:
         auto = transformers.AutoModelForCausalLM
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     transformers.logging.disable_progress_bar()  # a weight-loading bar per model is noise on the CLI
     try:
-        return auto.from_pretrained(model, **kwargs)
+        # A checkpoint's own classification head may have another number of classes: that head is
+        # drawn anew (it is trained anyway); a mismatch anywhere else is an error.
+        net, info = auto.from_pretrained(model, ignore_mismatched_sizes=task == "classification",
+                                         output_loading_info=True, **kwargs)
     except OSError as e:
         raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+    heads = tuple(f"{name}." for name in head_module_names(net))
+    for key, found, expected in sorted(info.get("mismatched_keys", ())):
+        if not key.startswith(heads):
+            raise ModelError(f"cannot load model {model!r}: tensor {key} has shape {tuple(found)} in the checkpoint, "
+                             f"the model expects {tuple(expected)}")
+    return net
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -86,13 +102,16 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None)
     Returns ``(model, tokenizer, task)``.
     """
     from ..core.checkpoint import load_adapter, read_adapter
+    from ..core.config import LORAKIT_KEY
 
-    config, _, tensors = read_adapter(adapter)
+    config, raw, tensors = read_adapter(adapter)
     base = model or config.base_model_name_or_path
     if not base:
         raise ModelError(f"adapter {adapter} does not name its base model; pass --model")
     task = task_for_adapter(config.task_type)
-    net = load_model(base, task, num_labels=num_labels_in(tensors), dtype=dtype)
+    id2label = (raw.get(LORAKIT_KEY) or {}).get("id2label") or {}
+    names = [id2label[k] for k in sorted(id2label, key=int)] if len(id2label) == num_labels_in(tensors) else None
+    net = load_model(base, task, num_labels=num_labels_in(tensors), dtype=dtype, label_names=names)
     tokenizer = load_tokenizer(base)
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
