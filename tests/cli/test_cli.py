@@ -70,15 +70,17 @@ def test_help_for_every_command(capsys):
         assert "usage: lorakit " + cmd in capsys.readouterr().out
 
 
-def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_path, capsys):
+def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST])
+    monkeypatch.chdir(cls_data.parent)  # --data given relative to here; eval below runs elsewhere
+    rc = main(["train", "--model", str(bert_dir), "--data", cls_data.name, "--output-dir", str(out), *FAST])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "trainable" in text and "dev before" in text and "dev after" in text
     for f in ("adapter/adapter_model.safetensors", "best/adapter_config.json", "metrics.jsonl",
               "training_curves.png", "run_args.json"):
         assert (out / f).exists(), f
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", str(out / "adapter")]) == 0  # no --data: the run's own dev split
     after = text.split("dev after")[1].split()
     assert capsys.readouterr().out.split()[:2] == after[:2]  # "accuracy 0.xxxx", as the run printed it

@@ -206,7 +206,11 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _write_run_args(path: Path, args: argparse.Namespace) -> None:
+    """The run's options, local paths made absolute so ``--resume`` and ``eval`` work from any directory."""
     values = {k: v for k, v in vars(args).items() if k not in ("run", "_parser", "config", "resume")}
+    for key in ("model", "data"):
+        if values.get(key) and Path(values[key]).expanduser().exists():
+            values[key] = str(Path(values[key]).expanduser().resolve())
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(values, indent=2, default=str))
     os.replace(tmp, path)
