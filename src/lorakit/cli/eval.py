@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.checkpoint import class_names
     from ..train.data import read_records, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.models import load_with_adapter
@@ -44,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         kw = {"max_length": args.max_length}
         if task == "classification":
-            labels = model.config.id2label
-            kw["label_names"] = [labels[i] for i in sorted(labels)] if _real_names(labels) else None
+            kw["label_names"] = class_names(model)
         data = load_task_data(path, task, tokenizer, **kw)
         examples = data.examples[: args.max_examples]
         pad = tokenizer.pad_token_id
@@ -70,8 +70,3 @@ def _training_data(adapter: Path) -> str:
     if not run_args.is_file():
         raise FileNotFoundError(f"pass --data: {adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)")
     return json.loads(run_args.read_text()).get("data") or str(default_data_dir())
-
-
-def _real_names(id2label: dict) -> bool:
-    """transformers fills id2label with LABEL_0, LABEL_1... when no names were given."""
-    return not all(str(v).startswith("LABEL_") for v in id2label.values())

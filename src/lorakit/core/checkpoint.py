@@ -114,20 +114,20 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     d[LORAKIT_KEY] = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
-    if names := _class_names(model):
-        d[LORAKIT_KEY]["id2label"] = names
+    if names := class_names(model):
+        d[LORAKIT_KEY]["id2label"] = {str(i): name for i, name in enumerate(names)}
     return d
 
 
-def _class_names(model: nn.Module) -> dict[str, str] | None:
-    """A classifier's class names (``config.id2label``), unless transformers' ``LABEL_<i>`` placeholders.
+def class_names(model: nn.Module) -> list[str] | None:
+    """A classifier's class names in class order (``config.id2label``); None for transformers' ``LABEL_<i>``.
 
     They travel with the adapter: a head's row ``i`` means nothing without the name of class ``i``.
     """
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if not id2label or all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
         return None
-    return {str(k): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
