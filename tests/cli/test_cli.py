@@ -94,7 +94,7 @@ def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_pat
     assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorakit.train.models import load_with_adapter
+    from lorakit.models import load_with_adapter
 
     plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     assert not any("lorakit" in type(m).__module__ for m in plain.modules())
@@ -116,8 +116,8 @@ def test_class_names_travel_with_the_adapter(bert_dir, tmp_path, capsys):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["lorakit"]["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}  # sorted label names
 
+    from lorakit.models import load_with_adapter
     from lorakit.train.evaluate import evaluate_classification
-    from lorakit.train.models import load_with_adapter
     from lorakit.train.tasks import load_task_data
 
     model, tok, _ = load_with_adapter(out / "adapter")

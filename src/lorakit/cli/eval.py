@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.checkpoint import class_names
+    from ..models import load_with_adapter
     from ..train.data import read_records, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
-    from ..train.models import load_with_adapter
     from ..train.tasks import group_references, load_task_data
 
     splits = resolve_splits(args.data or _training_data(Path(args.adapter)))

@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.checkpoint import load_adapter, read_adapter
     from ..core.model import per_row_adapters
+    from ..models import load_model, load_tokenizer
     from ..train.evaluate import generate_texts
-    from ..train.models import load_model, load_tokenizer
 
     adapters = _parse_adapters(args.adapter)
     base = args.model or (read_adapter(adapters[0][1])[0].base_model_name_or_path if adapters else None)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..core.model import unload
-from ..train.models import load_with_adapter
+from ..models import load_with_adapter
 
 HELP = "Merge an adapter into its base model and save a plain transformers model (no lorakit needed to load it)."
 

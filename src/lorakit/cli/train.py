@@ -14,8 +14,8 @@ import typing
 from pathlib import Path
 
 from ..core.config import LoraConfig
+from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
-from ..train.models import TASK_TYPES, head_module_names
 
 HELP = "Train a LoRA adapter (no arguments: the offline SST-2 demo on the packaged MiniLM)."
 RUN_ARGS = "run_args.json"
@@ -128,10 +128,10 @@ def _train(args: argparse.Namespace, say) -> int:
     import torch
 
     from .. import add_lora, save_adapter, trainable_parameters
+    from ..models import default_model_path, load_model, load_tokenizer
     from ..train.data import collate, default_data_dir, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
     from ..train.loop import train
-    from ..train.models import default_model_path, load_model, load_tokenizer
     from ..train.tasks import load_task_data
 
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Load a transformers model and tokenizer for a task (local directory or hub id)."""
+"""Load a transformers model and tokenizer for a task (local directory or hub id): shared by train, eval, merge,
+generate and serve."""
 
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None)
 
     Returns ``(model, tokenizer, task)``.
     """
-    from ..core.checkpoint import load_adapter, read_adapter
-    from ..core.config import LORAKIT_KEY
+    from .core.checkpoint import load_adapter, read_adapter
+    from .core.config import LORAKIT_KEY
 
     config, raw, tensors = read_adapter(adapter)
     base = model or config.base_model_name_or_path
