@@ -74,7 +74,8 @@ def _task_of_model(model: str) -> str:
     from transformers import AutoConfig
 
     architectures = AutoConfig.from_pretrained(model).architectures or []
-    return "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "sft"
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "sft" if causal else "classification"  # an encoder (BertModel, ...) gets a classification head
 
 
 def context_length(engine: Engine) -> int:
