@@ -53,15 +53,19 @@ def build_engine(model: str, adapters: dict[str, Path] | None = None, adapters_d
 
     base_name = base_name_of(model)
     known = discover(base_name, adapters, adapters_dir)  # lists and checks every adapter before loading
-    first = next(iter(known.values()), None)
-    num_labels, labels = None, None
-    if first is not None and first.error is None:
-        config, _, tensors = read_adapter(first.path)
-        task = task_for_adapter(config.task_type)
-        num_labels, labels = num_labels_in(tensors), first.labels
-        labels = labels if labels and len(labels) == num_labels else None
-    else:
-        task = _task_of_model(model)
+    task, num_labels, labels = None, None, None
+    for info in known.values():  # the first readable adapter says the task and the number of classes
+        if info.error:
+            continue
+        try:
+            config, _, tensors = read_adapter(info.path)
+        except (OSError, ValueError) as e:
+            info.error = str(e)  # its requests will fail with this; the others are served
+            continue
+        task, num_labels = task_for_adapter(config.task_type), num_labels_in(tensors)
+        labels = info.labels if info.labels and len(info.labels) == num_labels else None
+        break
+    task = task or _task_of_model(model)
     net = load_model(model, task, num_labels=num_labels, label_names=labels).eval()
     tokenizer = load_tokenizer(model)
     if getattr(net.config, "pad_token_id", None) is None:

@@ -135,21 +135,20 @@ class Engine:
 
     # ----- engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
+        torch.set_grad_enabled(False)  # this thread only; not inference_mode: the pool's stacks change in place
         while True:
             idle = not (self.rows or self.waiting or self.classify_waiting)
             if idle and self._stopping and self.incoming.empty():
                 break
             self._take(block=idle)
-            with torch.inference_mode():
-                try:
-                    self._classify()
-                    self._admit()
-                    if self.rows:
-                        self._step()
-                except Exception as e:  # noqa: BLE001 -- a bug in one step fails its rows, not the server
-                    log.exception("engine step failed")
-                    self._fail_all(e)
+            try:
+                self._classify()
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 -- a bug in one step fails its rows, not the server
+                log.exception("engine step failed")
+                self._fail_all(e)
 
     def _take(self, block: bool) -> None:
         try:
