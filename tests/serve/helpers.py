@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 import lorakit
-from tests.conftest import randomize_lora
 from tests.train.helpers_tokenizer import minilm_tokenizer, tiny_tokenizer
 
 
@@ -45,28 +44,40 @@ def save_bert(path: Path, num_labels: int = 3) -> Path:
     return path
 
 
-def save_adapters(model_dir: Path, out: Path, names: list[str], task: str = "sft", labels=None) -> dict[str, Path]:
-    """One random adapter per name (different ranks and targets), saved as ``out/<name>``."""
-    from lorakit.models import load_model
+def add_random_adapters(model, out: Path, names: list[str], task: str = "sft") -> dict[str, Path]:
+    """Add one random adapter per name to ``model`` (different ranks and targets) and save each as
+    ``out/<name>``; the adapters stay in ``model`` (an offline reference)."""
+    from lorakit.core.model import lora_layers
 
     paths = {}
     for i, name in enumerate(names):
-        model = load_model(str(model_dir), task, label_names=labels)
         targets = ["q_proj", "v_proj"] if task == "sft" else ["query", "value"]
         if i % 3 == 2:
             targets = targets[:1]
         extra = {"modules_to_save": ["classifier"], "task_type": "SEQ_CLS"} if task == "classification" else \
             {"task_type": "CAUSAL_LM"}
-        cfg = lorakit.LoraConfig(r=2 + i % 3, alpha=8, target_modules=targets, **extra)
-        lorakit.add_lora(model, cfg)
-        randomize_lora(model, seed=100 + i, std=0.3)
-        if task == "classification":
-            with torch.no_grad():
-                head = [m for n, m in model.named_modules() if n.endswith("copies.default")][0]
-                head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(i))
-        model.config.name_or_path = str(model_dir)
-        paths[name] = lorakit.save_adapter(model, out / name)
+        lorakit.add_lora(model, lorakit.LoraConfig(r=2 + i % 3, alpha=8, target_modules=targets, **extra),
+                         adapter=name)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for layer in lora_layers(model):
+                if name in layer.adapters:
+                    for p in (layer.adapters[name].lora_A.weight, layer.adapters[name].lora_B.weight):
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if task == "classification":
+                head = [m for n, m in model.named_modules() if n.endswith(f"copies.{name}")][0]
+                head.weight.normal_(0, 1.0, generator=g)
+        paths[name] = lorakit.save_adapter(model, out, adapter=name)  # writes out/<name>
     return paths
+
+
+def save_adapters(model_dir: Path, out: Path, names: list[str], task: str = "sft", labels=None) -> dict[str, Path]:
+    """:func:`add_random_adapters` on a fresh copy of the model in ``model_dir``."""
+    from lorakit.models import load_model
+
+    model = load_model(str(model_dir), task, label_names=labels)
+    model.config.name_or_path = str(model_dir)
+    return add_random_adapters(model, out, names, task)
 
 
 def free_port() -> int:
