@@ -36,3 +36,15 @@ def bert_adapters(bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bert_adapters")
     save_adapters(bert_dir, root, ["x", "y", "z"], task="classification", labels=LABELS)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread. On a shared, oversubscribed machine two spinning OpenMP threads
+    make each tiny matmul ~50x slower; results do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

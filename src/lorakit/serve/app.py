@@ -249,6 +249,14 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         return P.ChatCompletion(id=rid, created=created, model=req.model, usage=usage(done),
                                 choices=[P.ChatChoice(message=message, finish_reason=done.finish_reason)])
 
+    def labels_of(adapter: str | None, n: int) -> list[str]:
+        """The adapter's saved class names, else the base config's ``id2label``."""
+        info = store.known.get(adapter) if adapter else None
+        if info is not None and info.labels and (n == 0 or len(info.labels) == n):
+            return info.labels
+        id2label = engine.model.config.id2label or {}
+        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(n or len(id2label))]
+
     @app.post("/v1/classify")
     async def classify(req: P.ClassifyRequest):
         adapter = check_model(req.model, "classification")
@@ -270,9 +278,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             raise ApiError(404, e.args[0], "model", "not_found_error") from None
         except AdapterLoadError as e:
             raise ApiError(500, str(e), "model", "adapter_error") from None
-        info = store.known.get(adapter) if adapter else None
-        id2label = engine.model.config.id2label or {}
-        labels = info.labels if info and info.labels else [str(id2label.get(i, i)) for i in range(len(probs[0]))]
+        labels = labels_of(adapter, len(probs[0]))
         data = [P.ClassifyItem(index=i, label=labels[max(range(len(p)), key=p.__getitem__)], probs=p,
                                num_classes=len(p)) for i, p in enumerate(probs)]
         n = sum(map(len, inputs))
@@ -282,11 +288,14 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     @app.get("/v1/models")
     async def models() -> P.ModelList:
         created = P.now()
-        cards = [P.ModelCard(id=store.base_name, created=created, root=store.base_name, loaded=True)]
+        base_labels = labels_of(None, 0) if engine.task == "classification" else None
+        cards = [P.ModelCard(id=store.base_name, created=created, root=store.base_name, loaded=True,
+                             labels=base_labels)]
         for name, info in list(store.known.items()):
             cards.append(P.ModelCard(id=name, created=created, root=str(info.path.name), parent=store.base_name,
                                      loaded=name in store.loaded, rank=info.rank, target_modules=info.target_modules,
-                                     size_bytes=info.size_bytes, error=info.error))
+                                     size_bytes=info.size_bytes, error=info.error,
+                                     labels=info.labels if engine.task == "classification" else None))
         return P.ModelList(data=cards)
 
     @app.post("/v1/load_lora_adapter")

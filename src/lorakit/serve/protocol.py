@@ -182,6 +182,7 @@ class ModelCard(BaseModel):
     rank: int | None = None
     target_modules: list[str] | None = None
     size_bytes: int | None = None
+    labels: list[str] | None = None  # class names (classification)
     error: str | None = None
 
 
