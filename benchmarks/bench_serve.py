@@ -200,7 +200,8 @@ def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
         pool.add(name)
     ids = torch.randint(1, 1000, (rows, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cache = B.cache_tensors(model(input_ids=ids, use_cache=True).past_key_values)
+        cache = B.cache_tensors(B.output_cache(model(input_ids=ids, use_cache=True)))
+    arg = B.cache_argument(model)
     step_ids, mask, pos = ids[:, -1:], torch.ones(rows, 33, dtype=torch.long), torch.full((rows, 1), 32)
 
     def step(ctx):
@@ -208,7 +209,7 @@ def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
             with torch.no_grad(), ctx():
                 for _ in range(8):
                     model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                          past_key_values=B.make_cache(cache), use_cache=True)
+                          use_cache=True, **{arg: B.make_cache(cache)})
         return run
 
     best = rotate({"per-row": step(lambda: pool.rows(names)),

@@ -30,6 +30,19 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def cache_tensors(cache) -> list[tuple[Tensor, Tensor]]:
     """Per-layer (keys, values) of a transformers ``DynamicCache``."""
     return [(layer.keys, layer.values) for layer in cache.layers]

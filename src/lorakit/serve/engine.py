@@ -101,6 +101,7 @@ class Engine:
         self._rows_ctx = ExitStack()
         self._rows_names: list | None = None
         self._stopping = False
+        self._cache_arg = B.cache_argument(self.model)
         self._thread: threading.Thread | None = None
         self.steps = 0
 
@@ -272,7 +273,7 @@ class Engine:
         self._set_rows([j.adapter for j in new])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=B.positions(mask), use_cache=True)
         self.metrics.batch(len(new), "prefill")
-        tensors = B.cache_tensors(out.past_key_values)
+        tensors = B.cache_tensors(B.output_cache(out))
         keep = [i for i, job in enumerate(new) if not self._advance(job, out.logits[i, -1])]
         self._admitting = []
         if not keep:
@@ -293,9 +294,9 @@ class Engine:
         pos = torch.tensor([[len(job.prompt_ids) + len(job.generated) - 1] for job in self.rows])
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
         self._set_rows([job.adapter for job in self.rows])
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                         **{self._cache_arg: self.cache})
+        self.cache = B.output_cache(out)
         self.steps += 1
         self.metrics.batch(len(self.rows), "decode")
         keep = [i for i, job in enumerate(self.rows) if not self._advance(job, out.logits[i, -1])]
