@@ -64,7 +64,8 @@ def test_malformed_json_and_fields(http):
     assert error(http.post("/v1/completions", json={"model": "good", "prompt": "hi", "temprature": 0}),
                  422).startswith("temprature: Extra inputs are not permitted")
     for field, value in [("temperature", -1), ("temperature", "hot"), ("max_tokens", 0), ("top_p", 0),
-                         ("max_tokens", 1e30), ("n", 2), ("stop", ["a", "b", "c", "d", "e"])]:
+                         ("max_tokens", 1e30), ("n", 2), ("stop", ["a", "b", "c", "d", "e"]), ("seed", -1),
+                         ("seed", 2**64), ("stop", [""]), ("logit_bias", {"5": 1})]:
         msg = error(http.post("/v1/completions", json={"model": "good", "prompt": "hi", field: value}), 422)
         assert msg.startswith(f"{field}:"), msg
     assert error(http.post("/v1/classify", json={"model": "good", "input": "x"}), 400).startswith(

@@ -118,6 +118,7 @@ class AdapterPool:
         self.rank = 1
         self.slot_of: dict[str, int] = {}
         self.stacks: dict[LoraLayer, _LayerStack] = {}
+        self._wrapped = None  # (LoRA layers, modules_to_save wrappers) of the model, found at add/remove
 
     def __contains__(self, name: str) -> bool:
         return name in self.slot_of
@@ -125,12 +126,19 @@ class AdapterPool:
     def names(self) -> list[str]:
         return list(self.slot_of)
 
+    def _wrappers(self):
+        """The model's wrappers; walking every module is slow with many adapters, so it is done once per
+        add/remove, not per composition."""
+        if self._wrapped is None:
+            self._wrapped = _wrappers(self.model)
+        return self._wrapped
+
     def _pooled_layers(self) -> list[LoraLayer]:
-        layers, _ = _wrappers(self.model)
-        return [layer for layer in layers if not isinstance(layer, LoraConv)]
+        return [layer for layer in self._wrappers()[0] if not isinstance(layer, LoraConv)]
 
     def add(self, name: str) -> int:
         """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
+        self._wrapped = None  # adding the adapter may have wrapped new layers
         if name not in adapter_names(self.model):
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
@@ -159,6 +167,7 @@ class AdapterPool:
     def remove(self, name: str) -> None:
         """Free ``name``'s slot (the adapter stays in the model; delete it there separately)."""
         slot = self.slot_of.pop(name)
+        self._wrapped = None
         for stack in self.stacks.values():
             stack.clear(slot)
 
@@ -177,7 +186,7 @@ class AdapterPool:
         names = list(names)
         index = self.index(names)
         slots = set(index.tolist())
-        layers, saved = _wrappers(self.model)
+        layers, saved = self._wrappers()
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
         for layer in layers:

@@ -1,8 +1,9 @@
 """Request and response models of ``lorakit serve`` (pydantic): OpenAI's completions and chat completions,
 vLLM's classify and dynamic-adapter shapes. No engine, no HTTP here.
 
-Requests forbid fields they do not know (a typo is named in the 422, never silently ignored); the
-OpenAI fields lorakit accepts but does not act on are listed in ``IGNORED``.
+Requests forbid fields they do not know (a typo is named in the 422, never silently ignored). Of OpenAI's
+other fields, ``user`` is accepted and unused; ``n``, ``logit_bias``, the penalties and ``echo`` are
+accepted only at their defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-IGNORED = ("user", "logit_bias", "presence_penalty", "frequency_penalty")  # accepted only at their defaults
+MAX_INPUTS = 256  # texts per /v1/classify request
 
 
 def new_id(prefix: str) -> str:
@@ -37,7 +38,7 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -152,6 +153,8 @@ class ClassifyRequest(_Request):
         texts = [v] if isinstance(v, str) else v
         if not texts or any(not t for t in texts):
             raise ValueError("input must be a non-empty string or a non-empty list of non-empty strings")
+        if len(texts) > MAX_INPUTS:
+            raise ValueError(f"input holds {len(texts)} texts; at most {MAX_INPUTS} per request")
         return texts
 
 
