@@ -143,7 +143,7 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
             "p99 ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))])}
 
 
-def case_serve(reps: int, counts=(1, 8, 32, 128, 1000), requests: int = 256, batch: int = 64) -> dict:
+def case_serve(reps: int, counts=(1, 8, 32, 128, 1000), requests: int = 128, batch: int = 32) -> dict:
     """4-layer 256-wide LLaMA, r=8 on q,k,v,o; a burst of ``requests`` (16-token prompts, 16 new tokens)."""
     out = {}
     for n in counts:

@@ -56,24 +56,17 @@ class _Sampling(_Request):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", "echo", check_fields=False)
     @classmethod
-    def _no_bias(cls, v):
+    def _unsupported(cls, v, info):
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(min_length=1)
-    echo: bool = Field(False, description="not supported: must be false")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
