@@ -186,7 +186,8 @@ class Engine:
 
     def _ensure(self, job, pinned: set[str]) -> bool | None:
         """Load the job's adapter. True: ready; False: no free slot yet; None: failed (job answered)."""
-        self._set_rows(None)  # the pool may change
+        if job.adapter is not None and job.adapter not in self.store.loaded:
+            self._set_rows(None)  # the pool is about to change under the entered composition
         try:
             return self.store.ensure(job.adapter, pinned)
         except UnknownAdapter as e:
