@@ -223,11 +223,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    p.add_argument("--counts", default="1,8,32,128,1000", help="serve: numbers of resident adapters")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
     for case in args.case or ["compose", "decode_ratio", "serve"]:
-        results[case] = CASES[case](args.reps)
+        extra = {"counts": [int(c) for c in args.counts.split(",")]} if case == "serve" else {}
+        results[case] = CASES[case](args.reps, **extra)
         print(json.dumps({case: results[case]}, indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
