@@ -109,3 +109,18 @@ def test_llama_generation_rows_match_each_adapter_alone():
                     want.append(model(input_ids=ids[i:i + 1]).logits)
         torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
     assert all(layer.row_plan is None for layer in lora_layers(model))
+
+
+def test_merged_model_is_refused_and_context_restores_layers():
+    model, x = make_case("linear")
+    pool = AdapterPool(model)
+    pool.add("a")
+    lorakit.merge(model, "a")
+    with pytest.raises(RuntimeError, match="needs unmerged adapters"), pool.rows(["a"] * len(NAMES)):
+        pass
+    lorakit.unmerge(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="adapter names for a batch"), pool.rows(["a"]):
+        model(x)  # 1 name for 5 rows
+    assert layer_of(model).row_plan is None
+    with pytest.raises(KeyError, match=r"\['b'\] not in the pool"):
+        pool.index(["b"])
