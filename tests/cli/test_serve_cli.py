@@ -70,3 +70,14 @@ def test_bad_flags(argv, message, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lorakit: error: ") and message in err[0]
+
+
+def test_default_adapters_are_lorakit_train_runs(tmp_path, monkeypatch):
+    from lorakit.cli.serve import _default_adapters
+
+    for run in ("sst2-minilm", "other"):
+        (tmp_path / "runs" / run / "adapter").mkdir(parents=True)
+        (tmp_path / "runs" / run / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "runs" / "sst2-minilm" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert _default_adapters() == {"sst2-minilm": Path("runs/sst2-minilm/adapter")}  # "other" has no weights
