@@ -125,11 +125,14 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
     from lorakit.serve.engine import GenJob
 
     done_at: dict[int, float] = {}
+    errors: list[str] = []
     all_done = threading.Event()
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for i, name in enumerate(adapters):
         def emit(ev, i=i):
+            if ev.kind == "error":
+                errors.append(ev.message)
             if ev.kind != "text":
                 done_at[i] = time.perf_counter()
                 if len(done_at) == len(adapters):
@@ -138,6 +141,8 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
         engine.submit(GenJob(name, ids, max_tokens, emit))
     all_done.wait()
     wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
     lat = sorted((t - t0) * 1000 for t in done_at.values())
     return {"tok/s": round(len(adapters) * max_tokens / wall, 1), "p50 ms": round(lat[len(lat) // 2]),
             "p99 ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))])}

@@ -124,3 +124,17 @@ def test_unknown_model_is_404_listing_what_exists(client):
     assert set(cards) == {"llama", "a", "b", "c"}
     assert cards["a"].model_extra["rank"] == 2 and cards["c"].model_extra["target_modules"] == ["q_proj"]
     assert sum(cards[n].model_extra["loaded"] for n in LLAMA_ADAPTERS) <= 2  # --max-loaded-adapters 2
+
+
+def test_idle_engine_leaves_the_model_as_it_found_it(server, client):
+    """The entered batch composition is left once nothing runs: another user of the model sees no row plans."""
+    import time
+
+    from lorakit.core.model import lora_layers
+
+    _, engine = server
+    client.completions.create(model="a", prompt="hi", max_tokens=2, temperature=0)
+    deadline = time.monotonic() + 10
+    while any(layer.row_plan is not None for layer in lora_layers(engine.model)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(layer.row_plan is None for layer in lora_layers(engine.model))

@@ -139,6 +139,8 @@ class Engine:
         torch.set_grad_enabled(False)  # this thread only; not inference_mode: the pool's stacks change in place
         while True:
             idle = not (self.rows or self.waiting or self.classify_waiting)
+            if idle:
+                self._set_rows(None)  # leave the model as it was found while there is nothing to run
             if idle and self._stopping and self.incoming.empty():
                 break
             self._take(block=idle)
