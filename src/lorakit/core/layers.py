@@ -201,9 +201,8 @@ class LoraLayer(nn.Module):
         """Build one adapter for this layer without attaching it: the layer type's A/B pair
         (:meth:`make_adapter`), initialised by ``config.init`` (an initialiser may stage a new base weight
         on the adapter, written by :meth:`attach`), then wrapped by the config's variant (DoRA, ...)."""
-        from .variants import check_shared_base, initialize, wrap_variant  # variants imports this module
+        from .variants import initialize, wrap_variant  # variants imports this module
 
-        check_shared_base(self, config, module_name)
         adapter = self.make_adapter(config.rank_for(module_name), config.scaling(module_name), config, module_name)
         initialize(self, adapter, config.init)
         return wrap_variant(self, adapter, config)
