@@ -139,6 +139,8 @@ def parse_init(init: str) -> tuple[str, object]:
             raise ValueError(f"init {init!r}: the iteration count must be >= 1")
         return m.group(1), k
     known = sorted(INITIALIZERS)
+    if init in UNSUPPORTED_INITS:
+        raise ValueError(f"init {init!r} (a PEFT init_lora_weights value) is not supported by lorakit; use one of {known}")
     raise ValueError(f"init must be one of {known} (pissa_niter as 'pissa_niter_<K>'), got {init!r}")
 
 
