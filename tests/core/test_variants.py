@@ -360,3 +360,15 @@ def test_pissa_on_gpt2_conv1d_converts_exactly(tmp_path):
     plain = copy.deepcopy(base)
     lorakit.load_adapter(plain, lorakit.save_adapter(model, tmp_path, convert_to_lora=True))
     torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=ATOL, rtol=1e-5)
+
+
+def test_dora_on_a_base_replacing_init_starts_unchanged_and_refuses_conversion(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12))
+    x = torch.randn(3, 10)
+    model = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=3, init="olora", use_dora=True,
+                                                                     target_modules=["0"]))
+    torch.testing.assert_close(model(x), base(x), atol=ATOL, rtol=0)  # m = ||residual + s·B·A|| = ||W0||
+    with pytest.raises(ValueError, match="DoraAdapter is not a plain LoRA update"):
+        lorakit.save_adapter(model, tmp_path / "c", convert_to_lora=True)
+    assert not (tmp_path / "c").exists()
