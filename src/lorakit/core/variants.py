@@ -12,7 +12,7 @@ asks which one it holds. A variant class provides:
 - ``wrap(layer, plain) -> Adapter`` (classmethod): build the variant from the plain adapter the layer
   type made (its ``lora_A``, ``lora_B``, dropout, scaling, config are reused as they are) after the
   initialiser ran. Raise ``ValueError`` naming the layer type for what it cannot do (``check_layer``).
-- ``apply(layer, out, x, inplace)``: the layer's output; ``out = layer.base_layer(x)`` (bias included).
+- ``layer_output(layer, out, x, inplace)``: the layer's output; ``out = layer.base_layer(x)`` (bias included).
 - ``merged_weight(layer, w)`` / ``unmerged_weight(layer, w)``: fold in / take out, on the fp32 base
   weight in the base layout; ``unmerged_weight(merged_weight(w)) == w`` to fp32 rounding.
 - ``extra_tensors()``: checkpoint tensors besides A and B, by key suffix after the module path.
@@ -300,7 +300,7 @@ class DoraAdapter(Adapter):
             sq = W.pow(2).sum(1) + 2 * s * (B * AW.T).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
             return sq.clamp_min(0).sqrt()
 
-    def apply(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         x = x if x.dtype == self.dtype or not x.is_floating_point() else x.to(self.dtype)
         scale = self.lora_magnitude_vector / self.row_norm(layer.weight_matrix()).to(self.dtype)  # (d,)
         bias = getattr(layer.base_layer, "bias", None)
