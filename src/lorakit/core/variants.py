@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +159,10 @@ def initialize(layer: LoraLayer, adapter: Adapter, init: str) -> None:
         adapter.base_change = change  # written by commit_base when attached
 
 
-def base_owner(model: nn.Module) -> str | None:
-    """The adapter of ``model`` whose initialiser replaced base weights, if any (there is at most one)."""
-    for layer in model.modules():
+def base_owner(layers: Iterable[nn.Module]) -> str | None:
+    """The adapter whose initialiser replaced base weights among ``layers`` (a model's modules or its
+    LoRA layers), if any; there is at most one per model."""
+    for layer in layers:
         if isinstance(layer, LoraLayer):
             for name, adapter in layer.adapters.items():
                 if changed_base(adapter):
@@ -176,7 +177,7 @@ def check_base_kept(model: nn.Module, doing: str, config: LoraConfig | None = No
     model: the base model (``disabled``, base rows), and any other adapter, would see the residual.
     ``config``: the config of an adapter about to be added.
     """
-    owner = base_owner(model)
+    owner = base_owner(model.modules())
     if owner is not None:
         raise ValueError(f"{doing}: adapter {owner!r} replaced the base weights (init "
                          f"{_config_of(model, owner).init!r}), so only it can run on this model; "
@@ -193,18 +194,19 @@ def _config_of(model: nn.Module, name: str) -> LoraConfig:
     return next(m.adapters[name].config for m in model.modules() if isinstance(m, LoraLayer) and name in m.adapters)
 
 
-def check_rows(model: nn.Module, names: list[str | None]) -> None:
-    """``per_row_adapters``: refuse base rows or other adapters beside a base-replacing adapter, and
-    non-additive adapters (DoRA), whose update is not the stacked ``B·A`` the per-row path computes."""
-    owner = base_owner(model)
+def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None]) -> None:
+    """``per_row_adapters`` on ``model`` (whose LoRA layers are ``layers``): refuse base rows or other
+    adapters beside a base-replacing adapter, and non-additive adapters (DoRA), whose update is not the
+    stacked ``B·A`` the per-row path computes."""
+    owner = base_owner(layers)
     if owner is not None and any(n != owner for n in names):
         check_base_kept(model, "per_row_adapters with rows of other adapters or of the base model")
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            for name in set(names) & set(layer.adapters):
-                if not layer.adapters[name].additive:
-                    raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
-                                     ", which per-row batching does not support; run it with use_adapter()")
+    used = set(names)
+    for layer in layers:
+        for name in used & set(layer.adapters):
+            if not layer.adapters[name].additive:
+                raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
+                                 ", which per-row batching does not support; run it with use_adapter()")
 
 
 def changed_base(adapter: Adapter) -> bool:
