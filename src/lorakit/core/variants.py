@@ -253,7 +253,7 @@ class DoraAdapter(Adapter):
 
     With ``V = W0 + s·B·A`` as ``(d, k)`` and ``n = ||V||`` per output row (detached, as PEFT does: its
     gradient is not propagated, section 4.3 of the paper), the layer computes ``(m / n) * (W0·x + s·B·A·x) + bias``,
-    i.e. ``out + (m/n - 1) * (out - bias) + (m/n) * s·B·A·x`` from the base output ``out``. ``m`` (``(d,)``,
+    computed from the base output ``out`` as ``(m/n) * (out - bias + s·B·A·x) + bias``. ``m`` (``(d,)``,
     PEFT's ``lora_magnitude_vector``) starts at ``n``, so a fresh adapter leaves the output unchanged.
 
     The row norms come without materialising ``V`` (no ``(d, k)`` temporary per step):
@@ -304,19 +304,22 @@ class DoraAdapter(Adapter):
 
     def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         x = x if x.dtype == self.dtype or not x.is_floating_point() else x.to(self.dtype)
-        scale = self.lora_magnitude_vector / self.row_norm(layer.weight_matrix()).to(self.dtype)  # (d,)
+        norm = self.row_norm(layer.weight_matrix()).to(self.dtype)
+        scale = layer.feature_view(self.lora_magnitude_vector / norm)  # (d,), broadcast over the output
         bias = getattr(layer.base_layer, "bias", None)
-        if self.training and not isinstance(self.dropout, nn.Identity):
+        bias = None if bias is None else layer.feature_view(bias)
+        if self.training and not isinstance(self.dropout, nn.Identity):  # as PEFT: base term on the dropped x
             xd = self.dropout(x)
             base = layer.base_layer(xd)
+            base = base if bias is None else base - bias
             lora = self.lora_B(self.lora_A(xd))
-        else:
-            base = out
-            lora = self.lora_B(self.lora_A(x))
-        if bias is not None:
-            base = base - layer.feature_view(bias)
-        scale = layer.feature_view(scale)
-        return out + ((scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
+            return out + ((scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
+        lora = self.lora_B(self.lora_A(x)).to(out.dtype)
+        # (m/n)·(W0·x + s·B·A·x) + bias: autograd keeps one (n, d) tensor (the direction) for the backward,
+        # where PEFT's out + (m/n - 1)·W0·x + (m/n)·s·B·A·x keeps two (W0·x and B·A·x)
+        direction = torch.add(out if bias is None else out - bias, lora, alpha=self.scaling)
+        scale = scale.to(out.dtype)
+        return scale * direction if bias is None else torch.addcmul(bias.to(out.dtype), scale, direction)
 
     def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
         V = layer.as_matrix(weight) + self.delta_matrix()  # (d, k) fp32
