@@ -200,14 +200,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {_one_line(e)}") from None
+    meta = _check_metadata(raw.get(LORAKIT_KEY, {}), f"{config_file}: {LORAKIT_KEY!r}")  # old place, still read
     if LORAKIT_KEY in header:
         try:
             meta = json.loads(header[LORAKIT_KEY])
         except (json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{weights_file}: header metadata {LORAKIT_KEY!r} is not valid JSON") from None
         meta = _check_metadata(meta, f"{weights_file}: header metadata {LORAKIT_KEY!r}")
-    else:
-        meta = _check_metadata(raw.get(LORAKIT_KEY) or {}, f"{config_file}: {LORAKIT_KEY!r}")
     return config, {**raw, LORAKIT_KEY: meta}, tensors
 
 

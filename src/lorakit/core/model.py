@@ -95,18 +95,26 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     for p in planned:
         mode = p.layer.base_layer.training
         if p.new_layer:
-            p.layer.training = mode
+            _follow_mode(p.layer, p.layer.base_layer)
             _set_submodule(model, p.path, p.layer)
         p.layer.adapters[name] = p.adapter.train(mode)
     for path, module in copies.items():
         holder = model.get_submodule(path)
         if not isinstance(holder, SavedModule):
             holder = SavedModule(holder)
-            holder.training = holder.original.training
+            _follow_mode(holder, holder.original)
             _set_submodule(model, path, holder)
         holder.copies[name] = module.train(holder.original.training)
     if activate:
         set_adapter(model, name)
+
+
+def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:
+    """A new wrapper (and its containers) takes the train/eval mode of the module it wraps."""
+    wrapper.training = inner.training
+    for child in wrapper.children():
+        if child is not inner:
+            child.train(inner.training)
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
