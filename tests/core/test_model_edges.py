@@ -9,7 +9,6 @@ from torch import nn
 
 import lorakit
 from lorakit.core.layers import LoraLayer
-from lorakit.core.saved import SavedModule
 
 
 def mlp():
