@@ -269,3 +269,30 @@ def test_combine_refuses_non_finite_weights(weight):
     with pytest.raises(ValueError, match="must be a finite number"):
         lorakit.combine_adapters(model, {"default": weight}, "c")
     assert_unchanged(model, before)
+
+
+# ----- the same class elsewhere: nested contexts, deleting beside a merged adapter --------------------------------
+def test_nested_disabled_and_per_row_contexts_restore_the_outer_state():
+    base = mlp()
+    model = lorakit.add_lora(mlp(), C())
+    _visible(model)
+    with lorakit.disabled(model):
+        with lorakit.disabled(model):
+            pass
+        assert torch.equal(model(X), base(X))  # still disabled after the inner exit
+    rows = ["default", None, "default", None]
+    with lorakit.per_row_adapters(model, rows):
+        expected = model(X)
+        with lorakit.per_row_adapters(model, ["default"] * 4):
+            pass
+        assert torch.equal(model(X), expected)
+
+
+def test_deleting_the_active_adapter_beside_a_merged_one_changes_nothing_else():
+    model = lorakit.add_lora(mlp(), C(), adapter="a")
+    lorakit.add_lora(model, C(), adapter="b")
+    lorakit.add_lora(model, C(), adapter="c")
+    lorakit.merge(model, "b")  # b merged while c is active
+    with pytest.warns(UserWarning, match="'b' is active now"):
+        lorakit.delete_adapter(model, "c")
+    assert lorakit.adapter_names(model) == ["a", "b"] and lorakit.active_adapter(model) == "b"

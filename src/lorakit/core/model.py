@@ -260,9 +260,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _set_submodule(model, path, original)
     remaining = [n for n in names if n != name]
     if was_active and remaining:
-        warnings.warn(f"deleted the active adapter {name!r}; {remaining[0]!r} is active now", UserWarning,
-                      stacklevel=2)
-        set_adapter(model, remaining[0])
+        merged = _merged_names(model)
+        new = next((n for n in remaining if n in merged), remaining[0])  # a merged adapter must stay active
+        warnings.warn(f"deleted the active adapter {name!r}; {new!r} is active now", UserWarning, stacklevel=2)
+        set_adapter(model, new)
 
 
 @contextmanager
@@ -299,6 +300,7 @@ def disabled(model: nn.Module):
                           "output is not the original base model's", UserWarning, stacklevel=3)
     params = [p for obj in layers for p in obj.adapters.parameters()] + [p for m in saved for p in m.copies.parameters()]
     flags = [(p, p.requires_grad) for p in params]
+    before = [(obj, obj.disabled) for obj in layers + saved]  # nested contexts restore the outer state
     for obj in layers + saved:
         obj.disabled = True
     for p in params:
@@ -306,8 +308,8 @@ def disabled(model: nn.Module):
     try:
         yield model
     finally:
-        for obj in layers + saved:
-            obj.disabled = False
+        for obj, state in before:
+            obj.disabled = state
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -334,17 +336,18 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
             raise ValueError(f"per_row_adapters cannot split the rows of modules_to_save module "
                              f"{type(m.original).__name__} (a recurrent module returns a tuple, batch not first)")
     plans = [make_row_update(layer, names) for layer in layers]
+    before = [(layer, layer.row_plan) for layer in layers], [(m, m.row_names) for m in saved]
     for layer, plan in zip(layers, plans, strict=True):
         layer.row_plan = plan
     for m in saved:
         m.row_names = names
     try:
         yield model
-    finally:
-        for layer in layers:
-            layer.row_plan = None
-        for m in saved:
-            m.row_names = None
+    finally:  # nested contexts restore the outer rows
+        for layer, plan in before[0]:
+            layer.row_plan = plan
+        for m, row_names in before[1]:
+            m.row_names = row_names
 
 
 # ----- merge -------------------------------------------------------------------------------------------
