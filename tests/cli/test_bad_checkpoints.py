@@ -1,5 +1,5 @@
-"""``lorakit inspect`` on malformed checkpoints: exit 2 and one line naming the file and the problem (issue #8
-item 14)."""
+"""``lorakit inspect`` / ``merge`` on malformed or poisoned checkpoints: exit 2 and one line naming the problem,
+nothing written (issue #8 items 14 and 15)."""
 
 import json
 import re
@@ -50,3 +50,29 @@ def test_inspect_reports_a_good_checkpoint(adapter, capsys):
     assert main(["inspect", str(adapter), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [(layer["module"], layer["rank"]) for layer in info["layers"]] == [("fc1", 2)]
+
+
+def test_merge_refuses_non_finite_weights_with_one_line(tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tests.train.helpers_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                     vocab_size=tok.vocab_size, max_position_embeddings=32)
+    base = tmp_path / "base"
+    BertForSequenceClassification(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    model = lorakit.add_lora(BertForSequenceClassification.from_pretrained(base),
+                             lorakit.LoraConfig(r=2, alpha=1e308, target_modules=["query"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(1.0)  # B·A·alpha/r overflows: every merged query weight is inf
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "adapter"), "--model", str(base), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()  # transformers' loading progress bar aside
+    assert err[-1].startswith("lorakit: error: merging adapter 'default' gives non-finite weights in bert."), err
+    assert not any("Traceback" in line for line in err) and not out.exists()
