@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian"]
 
 # Every key of PEFT's ``adapter_config.json`` (the fields of ``peft.LoraConfig``), classified, one line each:
 #   ("field", name)    understood: read into LoraConfig.<name> (and written back under the PEFT key)
@@ -64,9 +63,12 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
-# init_lora_weights values: lorakit's init name <-> PEFT's value (the weights come from the file on load)
-_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}
-_INIT_FROM_PEFT = {True: "kaiming", False: "kaiming", "gaussian": "gaussian"}
+# Initialisations, one line each: lorakit's ``init`` name -> PEFT's ``init_lora_weights`` value. Loading maps
+# PEFT's value back (and ``False``, PEFT's "no init", to kaiming: the weights come from the file anyway).
+INITS: dict[str, bool | str] = {
+    "kaiming": True,
+    "gaussian": "gaussian",
+}
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -97,6 +99,9 @@ class LoraConfig:
             ``{"c_attn": [True, False, True]}`` adapts GPT-2's q and v but not k (loralib's
             ``enable_lora``). Each enabled slice gets its own rank-r pair.
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
+
+    Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
+    or ``dropout=1`` (an int is a number, but ``True`` is not) raise ``ValueError`` naming the field.
     """
 
     r: int = 8
@@ -108,7 +113,7 @@ class LoraConfig:
     layers_pattern: str | None = None
     bias: Bias = "none"
     modules_to_save: list[str] | None = None
-    init: Init = "kaiming"
+    init: str = "kaiming"
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -135,8 +140,8 @@ class LoraConfig:
             f"dropout must be a number in [0, 1), got {self.dropout!r}",
         )
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {self.bias!r}")
-        _check(isinstance(self.init, str) and self.init in ("kaiming", "gaussian"),
-               f"init must be kaiming|gaussian, got {self.init!r}")
+        _check(isinstance(self.init, str) and self.init in INITS,
+               f"init must be one of {'|'.join(INITS)}, got {self.init!r}")
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {self.use_rslora!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -206,7 +211,7 @@ class LoraConfig:
         for key, (kind, name) in PEFT_KEYS.items():
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
-        d["init_lora_weights"] = _PEFT_INIT[self.init]
+        d["init_lora_weights"] = INITS[self.init]
         return d
 
     @classmethod
@@ -227,9 +232,10 @@ class LoraConfig:
                 what = "is not supported by lorakit" if kind == "refused" else "is a key lorakit does not know"
                 raise ValueError(f"{key}={short_repr(value)} {what}")
         init = kwargs.get("init", True)
-        if not isinstance(init, bool | str) or init not in _INIT_FROM_PEFT:
+        from_peft = {value: name for name, value in INITS.items()} | {False: "kaiming"}
+        if not isinstance(init, bool | str) or init not in from_peft:
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit")
-        kwargs["init"] = _INIT_FROM_PEFT[init]  # the weights come from the file anyway
+        kwargs["init"] = from_peft[init]
         if isinstance(kwargs.get("target_modules"), list):
             kwargs["target_modules"] = sorted(kwargs["target_modules"], key=str)
         if isinstance(kwargs.get("modules_to_save"), list):
