@@ -296,3 +296,13 @@ def test_deleting_the_active_adapter_beside_a_merged_one_changes_nothing_else():
     with pytest.warns(UserWarning, match="'b' is active now"):
         lorakit.delete_adapter(model, "c")
     assert lorakit.adapter_names(model) == ["a", "b"] and lorakit.active_adapter(model) == "b"
+
+
+def test_combine_checks_finiteness_in_the_adapter_dtype():
+    model = lorakit.add_lora(mlp().half(), C())
+    with torch.no_grad():
+        model[0].adapters["default"].lora_B.weight.fill_(60000.0)  # finite in fp16 (max 65504)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="not finite at 0 .torch.float16"):  # cat with weight 2: 120000, inf
+        lorakit.combine_adapters(model, {"default": 2.0}, "c", how="cat")
+    assert_unchanged(model, before)

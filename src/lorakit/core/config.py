@@ -101,7 +101,7 @@ class LoraConfig:
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
 
     Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
-    or ``dropout=1`` (an int is a number, but ``True`` is not) raise ``ValueError`` naming the field.
+    or ``use_rslora=1`` (booleans are strict; a bool is not a number) raise ``ValueError`` naming the field.
     """
 
     r: int = 8

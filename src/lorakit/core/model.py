@@ -455,10 +455,10 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             A, B = _combined_pair(parts, how, rank)
         except ValueError as e:
             raise ValueError(f"combine_adapters at {path}: {e}") from None
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"combine_adapters: the combined adapter is not finite at {path}")
         adapter = layer.make_adapter(A.shape[0], 1.0, config.replace(r=A.shape[0], alpha=float(A.shape[0])), path)
         adapter.load_pair(A, B)
+        if not all(torch.isfinite(p).all() for p in adapter.parameters()):  # in the adapter's dtype
+            raise ValueError(f"combine_adapters: the combined adapter is not finite at {path} ({adapter.dtype})")
         planned.append(_Planned(path, layer, adapter, new_layer=False))
     copies = {}
     for path, saved in model.named_modules():
