@@ -292,8 +292,8 @@ def disabled(model: nn.Module):
     then the output is not the original base model's, and a warning says so.
     """
     layers, saved = _wrappers(model)
-    if layers and _merged_names(model):
-        raise RuntimeError(f"adapter {_merged_names(model)} is merged into the weights; unmerge(model) first")
+    if merged := _merged_names(model):
+        raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) first")
     for a in adapter_names(model):
         if (bias := adapter_config(model, a).bias) != "none":
             warnings.warn(f"adapter {a!r} trained the base biases (bias={bias!r}); disabled() keeps them, so the "
