@@ -194,6 +194,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         config = LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_file}: a value is nested too deeply") from None
     try:
         with safe_open(weights_file, "pt") as f:
             header = f.metadata() or {}

@@ -133,16 +133,16 @@ class LoraConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field. Every field's type is checked strictly: a bool is
         not a number (``r=True`` is refused) and only ``True``/``False`` are booleans (not ``"false"``, not 1)."""
-        _check(_is_int(self.r) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
-        _check(_is_pos(self.alpha), f"alpha must be a positive finite number, got {self.alpha!r}")
+        _check(_is_int(self.r) and self.r > 0, f"r must be a positive integer, got {short_repr(self.r)}")
+        _check(_is_pos(self.alpha), f"alpha must be a positive finite number, got {short_repr(self.alpha)}")
         _check(
             _is_num(self.dropout) and 0.0 <= self.dropout < 1.0,
-            f"dropout must be a number in [0, 1), got {self.dropout!r}",
+            f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
         )
-        _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {self.bias!r}")
+        _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
         _check(isinstance(self.init, str) and self.init in INITS,
-               f"init must be one of {'|'.join(INITS)}, got {self.init!r}")
-        _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {self.use_rslora!r}")
+               f"init must be one of {'|'.join(INITS)}, got {short_repr(self.init)}")
+        _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -150,43 +150,43 @@ class LoraConfig:
                     try:
                         re.compile(value)
                     except re.error as e:
-                        raise ValueError(f"{name} regex {value!r} is invalid: {e}") from None
+                        raise ValueError(f"{name} regex {short_repr(value)} is invalid: {e}") from None
             elif value is not None:
                 _check(
                     isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
-                    f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {value!r}",
+                    f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
                 )
         if self.layers is not None:
             _check(
                 isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
-                f"layers must be a list of non-negative block indices, got {self.layers!r}",
+                f"layers must be a list of non-negative block indices, got {short_repr(self.layers)}",
             )
         _check(
             self.layers_pattern is None or (isinstance(self.layers_pattern, str) and self.layers_pattern)
             or (isinstance(self.layers_pattern, list) and self.layers_pattern
                 and all(isinstance(s, str) and s for s in self.layers_pattern)),
-            f"layers_pattern must be a module name or a list of them, got {self.layers_pattern!r}",
+            f"layers_pattern must be a module name or a list of them, got {short_repr(self.layers_pattern)}",
         )
         _check(
             self.modules_to_save is None or (isinstance(self.modules_to_save, list)
                                              and all(isinstance(s, str) and s for s in self.modules_to_save)),
-            f"modules_to_save must be a list of module names, got {self.modules_to_save!r}",
+            f"modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}",
         )
         for name in ("task_type", "base_model_name_or_path"):
             value = getattr(self, name)
-            _check(value is None or isinstance(value, str), f"{name} must be a string, got {value!r}")
+            _check(value is None or isinstance(value, str), f"{name} must be a string, got {short_repr(value)}")
         for name in ("rank_pattern", "alpha_pattern", "slices"):
             value = getattr(self, name)
             _check(isinstance(value, dict) and all(isinstance(k, str) and k for k in value),
-                   f"{name} must be a mapping of module names to values, got {value!r}")
+                   f"{name} must be a mapping of module names to values, got {short_repr(value)}")
         for key, rank in self.rank_pattern.items():
-            _check(_is_int(rank) and rank > 0, f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+            _check(_is_int(rank) and rank > 0, f"rank_pattern[{short_repr(key)}] must be a positive int, got {short_repr(rank)}")
         for key, a in self.alpha_pattern.items():
-            _check(_is_pos(a), f"alpha_pattern[{key!r}] must be a positive finite number, got {a!r}")
+            _check(_is_pos(a), f"alpha_pattern[{short_repr(key)}] must be a positive finite number, got {short_repr(a)}")
         for key, mask in self.slices.items():
             _check(
                 isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask),
-                f"slices[{key!r}] must be a list of >= 2 booleans with at least one True, got {mask!r}",
+                f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
             )
 
     # ----- per-module values ---------------------------------------------------------------------------
