@@ -33,11 +33,12 @@ def _tensors(path, **changes):
     (lambda p: _tensors(p, **{A: torch.zeros(12)}), r"lora_A.weight \(12,\) and .*lora_B.weight \(24, 2\) are not a "
                                                     "rank-r pair"),
     (lambda p: _tensors(p, **{B: None}), r"lora_A.weight has no matching base_model.model.fc1.lora_B.weight"),
+    (lambda p: _tensors(p, **{A: None}), r"lora_B.weight has no matching base_model.model.fc1.lora_A.weight"),
     (lambda p: (p / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": True})), "r must be a positive"),
     (lambda p: (p / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lorakit": "x"})),
      "'lorakit' must be an object"),
     (lambda p: (p / CONFIG_NAME).write_text("{" * 100_000), "not valid JSON|nested too deeply"),
-], ids=["1d-A", "missing-B", "r-bool", "lorakit-string", "deep"])
+], ids=["1d-A", "missing-B", "missing-A", "r-bool", "lorakit-string", "deep"])
 def test_inspect_malformed_checkpoint_exits_2_with_one_line(adapter, edit, message, capsys):
     edit(adapter)
     assert main(["inspect", str(adapter)]) == 2

@@ -23,6 +23,11 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     config, raw, tensors = read_adapter(path)
     weights_file = path / WEIGHTS_NAME
+    for key in tensors:
+        if key.endswith(("lora_B.weight", "lora_embedding_B")):
+            a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
+            if a_key not in tensors:
+                raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
     layers = []
     for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
         stem = key.rsplit(".lora_", 1)[0]
