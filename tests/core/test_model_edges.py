@@ -306,3 +306,22 @@ def test_combine_checks_finiteness_in_the_adapter_dtype():
     with pytest.raises(ValueError, match="not finite at 0 .torch.float16"):  # cat with weight 2: 120000, inf
         lorakit.combine_adapters(model, {"default": 2.0}, "c", how="cat")
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("context", ["disabled", "per_row"])
+@pytest.mark.parametrize("call", ["add", "delete", "merge", "unload"])
+def test_no_adapter_or_weight_change_inside_a_temporary_mode(context, call):
+    model = lorakit.add_lora(mlp(), C(), adapter="a")
+    lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["2"]), adapter="b")
+    _visible(model)
+    mode = lorakit.disabled(model) if context == "disabled" else lorakit.per_row_adapters(model, ["a", "b", None, "a"])
+    with mode:
+        before = snapshot(model)
+        expected = model(X)
+        with pytest.raises(RuntimeError, match="inside"):
+            {"add": lambda: lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["2"]), adapter="c"),
+             "delete": lambda: lorakit.delete_adapter(model, "b"),
+             "merge": lambda: lorakit.merge(model),
+             "unload": lambda: lorakit.unload(model, merge=True)}[call]()
+        assert_unchanged(model, before)
+        assert torch.equal(model(X), expected)

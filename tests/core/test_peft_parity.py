@@ -23,6 +23,9 @@ from lorakit.core.layers import LoraLayer
 from lorakit.core.saved import SavedModule
 
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
+# the bias case disables an adapter that trains biases: both libraries warn, as they should
+pytestmark = [pytest.mark.filterwarnings("ignore:.*trained the base biases"),
+              pytest.mark.filterwarnings("ignore:Careful, disabling adapter layers with bias")]
 
 
 class MLP(nn.Module):

@@ -72,6 +72,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     existing = adapter_names(model)
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
+    _check_no_context(model, f"add adapter {name!r}")
     merged = _merged_names(model)
     if merged:
         raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) before adding {name!r}")
@@ -147,6 +148,16 @@ def _set_trainable(model: nn.Module, name: str | None) -> None:
     for saved in _saved_modules(model):
         if name in saved.copies:
             saved.copies[name].requires_grad_(True)
+
+
+def _check_no_context(model: nn.Module, action: str) -> None:
+    """Changing adapters or weights inside ``disabled()`` / ``per_row_adapters()`` would run stale plans
+    (new layers outside the context, merged weights under a per-row update): refused."""
+    layers, saved = _wrappers(model)
+    if any(obj.disabled for obj in layers + saved):
+        raise RuntimeError(f"cannot {action} inside disabled(); leave the context first")
+    if any(layer.row_plan is not None for layer in layers) or any(m.row_names is not None for m in saved):
+        raise RuntimeError(f"cannot {action} inside per_row_adapters(); leave the context first")
 
 
 def _merged_names(model: nn.Module) -> list[str]:
@@ -243,6 +254,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise _unknown(model, name)
     if name in _merged_names(model):
         raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) first")
+    _check_no_context(model, f"delete adapter {name!r}")
     was_active = active_adapter(model) == name
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
@@ -364,6 +376,7 @@ def merge(model: nn.Module, adapter: str | None = None, safe: bool = True) -> No
         raise ValueError("no active adapter to merge; pass adapter=")
     if name not in adapter_names(model):
         raise _unknown(model, name)
+    _check_no_context(model, "merge")
     layers = [layer for layer in lora_layers(model) if name in layer.adapters and name not in layer.merged]
     if safe:
         _check_finite_merge(model, layers, name)
@@ -393,6 +406,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``merge=False`` gives the base model back (merged updates are subtracted, originals restored).
     A merge whose weights would not be finite in the model's dtype is refused with the model unchanged.
     """
+    _check_no_context(model, "unload")
     name = active_adapter(model)
     if merge:  # validate first: a non-finite merged weight is refused with the model unchanged
         _check_finite_merge(model, [m for m in lora_layers(model) if name in m.adapters and name not in m.merged],
