@@ -188,7 +188,9 @@ def test_lorakit_adapter_loads_in_peft_with_same_outputs(name, overrides, tmp_pa
     lorakit.save_adapter(model, tmp_path)
     torch.manual_seed(0)
     base = case.build()
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT reads the config without a warning (no extra keys)
+        peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(case.run(peft_model, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
