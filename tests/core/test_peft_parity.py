@@ -139,9 +139,9 @@ def test_only_adapter_parameters_are_updated(case):
     model = _adapted(case).train()
     base_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).zero_grad()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model(_inputs(case[1])).pow(2).sum().backward()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    optimizer.step()
     now = dict(model.named_parameters())
     assert all(torch.equal(now[n], p) for n, p in base_before.items())
     changed = {n for n, p in trained.items() if not torch.equal(now[n], p)}
@@ -277,7 +277,7 @@ def test_peft_adapter_gives_the_same_outputs_and_gradients(case, tmp_path):
     peft_model(x).square().sum().backward()
     ours = sorted(p.grad.norm().item() for n, p in model.named_parameters() if ".adapters." in n)
     theirs = sorted(p.grad.norm().item() for n, p in peft_model.named_parameters() if ".lora_" in n)
-    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert ours == pytest.approx(theirs, rel=1e-4)  # fp32 norms of sums taken in another order: ~1e-6 apart
     merged = peft_model.merge_and_unload()
     torch.testing.assert_close(lorakit.unload(model, merge=True)(x), merged(x), **FP32)
 
