@@ -325,3 +325,10 @@ def test_no_adapter_or_weight_change_inside_a_temporary_mode(context, call):
              "unload": lambda: lorakit.unload(model, merge=True)}[call]()
         assert_unchanged(model, before)
         assert torch.equal(model(X), expected)
+
+
+def test_targeting_another_adapters_modules_to_save_is_named():
+    model = lorakit.add_lora(mlp(), C(modules_to_save=["2"]), adapter="a")
+    with pytest.raises(ValueError, match="'2' names a module another adapter trains in full"):
+        lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["0", "2"]), adapter="b")
+    assert lorakit.adapter_names(model) == ["a"]

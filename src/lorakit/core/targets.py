@@ -127,6 +127,9 @@ def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
             continue
         others = [(p, m) for p, m in model.named_modules()
                   if p and _selected(p, [key]) and not any(p.startswith(w + ".") for w in wrapped)]
+        if any(isinstance(m, SavedModule) for _, m in others):
+            raise ValueError(f"target_modules entry {key!r} names a module another adapter trains in full "
+                             "(modules_to_save); a module is either adapted or trained in full, not both")
         if others:
             kinds = sorted({type(m).__name__ for _, m in others})
             raise ValueError(f"target_modules entry {key!r} matches only modules lorakit cannot adapt "
