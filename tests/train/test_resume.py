@@ -102,7 +102,8 @@ def test_crash_during_checkpoint_write_leaves_a_usable_checkpoint(tmp_path, monk
     assert load_checkpoint(tmp_path / "run").state.global_step == 10
     assert list((tmp_path / "run").glob("checkpoint.tmp-*"))  # the half-done write is still there...
     run(str(tmp_path / "run"), max_steps=20, save_every=EVERY, resume=True)
-    assert not list((tmp_path / "run").glob("checkpoint.*"))  # ...and cleaned up by the next save
+    assert not list((tmp_path / "run").glob("checkpoint.tmp-*"))  # ...and cleaned up by the next save
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.old").state.global_step == 15  # the previous one, kept
     _assert_identical(tmp_path / "ref", tmp_path / "run")
 
 
