@@ -58,10 +58,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
             raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         sub.set_defaults(**file_values(sub, values, f"config file {path}", skip=("run", "_parser")))
         args = parser.parse_args(argv)  # flags given on the command line still win
-    unset = object()
-    flags = sub.parse_args(argv[argv.index(args.command) + 1:],
-                           argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    args._given = {k for k, v in vars(flags).items() if v is not unset}
+    # parse the flags again over placeholders: argparse replaces exactly the ones given (append actions copy)
+    unset = {dest: [] if isinstance(getattr(args, dest), list) else object() for dest in vars(args)}
+    flags = sub.parse_args(argv[argv.index(args.command) + 1:], argparse.Namespace(**unset))
+    args._given = {k for k, v in vars(flags).items() if v is not unset.get(k)}
     return args
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError, ImportError) as e:  # bad input: one line, exit 2
+    except (ValueError, KeyError, OSError, ImportError, RecursionError) as e:  # bad input: one line, exit 2
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"lorakit: error: {(message.strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2

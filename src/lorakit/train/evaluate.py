@@ -14,6 +14,9 @@ from .metrics import accuracy, e2e_metrics, f1, mcc
 
 # The LoRA paper's decoding for E2E (GPT-2): beam search, beam 10, length penalty 0.9, no-repeat 4-grams.
 E2E_DECODING = {"num_beams": 10, "length_penalty": 0.9, "no_repeat_ngram_size": 4}
+# The keys of the dicts that evaluate_classification / evaluate_perplexity return, first the one that picks `best/`.
+CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")
+PERPLEXITY_METRICS = ("loss", "perplexity")
 
 
 def _length_sorted_batches(examples: Sequence[Mapping[str, Any]], batch_size: int):
@@ -44,8 +47,8 @@ def evaluate_classification(model: nn.Module, examples: Sequence[Mapping[str, An
     model.train(was_training)
     labels = [ex["labels"] for ex in examples]
     binary = max(labels + preds) <= 1
-    return {"accuracy": accuracy(preds, labels), "f1": f1(preds, labels, average="binary" if binary else "macro"),
-            "mcc": mcc(preds, labels)}
+    values = (accuracy(preds, labels), f1(preds, labels, average="binary" if binary else "macro"), mcc(preds, labels))
+    return dict(zip(CLASSIFICATION_METRICS, values, strict=True))
 
 
 @torch.no_grad()
@@ -69,7 +72,7 @@ def evaluate_perplexity(model: nn.Module, examples: Sequence[Mapping[str, Any]],
     if n_tokens == 0:
         raise ValueError("no loss tokens in the evaluation data")
     loss = total / n_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return dict(zip(PERPLEXITY_METRICS, (loss, math.exp(min(loss, 700.0))), strict=True))
 
 
 @torch.no_grad()

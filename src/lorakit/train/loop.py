@@ -63,8 +63,7 @@ def check_environment(config: TrainConfig) -> None:
                              "device(s)")
     import importlib.util
 
-    for flag, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"),
-                                  ("plot", "matplotlib", "matplotlib"), ("progress", "tqdm", "tqdm")):
+    for flag, package in (("tensorboard", "tensorboard"), ("plot", "matplotlib"), ("progress", "tqdm")):
         if getattr(config, flag) and importlib.util.find_spec(package) is None:
             raise ImportError(f"{flag}=True needs the {package} package: pip install {package}")
 
@@ -258,9 +257,9 @@ class _Run:
             return  # FSDP's full optimizer state is keyed by name; set_optimizer_state_dict checks it
         file, saved = ckpt.path / "optimizer.pt", ckpt.optimizer["param_groups"]
         mine = self.optimizer.param_groups
-        if len(saved) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(saved, mine)):
+        if len(saved) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(saved, mine, strict=True)):
             raise CheckpointError(f"{file}: its parameter groups do not match this model's trainable parameters")
-        by_id = {i: p for a, b in zip(saved, mine) for i, p in zip(a["params"], b["params"])}
+        by_id = {i: p for a, b in zip(saved, mine, strict=True) for i, p in zip(a["params"], b["params"], strict=True)}
         for i, entry in ckpt.optimizer["state"].items():
             p = by_id.get(i)
             if p is None or not isinstance(entry, dict) or any(
