@@ -40,6 +40,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    return _number(float, text, "a number")
+
+
 def positive_float(text: str) -> float:
     value = _number(float, text, "a number > 0")
     if value <= 0:

@@ -21,6 +21,7 @@ from .options import (
     UsageError,
     check_output_dir,
     file_values,
+    finite_float,
     nullable,
     positive_float,
     positive_int,
@@ -77,7 +78,7 @@ def _arg_spec(hint) -> dict:
     if typing.get_origin(base) is typing.Literal:
         spec["choices"] = typing.get_args(base)
         base = str
-    kind = str2bool if base is bool else base
+    kind = {bool: str2bool, float: finite_float}.get(base, base)
     spec["type"] = nullable(kind) if union and type(None) in typing.get_args(hint) else kind
     return spec
 
