@@ -227,3 +227,41 @@ def test_bad_input_exit_2_one_line_nothing_written(bert_dir, cls_data, tmp_path,
     (tmp_path / "bad-model" / "config.json").write_text(json.dumps(config | {"intermediate_size": 41}))
     _bad(["--model", str(tmp_path / "bad-model"), "--data", str(cls_data)], tmp_path, capsys,
          "layer.0.intermediate.dense.bias has shape (37,) in the checkpoint, the model expects (41,)")
+
+
+def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypatch):
+    """A second train into a run's directory is refused; --resume falls back past a damaged checkpoint with a
+    one-line notice and --max-steps extends the run; eval --output is written atomically; --overwrite
+    replaces the run's outputs and nothing else."""
+    out = tmp_path / "run"
+    common = ["--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST]
+    assert main(["train", *common, "--max-steps", "2", "--save-every", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "--max-steps", "2"]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+
+    torch.save({"state": {}, "param_groups": [{"params": [shutil.Error]}]}, out / "checkpoint" / "optimizer.pt")
+    assert main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("lorakit: warning: resume: ") for line in err), err
+    assert any(f"{out / 'checkpoint' / 'optimizer.pt'}: not a readable checkpoint file" in line
+               and "falling back to the previous checkpoint" in line for line in err), err
+    assert not any("weights_only" in line for line in err)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # train 1 kept; train 2 and the eval at 2 redone from step 1 (now without eval)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["state"]["global_step"] == 3
+
+    import lorakit.train.state
+
+    written = []
+    real = lorakit.train.state.write_text_atomic
+    monkeypatch.setattr(lorakit.train.state, "write_text_atomic", lambda p, t: written.append(p) or real(p, t))
+    report = tmp_path / "reports" / "eval.json"
+    assert main(["eval", str(out / "adapter"), "--output", str(report)]) == 0
+    assert written == [report] and set(json.loads(report.read_text())["metrics"]) == {"accuracy", "f1", "mcc"}
+
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", *common, "--max-steps", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "best", "checkpoint", "metrics.jsonl", "notes.txt",
+                                                     "run_args.json", "training_curves.png"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]

@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=positive_int, default=8, help="rank")
     g.add_argument("--alpha", type=positive_float, default=16.0, help="scaling numerator (update x alpha/r)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    g.add_argument("--dropout", type=finite_float, default=0.1, help="dropout on the LoRA input")
     g.add_argument("--target-modules", help="comma list of module names, a regex, or all-linear "
                    "(default: the architecture's query,value)")
     g.add_argument("--exclude-modules", help="comma list of module names never adapted")
@@ -124,13 +124,17 @@ def _names(value: str | list | None) -> list[str] | str | None:
 def run(args: argparse.Namespace) -> int:
     if args.resume:
         args = _resumed_args(args)
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
+    main = _is_main()  # under torchrun only rank 0 prints
 
     def say(*a):
         if main:
             print(*a, flush=True)
 
     return _train(args, say)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -165,7 +169,7 @@ def _check_run(args: argparse.Namespace) -> TrainConfig:
     asked for, the metric's name, and what a resume needs. Returns the run's TrainConfig."""
     from ..train.evaluate import CLASSIFICATION_METRICS, PERPLEXITY_METRICS
     from ..train.loop import check_environment
-    from ..train.state import checkpoint_candidates, read_state
+    from ..train.state import checkpoint_candidates
 
     names = CLASSIFICATION_METRICS if args.task == "classification" else PERPLEXITY_METRICS
     if args.metric is not None and args.metric not in names:
@@ -179,7 +183,7 @@ def _check_run(args: argparse.Namespace) -> TrainConfig:
         found = checkpoint_candidates(out)
         if not found:
             raise UsageError(f"--resume {out}: no complete training checkpoint there (was save_every set?)")
-        state = read_state(found[0])[0]
+        state = _first_readable_state(found)
         if "max_steps" in getattr(args, "_given", ()) and config.max_steps is not None:
             if state.stopped_early:
                 raise UsageError(f"--max-steps: the run in {out} stopped early at step {state.global_step} "
@@ -187,17 +191,30 @@ def _check_run(args: argparse.Namespace) -> TrainConfig:
             if config.max_steps <= state.global_step:
                 raise UsageError(f"--max-steps {config.max_steps}: the run in {out} is already at step "
                                  f"{state.global_step}; give a larger value to extend it")
-    elif args.overwrite is False and out.is_dir() and any(out.iterdir()):
+    elif not args.overwrite and _is_main() and out.is_dir() and any(out.iterdir()):  # rank 0 decides (it writes)
         raise UsageError(f"--output-dir {out} is not empty; pass --resume {out} to continue that run or "
                          "--overwrite to replace its outputs")
     return config
+
+
+def _first_readable_state(checkpoints: list[Path]):
+    """The state of the checkpoint a resume will start from (the newest readable one; the loop falls back the
+    same way)."""
+    from ..train.state import CheckpointError, read_state
+
+    for i, path in enumerate(checkpoints):
+        try:
+            return read_state(path)[0]
+        except CheckpointError:
+            if i + 1 == len(checkpoints):
+                raise
 
 
 def _prepare_output(out: Path, args: argparse.Namespace) -> None:
     """The run's first write: (--overwrite) the previous run's outputs removed, then ``run_args.json``."""
     import shutil
 
-    if args.resume:
+    if args.resume or not _is_main():
         return
     if args.overwrite and out.is_dir():
         for pattern in RUN_OUTPUTS:
