@@ -217,3 +217,27 @@ def test_warnings_are_one_line(capsys, monkeypatch):
     monkeypatch.setattr(inspect_cmd, "run", run)
     assert main(["inspect", "x"]) == 0
     assert capsys.readouterr().err == "lorakit: warning: first line\n"
+
+
+def test_file_values_follow_each_flag_kind():
+    """Flags added by any subcommand get the same treatment: switches take booleans, repeatable options lists,
+    typed options their type (as on the command line)."""
+    import argparse
+
+    from lorakit.cli.options import UsageError, file_values, positive_int
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--on", action=argparse.BooleanOptionalAction)
+    p.add_argument("--flag", action="store_true")
+    p.add_argument("--item", action="append", type=positive_int)
+    p.add_argument("--names")
+    values = file_values(p, {"on": True, "flag": "no", "item": [1, "2"], "names": ["q", "v"]}, "f.yaml")
+    assert values == {"on": True, "flag": False, "item": [1, 2], "names": "q,v"}
+    assert type(values["on"]) is bool
+    for bad, message in [({"on": "maybe"}, "f.yaml: on: expected true/false"),
+                         ({"flag": 1}, "f.yaml: flag: expected true/false"),
+                         ({"item": [1, 0]}, "f.yaml: item: expected an integer >= 1, got 0"),
+                         ({"names": [["q"]]}, "f.yaml: names: expected a single value")]:
+        with pytest.raises(UsageError) as e:
+            file_values(p, bad, "f.yaml")
+        assert message in str(e.value)

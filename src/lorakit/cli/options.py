@@ -89,7 +89,7 @@ def file_values(parser: argparse.ArgumentParser, values: Any, where: str, skip: 
 
 
 def _coerce(action: argparse.Action, value: Any) -> Any:
-    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+    if action.nargs == 0:  # a switch (store_true / store_false / --x/--no-x): the file gives its value
         if isinstance(value, bool):
             return value
         if isinstance(value, str):
