@@ -171,6 +171,7 @@ def test_resume_errors(data, tmp_path, capsys):
     fails(["train", "--resume", str(run)], capsys, f"{run / 'run_args.json'}: lr: expected a number")
     (run / "run_args.json").write_text(json.dumps({"data": str(data), "max_steps": 2, "command": "train"}))
     fails(["train", "--resume", str(run), "--lr", "0.1"], capsys, "--lr cannot change (only --max-steps, --epochs")
+    fails(["train", "--resume", str(run), "--overwrite"], capsys, "--overwrite replaces it: pass one of them")
     fails(["train", "--resume", str(run)], capsys, f"--resume {run}: no complete training checkpoint there")
     ckpt = run / "checkpoint"
     ckpt.mkdir()

@@ -143,6 +143,8 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     saved = Path(args.resume) / RUN_ARGS
     if not saved.is_file():
         raise UsageError(f"--resume {args.resume}: no {RUN_ARGS} there (not a lorakit train output dir)")
+    if args.overwrite:
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one of them")
     given = getattr(args, "_given", set()) - {"resume"}
     if args.output_dir in given and Path(args.output_dir).resolve() == Path(args.resume).resolve():
         given -= {"output_dir"}
