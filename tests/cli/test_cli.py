@@ -229,12 +229,21 @@ def test_bad_input_exit_2_one_line_nothing_written(bert_dir, cls_data, tmp_path,
          "layer.0.intermediate.dense.bias has shape (37,) in the checkpoint, the model expects (41,)")
 
 
-def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids contention; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypatch, one_thread):
     """A second train into a run's directory is refused; --resume falls back past a damaged checkpoint with a
     one-line notice and --max-steps extends the run; eval --output is written atomically; --overwrite
     replaces the run's outputs and nothing else."""
     out = tmp_path / "run"
-    common = ["--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST]
+    common = ["--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST, "--plot", "false"]
     assert main(["train", *common, "--max-steps", "2", "--save-every", "1"]) == 0
     capsys.readouterr()
     assert main(["train", *common, "--max-steps", "2"]) == 2
@@ -263,5 +272,5 @@ def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypat
     (out / "notes.txt").write_text("mine")
     assert main(["train", *common, "--max-steps", "1", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "best", "checkpoint", "metrics.jsonl", "notes.txt",
-                                                     "run_args.json", "training_curves.png"]
+                                                     "run_args.json"]  # no checkpoint.old/.damaged of the last run
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]

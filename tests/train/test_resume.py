@@ -161,12 +161,15 @@ DAMAGE = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs compared with it (one_thread)
     run(str(out), max_steps=4, save_every=2)
+    torch.set_num_threads(before)
     return out
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_checkpoint_falls_back_to_the_previous_one(damage, tmp_path, reference):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(damage, tmp_path, reference, one_thread):
     run(str(tmp_path), max_steps=4, save_every=2)  # checkpoint/ at step 4, checkpoint.old/ at step 2
     file = DAMAGE[damage](tmp_path / "checkpoint")
     with pytest.warns(UserWarning) as caught:
@@ -181,7 +184,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(damage, tmp_path, ref
 
 
 @pytest.mark.parametrize("damage", ["rng_truncated", "optimizer_pickle", "state_not_json"])
-def test_no_good_checkpoint_is_one_error_naming_the_file(damage, tmp_path):
+def test_no_good_checkpoint_is_one_error_naming_the_file(damage, tmp_path, one_thread):
     from lorakit.core.checkpoint import CheckpointError
 
     run(str(tmp_path), max_steps=2, save_every=2)  # one checkpoint, no fallback
@@ -193,7 +196,7 @@ def test_no_good_checkpoint_is_one_error_naming_the_file(damage, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:resume")
-def test_a_checkpoint_that_does_not_verify_never_replaces_the_last_good_one(tmp_path, monkeypatch):
+def test_a_checkpoint_that_does_not_verify_never_replaces_the_last_good_one(tmp_path, monkeypatch, one_thread):
     run(str(tmp_path), max_steps=2, save_every=2)
     before = (tmp_path / "checkpoint" / "trainable.safetensors").read_bytes()
     real_save = state_mod.save_file
@@ -209,11 +212,11 @@ def test_a_checkpoint_that_does_not_verify_never_replaces_the_last_good_one(tmp_
     assert (tmp_path / "checkpoint" / "trainable.safetensors").read_bytes() == before
 
 
-def test_resume_extends_a_finished_run(tmp_path):
+def test_resume_extends_a_finished_run(tmp_path, one_thread):
     data = make_data(32)
 
     def config(out: Path, steps: int, scheduler: str = "constant") -> TrainConfig:
-        return TrainConfig(output_dir=str(out), lr=1e-2, max_steps=steps, batch_size=8, save_every=2, seed=3,
+        return TrainConfig(output_dir=str(out), lr=1e-2, max_steps=steps, batch_size=8, save_every=100, seed=3,
                            scheduler=scheduler, progress=False, plot=False)
 
     train(build(0.1), data, collate, config(tmp_path / "ref", 6))
