@@ -229,3 +229,20 @@ def test_resume_extends_a_finished_run(tmp_path, one_thread):
     train(build(0.1), data, collate, config(tmp_path / "cos", 2, "cosine"))
     with pytest.warns(UserWarning, match="now ends at step 4 instead of 2; the learning-rate schedule is stretched"):
         train(build(0.1), data, collate, config(tmp_path / "cos", 4, "cosine"), resume_from=True)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch, one_thread):
+    """The resume's rewrite of metrics.jsonl (records past the checkpoint dropped) goes through a temp file and
+    a rename: killed before the rename, the old file is still whole."""
+    run(str(tmp_path), max_steps=4, save_every=2)
+    (tmp_path / "checkpoint").rename(tmp_path / "gone")  # resume from checkpoint.old/ (step 2): records to drop
+    old = (tmp_path / "metrics.jsonl").read_text()
+
+    def killed(src, dst):
+        raise Crash(f"killed before renaming {src}")
+
+    monkeypatch.setattr(state_mod.os, "replace", killed)
+    with pytest.raises(Crash, match="metrics.jsonl"):
+        run(str(tmp_path), max_steps=4, save_every=2, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == old
+    assert not list(tmp_path.glob(".metrics.jsonl.*"))  # the temp file is removed
