@@ -78,7 +78,19 @@ def evaluate_perplexity(model: nn.Module, examples: Sequence[Mapping[str, Any]],
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 64,
                    batch_size: int = 8, **decoding: Any) -> list[str]:
-    """Decode a continuation of each prompt (token ids); left-padded batches; returns the new text only."""
+    """Decode a continuation of each prompt (token ids); left-padded batches; returns the new text only.
+
+    Checked first: every prompt has a token, and the longest prompt plus ``max_new_tokens`` fits the model's
+    positions (``n_positions`` / ``max_position_embeddings`` of its config), ValueError otherwise."""
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: there is nothing to continue")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    longest = max((len(p) for p in prompts), default=0)
+    if isinstance(limit, int) and longest + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's {limit} "
+                         "positions: shorten the prompt or lower max_new_tokens")
     model.eval()
     device = _device(model)
     pad = tokenizer.pad_token_id
