@@ -23,6 +23,8 @@ from lorakit.train.config import TrainConfig
     ("lora_plus_ratio", -1.0, "lora_plus_ratio must be > 0"),
     ("device", "bogus", "device 'bogus' is not a torch device"),
     ("save_every", 0, "save_every must be None or >= 1"),
+    ("seed", 2**64, "seed must be in [0, 2**63)"),
+    ("seed", -1, "seed must be in [0, 2**63)"),
 ])
 def test_bad_field_refused(field, value, message):
     with pytest.raises(ValueError) as e:

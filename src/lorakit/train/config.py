@@ -92,6 +92,8 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("need lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= warmup_ratio < 1")
         if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
