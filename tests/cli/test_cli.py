@@ -229,15 +229,6 @@ def test_bad_input_exit_2_one_line_nothing_written(bert_dir, cls_data, tmp_path,
          "layer.0.intermediate.dense.bias has shape (37,) in the checkpoint, the model expects (41,)")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids contention; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypatch, one_thread):
     """A second train into a run's directory is refused; --resume falls back past a damaged checkpoint with a
     one-line notice and --max-steps extends the run; eval --output is written atomically; --overwrite

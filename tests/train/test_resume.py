@@ -50,15 +50,6 @@ def _script(out: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture
-def one_thread():
-    """Same thread count as the subprocess runs; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_sigkill_then_resume_is_bit_identical(tmp_path, one_thread):
     victim = _script(tmp_path / "victim", "--delay", "0.05")
     state_file = tmp_path / "victim" / "checkpoint" / "trainer_state.json"
@@ -246,3 +237,12 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch, one_thread):
         run(str(tmp_path), max_steps=4, save_every=2, resume=True)
     assert (tmp_path / "metrics.jsonl").read_text() == old
     assert not list(tmp_path.glob(".metrics.jsonl.*"))  # the temp file is removed
+
+
+def test_a_nan_metric_is_never_the_best_and_the_run_stays_resumable(tmp_path, one_thread):
+    values = iter([float("nan"), 0.3])
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=8, max_steps=4, eval_every=2, save_every=4,
+                      progress=False, plot=False)
+    result = train(build(0.0), make_data(32), collate, cfg, evaluate=lambda m: {"accuracy": next(values)})
+    assert (result.best_metric, result.best_step) == (0.3, 4)
+    assert load_checkpoint(tmp_path).state.best_metric == 0.3  # trainer_state.json holds no NaN to refuse later

@@ -395,7 +395,8 @@ class _Run:
         if name not in metrics:
             raise KeyError(f"metric {name!r} is not among evaluate()'s results {sorted(metrics)}")
         value = metrics[name]
-        better = s.best_metric is None or (value > s.best_metric if cfg.greater_is_better else value < s.best_metric)
+        better = not math.isnan(value) and (s.best_metric is None or (
+            value > s.best_metric if cfg.greater_is_better else value < s.best_metric))  # NaN is never the best
         if better:
             s.best_metric, s.best_step, s.bad_evals = value, s.global_step, 0
             self._save_adapter(self.out / "best")
