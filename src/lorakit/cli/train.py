@@ -179,6 +179,7 @@ def _check_run(args: argparse.Namespace) -> TrainConfig:
     greater = args.greater_is_better if args.metric is not None else args.task == "classification"
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
                          | {"metric": args.metric or names[0], "greater_is_better": greater})
+    _check_lora_options(args)
     out = check_output_dir(config.output_dir, "--output-dir")
     check_environment(config)
     if args.resume:
@@ -197,6 +198,14 @@ def _check_run(args: argparse.Namespace) -> TrainConfig:
         raise UsageError(f"--output-dir {out} is not empty; pass --resume {out} to continue that run or "
                          "--overwrite to replace its outputs")
     return config
+
+
+def _check_lora_options(args: argparse.Namespace) -> None:
+    """LoraConfig checks (types, ranges) every option named like one of its fields, before the model loads: a
+    LoRA flag added later is checked with no code here. The real config is built after the model loads."""
+    lists = ("target_modules", "exclude_modules", "modules_to_save")
+    LoraConfig(**{f.name: _names(value) if f.name in lists else value for f in dataclasses.fields(LoraConfig)
+                  if (value := getattr(args, f.name, None)) is not None})
 
 
 def _first_readable_state(checkpoints: list[Path]):
