@@ -246,3 +246,17 @@ def test_a_nan_metric_is_never_the_best_and_the_run_stays_resumable(tmp_path, on
     result = train(build(0.0), make_data(32), collate, cfg, evaluate=lambda m: {"accuracy": next(values)})
     assert (result.best_metric, result.best_step) == (0.3, 4)
     assert load_checkpoint(tmp_path).state.best_metric == 0.3  # trainer_state.json holds no NaN to refuse later
+
+
+def test_load_trainable_checks_every_shape_before_copying():
+    from lorakit.train import distributed as D
+
+    model = build(0.0)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    tensors = {n: torch.ones_like(p) for n, p in params.items()}
+    last = list(tensors)[-1]
+    tensors[last] = torch.ones(1, *params[last].shape[1:])  # would broadcast silently into copy_
+    with pytest.raises(ValueError, match=f"{last} has shape"):
+        D.load_trainable(model, tensors)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())  # nothing copied
