@@ -266,3 +266,27 @@ def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypat
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "best", "checkpoint", "metrics.jsonl", "notes.txt",
                                                      "run_args.json"]  # no checkpoint.old/.damaged of the last run
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+
+
+def test_eval_and_generate_malformed_adapter_config_one_line(gpt2_dir, e2e_data, tmp_path, capsys):
+    """The core's checkpoint errors reach eval and generate as one line naming the file (merge and inspect:
+    tests/cli/test_bad_checkpoints.py)."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["c_attn"], base_model_name_or_path=str(gpt2_dir),
+                                               task_type="CAUSAL_LM"))
+    good = json.loads((lorakit.save_adapter(model, tmp_path / "a") / "adapter_config.json").read_text())
+    capsys.readouterr()  # transformers' loading bar above
+    for change, message in [({"rank_pattern": [1]}, "rank_pattern must be a mapping"),
+                            ({"r": True}, "r must be a positive integer, got True"),
+                            ({"r": 10**12}, "gives rank 1000000000000")]:
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(good | change))
+        for argv in (["eval", str(tmp_path / "a"), "--data", str(e2e_data), "--task", "sft"],
+                     ["generate", "--adapter", str(tmp_path / "a"), "--prompt", "hi"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("lorakit: error: ") and err.count("\n") == 1 and message in err, err
+            assert str(tmp_path / "a") in err
