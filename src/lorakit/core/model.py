@@ -16,6 +16,7 @@ from torch import nn
 from ..ops.per_row import make_row_update
 from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
+from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
 
@@ -79,6 +80,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     config = planned[0].adapter.config
     set_adapter(model, name)
     _freeze_base(model, config, name)
+    guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
