@@ -43,7 +43,7 @@ def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
     for name, p in sub.choices.items():
         usage = p.format_usage().strip()
         parts += [f"## lorakit {name}", "", _cell(p.description or ""), "", "```text", usage, "```", "",
-                  "| option | default | |", "|---|---|---|"]
+                  "| option | default | meaning |", "|---|---|---|"]
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
