@@ -17,17 +17,19 @@ def _cell(text: object) -> str:
 
 
 def _flags(action: argparse.Action) -> str:
-    names = action.option_strings or [action.dest]
-    metavar = "" if action.nargs == 0 else f" {action.metavar or action.dest.upper()}"
-    if isinstance(action.metavar, tuple):
-        metavar = " " + " ".join(action.metavar)
-    if action.choices and not action.option_strings:
-        metavar = ""
-    return ", ".join(f"`{n}{metavar if n == names[-1] else ''}`" for n in names)
+    if not action.option_strings:  # a positional argument
+        return f"`{action.metavar or action.dest.upper()}`"
+    metavar = ""
+    if action.nargs != 0:
+        metavar = " " + (" ".join(action.metavar) if isinstance(action.metavar, tuple)
+                         else action.metavar or action.dest.upper())
+    return ", ".join(f"`{n}{metavar}`" for n in action.option_strings)
 
 
 def _default(action: argparse.Action) -> str:
-    if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or action.required:
+    if action.required or not action.option_strings:
+        return "required"
+    if action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
         return ""
     return f"`{action.default}`"
 

@@ -28,6 +28,8 @@ def test_cli_reference_lists_every_subcommand_and_option():
     for name, parser in sub.choices.items():
         section = page.split(f"## lorakit {name}\n", 1)[1].split("\n## lorakit ", 1)[0]
         for action in parser._actions:
+            if not action.option_strings:
+                assert f"`{action.metavar or action.dest.upper()}` | required" in section
             for flag in action.option_strings:
                 if flag not in ("-h", "--help"):
                     assert f"`{flag}" in section, f"{name}: {flag} missing from the CLI reference"

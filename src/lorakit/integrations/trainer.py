@@ -128,7 +128,9 @@ class LoraTrainerMixin:
             return None
         for name in adapter_names(model):
             save_adapter(model, output_dir, adapter=name)
-        processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        processor = self.processing_class
+        if processor is None:
+            processor = getattr(self.data_collator, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
