@@ -166,15 +166,38 @@ def test_gradient_checkpointing_with_frozen_embeddings(run, tmp_path, reentrant)
     assert all(recomputed[k].abs().sum() > 0 for k in recomputed if "lora_B" in k)  # every layer trained
 
 
-def test_restore_refuses_a_checkpoint_of_another_adapter_and_changes_nothing(run):
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
+            lorakit.adapter_names(model), lorakit.active_adapter(model))
+
+
+def _assert_unchanged(model, snapshot):
+    state, flags, names, active = snapshot
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert (lorakit.adapter_names(model), lorakit.active_adapter(model)) == (names, active)
+
+
+@pytest.mark.parametrize(("change", "message"), [({"r": 8}, "shapes"), ({"alpha": 16}, "scaling"),
+                                                 ({"target_modules": ["query"]}, "only in the checkpoint")])
+def test_restore_refuses_another_adapter_and_changes_nothing(tmp_path, change, message):
+    source = bert_lora(bias="lora_only")
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            p.add_(0.5) if p.requires_grad else None  # B, trained biases and the head differ from init
+    lorakit.save_adapter(source, tmp_path)
+    model = bert_lora(seed=1, bias="lora_only", **change)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=f"does not match the model's: .*{message}"):
+        restore_adapters(model, tmp_path)  # load_adapter accepts the file; the comparison refuses it
+    _assert_unchanged(model, before)  # the biases load_adapter wrote into the base are put back too
+
+
+def test_restore_needs_every_adapter_of_the_model(run):
     _, out = run
-    model = bert_lora(r=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(ValueError, match="does not match the model"):
+    model = lorakit.add_lora(bert_lora(), lorakit.LoraConfig(r=2, target_modules=["query"]), adapter="extra")
+    before = _snapshot(model)
+    with pytest.raises(FileNotFoundError, match=r"no lorakit/PEFT adapter for \['extra'\]"):
         restore_adapters(model, out / "checkpoint-2")
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert [p.requires_grad for p in model.parameters()] == flags and lorakit.adapter_names(model) == ["default"]
-    with pytest.raises(FileNotFoundError, match=r"no lorakit/PEFT adapter for \['default'\]"):
-        restore_adapters(model, out)
+    _assert_unchanged(model, before)

@@ -32,7 +32,7 @@ from ..core.layers import LoraLayer
 from ..core.model import active_adapter, adapter_names, delete_adapter, lora_layers, set_adapter
 from ..core.saved import SavedModule
 
-_STAGING = "lorakit_restore"  # temporary adapter name while a checkpoint is validated and copied
+_STAGING = "lorakit_restore"  # prefix of the temporary adapter names while a checkpoint is checked
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -53,50 +53,65 @@ def adapter_dirs(path: str | os.PathLike, names: list[str]) -> dict[str, Path]:
 def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy every adapter of ``model`` from the checkpoint at ``path`` into the model, in place.
 
-    Each adapter is first loaded as a temporary one with :func:`lorakit.load_adapter` (every key, shape,
-    dtype and value checked), compared layer by layer with the existing one, and only then copied over;
-    the active adapter and every ``requires_grad`` flag are as before, and the parameter objects are the
-    same (an optimizer built on them keeps working). The global RNG is not consumed.
+    Each adapter is first loaded beside the existing ones under a temporary name with
+    :func:`lorakit.load_adapter` (every key, shape, dtype and value checked), compared layer by layer
+    with the one it replaces (same layers, shapes and scaling), and only when all match are the weights
+    copied over. On any error the model is as it was. Afterwards the active adapter and every
+    ``requires_grad`` flag are as before and the parameter objects are the same ones (an optimizer built
+    on them keeps working); the global RNG is not consumed.
     """
     names = adapter_names(model)
-    if _STAGING in names:
-        raise ValueError(f"the adapter name {_STAGING!r} is reserved for restoring checkpoints")
+    if any(name.startswith(_STAGING) for name in names):
+        raise ValueError(f"adapter names starting with {_STAGING!r} are reserved for restoring checkpoints")
     dirs = adapter_dirs(path, names)
     if any(layer.merged for layer in lora_layers(model)):
         raise RuntimeError("cannot restore adapters into a merged model; unmerge(model) first")
     active = active_adapter(model)
     trainable = {p: p.requires_grad for p in model.parameters()}
-    for name, d in dirs.items():
-        with torch.random.fork_rng(devices=[]):  # the staging adapter's random init must not move the RNG
-            load_adapter(model, d, adapter=_STAGING)
-        try:
-            pairs = _pairs(model, name)
-            with torch.no_grad():
-                for into, source in pairs:
-                    into.load_state_dict(source.state_dict())
-        finally:
-            delete_adapter(model, _STAGING)
-    set_adapter(model, active)
-    for p, flag in trainable.items():
-        p.requires_grad_(flag)
+    # load_adapter writes trained biases (bias="all"/"lora_only") straight into the base: keep them to undo
+    biases = {p: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
+    staged: dict[str, str] = {}
+    done = False
+    try:
+        for i, (name, d) in enumerate(dirs.items()):
+            with torch.random.fork_rng(devices=[]):  # the staged adapter's random init must not move the RNG
+                load_adapter(model, d, adapter=f"{_STAGING}{i}")
+            staged[name] = f"{_STAGING}{i}"
+        pairs = [pair for name, tmp in staged.items() for pair in _pairs(model, name, tmp)]
+        with torch.no_grad():
+            for into, source in pairs:
+                into.load_state_dict(source.state_dict())
+        done = True
+    finally:
+        for tmp in staged.values():
+            delete_adapter(model, tmp)
+        set_adapter(model, active)
+        with torch.no_grad():
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+            if not done:
+                for p, value in biases.items():
+                    p.copy_(value)
 
 
-def _pairs(model: nn.Module, name: str) -> list[tuple[nn.Module, nn.Module]]:
-    """(existing, staged) module pairs of adapter ``name``; an error if the two differ anywhere."""
+def _pairs(model: nn.Module, name: str, staged: str) -> list[tuple[nn.Module, nn.Module]]:
+    """(existing, staged) module pairs of adapter ``name``; an error naming where the two differ."""
     pairs, problems = [], []
     for path, module in model.named_modules():
         held = module.adapters if isinstance(module, LoraLayer) else (
             module.copies if isinstance(module, SavedModule) else None)
-        if held is None or (name not in held and _STAGING not in held):
+        if held is None or (name not in held and staged not in held):
             continue
-        if name not in held or _STAGING not in held:
+        if name not in held or staged not in held:
             problems.append(f"{path}: {'only in the checkpoint' if name not in held else 'not in the checkpoint'}")
             continue
-        into, source = held[name], held[_STAGING]
+        into, source = held[name], held[staged]
         shapes = {k: tuple(v.shape) for k, v in into.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in source.state_dict().items()}
         if shapes != found:
             problems.append(f"{path}: shapes {found} in the checkpoint, {shapes} in the model")
+        elif getattr(into, "scaling", None) != getattr(source, "scaling", None):
+            problems.append(f"{path}: scaling {source.scaling} in the checkpoint, {into.scaling} in the model")
         pairs.append((into, source))
     if problems:
         raise ValueError(f"the checkpoint's adapter {name!r} does not match the model's: " + "; ".join(problems[:3]))
