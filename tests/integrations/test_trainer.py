@@ -179,18 +179,22 @@ def _assert_unchanged(model, snapshot):
     assert (lorakit.adapter_names(model), lorakit.active_adapter(model)) == (names, active)
 
 
-@pytest.mark.parametrize(("change", "message"), [({"r": 8}, "shapes"), ({"alpha": 16}, "scaling"),
-                                                 ({"target_modules": ["query"]}, "only in the checkpoint")])
-def test_restore_refuses_another_adapter_and_changes_nothing(tmp_path, change, message):
-    source = bert_lora(bias="lora_only")
+@pytest.mark.parametrize(("saved", "model_has", "message"), [
+    ({}, {"r": 8}, "does not match the model's: .*shapes"),
+    ({}, {"alpha": 16}, "does not match the model's: .*scaling"),
+    ({"target_modules": ["query"]}, {}, "does not match the model's: .*value: not in the checkpoint"),
+    ({}, {"target_modules": ["query"]}, "keys do not match the model; unexpected"),
+])
+def test_restore_refuses_another_adapter_and_changes_nothing(tmp_path, saved, model_has, message):
+    source = bert_lora(bias="lora_only", **saved)
     with torch.no_grad():
-        for name, p in source.named_parameters():
+        for p in source.parameters():
             p.add_(0.5) if p.requires_grad else None  # B, trained biases and the head differ from init
     lorakit.save_adapter(source, tmp_path)
-    model = bert_lora(seed=1, bias="lora_only", **change)
+    model = bert_lora(seed=1, bias="lora_only", **model_has)
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=f"does not match the model's: .*{message}"):
-        restore_adapters(model, tmp_path)  # load_adapter accepts the file; the comparison refuses it
+    with pytest.raises(ValueError, match=message):
+        restore_adapters(model, tmp_path)
     _assert_unchanged(model, before)  # the biases load_adapter wrote into the base are put back too
 
 

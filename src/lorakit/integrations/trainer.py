@@ -29,10 +29,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..core.checkpoint import CONFIG_NAME, load_adapter, save_adapter
 from ..core.layers import LoraLayer
-from ..core.model import active_adapter, adapter_names, delete_adapter, lora_layers, set_adapter
+from ..core.model import adapter_names, lora_layers
 from ..core.saved import SavedModule
-
-_STAGING = "lorakit_restore"  # prefix of the temporary adapter names while a checkpoint is checked
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -53,39 +51,33 @@ def adapter_dirs(path: str | os.PathLike, names: list[str]) -> dict[str, Path]:
 def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy every adapter of ``model`` from the checkpoint at ``path`` into the model, in place.
 
-    Each adapter is first loaded beside the existing ones under a temporary name with
-    :func:`lorakit.load_adapter` (every key, shape, dtype and value checked), compared layer by layer
-    with the one it replaces (same layers, shapes and scaling), and only when all match are the weights
-    copied over. On any error the model is as it was. Afterwards the active adapter and every
-    ``requires_grad`` flag are as before and the parameter objects are the same ones (an optimizer built
-    on them keeps working); the global RNG is not consumed.
+    Each adapter is loaded with :func:`lorakit.load_adapter` (every key, shape, dtype and value checked)
+    into a bare stand-in that holds, at the same paths, the very base layers it wraps (shared, not copied),
+    then compared layer by layer with the model's adapter (same layers, shapes and scaling); only when all
+    adapters match are the weights copied over. On any error the model is as it was. The model's adapters,
+    active adapter, ``requires_grad`` flags and parameter objects stay the same (an optimizer built on them
+    keeps working); the global RNG is not consumed.
     """
     names = adapter_names(model)
-    if any(name.startswith(_STAGING) for name in names):
-        raise ValueError(f"adapter names starting with {_STAGING!r} are reserved for restoring checkpoints")
     dirs = adapter_dirs(path, names)
     if any(layer.merged for layer in lora_layers(model)):
         raise RuntimeError("cannot restore adapters into a merged model; unmerge(model) first")
-    active = active_adapter(model)
     trainable = {p: p.requires_grad for p in model.parameters()}
-    # load_adapter writes trained biases (bias="all"/"lora_only") straight into the base: keep them to undo
+    # load_adapter writes trained biases (bias="all"/"lora_only") straight into the shared base: keep them
     biases = {p: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
-    staged: dict[str, str] = {}
     done = False
     try:
-        for i, (name, d) in enumerate(dirs.items()):
+        pairs = []
+        for name, d in dirs.items():
+            stand_in = _stand_in(model, name)
             with torch.random.fork_rng(devices=[]):  # the staged adapter's random init must not move the RNG
-                load_adapter(model, d, adapter=f"{_STAGING}{i}")
-            staged[name] = f"{_STAGING}{i}"
-        pairs = [pair for name, tmp in staged.items() for pair in _pairs(model, name, tmp)]
+                load_adapter(stand_in, d, adapter=name)
+            pairs += _pairs(model, stand_in, name)
         with torch.no_grad():
             for into, source in pairs:
                 into.load_state_dict(source.state_dict())
         done = True
     finally:
-        for tmp in staged.values():
-            delete_adapter(model, tmp)
-        set_adapter(model, active)
         with torch.no_grad():
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
@@ -94,18 +86,46 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
                     p.copy_(value)
 
 
-def _pairs(model: nn.Module, name: str, staged: str) -> list[tuple[nn.Module, nn.Module]]:
-    """(existing, staged) module pairs of adapter ``name``; an error naming where the two differ."""
-    pairs, problems = [], []
+def _stand_in(model: nn.Module, name: str) -> nn.Module:
+    """A bare module tree with, at their paths in ``model``, the base layers adapter ``name`` wraps and
+    the originals of its ``modules_to_save`` (the same objects): what ``add_lora`` saw, nothing else."""
+    root = nn.Module()
     for path, module in model.named_modules():
-        held = module.adapters if isinstance(module, LoraLayer) else (
-            module.copies if isinstance(module, SavedModule) else None)
-        if held is None or (name not in held and staged not in held):
+        if isinstance(module, LoraLayer) and name in module.adapters:
+            inner = module.base_layer
+        elif isinstance(module, SavedModule) and name in module.copies:
+            inner = module.original
+        else:
             continue
-        if name not in held or staged not in held:
-            problems.append(f"{path}: {'only in the checkpoint' if name not in held else 'not in the checkpoint'}")
+        *parents, leaf = path.split(".")
+        holder = root
+        for part in parents:
+            if part not in holder._modules:
+                holder.add_module(part, nn.Module())
+            holder = holder._modules[part]
+        holder.add_module(leaf, inner)
+    return root
+
+
+def _held(module: nn.Module) -> nn.ModuleDict | None:
+    """A LoRA layer's adapters or a ``modules_to_save`` holder's copies (by adapter name)."""
+    if isinstance(module, LoraLayer):
+        return module.adapters
+    return module.copies if isinstance(module, SavedModule) else None
+
+
+def _pairs(model: nn.Module, stand_in: nn.Module, name: str) -> list[tuple[nn.Module, nn.Module]]:
+    """(model's, checkpoint's) module pairs of adapter ``name``; an error naming where the two differ."""
+    pairs, problems = [], []
+    staged = {p: _held(m) for p, m in stand_in.named_modules() if _held(m) is not None}
+    for path, module in model.named_modules():
+        held = _held(module)
+        if held is None or name not in held:
             continue
-        into, source = held[name], held[staged]
+        into, source = held[name], staged[path][name] if name in staged.get(path, {}) else None
+        if source is None:
+            problems.append(f"{path}: not in the checkpoint")
+            continue
         shapes = {k: tuple(v.shape) for k, v in into.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in source.state_dict().items()}
         if shapes != found:
