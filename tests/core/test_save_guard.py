@@ -30,7 +30,8 @@ def test_refuses_with_the_alternatives_and_writes_nothing(tmp_path):
                                            r"lorakit\.save_adapter\(model, dir\).*lorakit\.unload\(model, merge=True\)"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    loaded = bert()  # an adapter attached by load_adapter is guarded the same way
+    torch.manual_seed(0)
+    loaded = bert()  # the same base; an adapter attached by load_adapter is guarded the same way
     lorakit.load_adapter(loaded, lorakit.save_adapter(model, tmp_path / "adapter"))
     with pytest.raises(RuntimeError, match="save_adapter"):
         loaded.save_pretrained(tmp_path / "out")

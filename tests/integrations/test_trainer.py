@@ -204,4 +204,8 @@ def test_restore_needs_every_adapter_of_the_model(run):
     before = _snapshot(model)
     with pytest.raises(FileNotFoundError, match=r"no lorakit/PEFT adapter for \['extra'\]"):
         restore_adapters(model, out / "checkpoint-2")
+    with pytest.raises(FileNotFoundError, match="no lorakit/PEFT adapter"):
+        restore_adapters(model, out / "missing")
     _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="no lorakit adapter to restore"):
+        restore_adapters(bert_base(), out / "checkpoint-2")

@@ -59,6 +59,8 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     keeps working); the global RNG is not consumed.
     """
     names = adapter_names(model)
+    if not names:
+        raise ValueError("the model has no lorakit adapter to restore; add_lora or load_adapter first")
     dirs = adapter_dirs(path, names)
     if any(layer.merged for layer in lora_layers(model)):
         raise RuntimeError("cannot restore adapters into a merged model; unmerge(model) first")
