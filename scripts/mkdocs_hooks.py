@@ -1,13 +1,17 @@
-"""mkdocs hook: the CLI reference page is generated from ``lorakit.cli.main.build_parser()`` at build time.
+"""mkdocs hooks (wired in ``mkdocs.yml``): the generated CLI reference, and no page left out of the nav.
 
-``docs/cli.md`` holds the marker below; every subcommand registered in ``COMMANDS`` appears with its
-usage line and a table of its options (flags, default, help), so a new subcommand or flag needs no
-documentation edit. Wired in ``mkdocs.yml`` (``hooks:``).
+- ``docs/cli.md`` holds the marker below; every subcommand registered in ``COMMANDS`` appears with its
+  usage line and a table of its options (flags, default, help), so a new subcommand or flag needs no
+  documentation edit.
+- A page under ``docs/`` that ``nav`` does not list is appended to it under its first ``# `` heading, so
+  a page added by another change is on the site (and ``--strict`` does not fail on it) until it gets
+  its place in ``nav``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 MARKER = "<!-- cli-reference -->"
 
@@ -55,6 +59,34 @@ def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
             parts.append(f"| {_flags(action)} | {_cell(_default(action))} | {_cell(help_text.strip())} |")
         parts.append("")
     return "\n".join(parts)
+
+
+def _listed(nav: list) -> set[str]:
+    out: set[str] = set()
+    for item in nav:
+        value = next(iter(item.values())) if isinstance(item, dict) else item
+        if isinstance(value, list):
+            out |= _listed(value)
+        else:
+            out.add(str(value))
+    return out
+
+
+def unlisted_pages(docs_dir: str | Path, nav: list) -> list[dict[str, str]]:
+    """Nav entries ``{title: file}`` for the top-level pages of ``docs_dir`` that ``nav`` leaves out."""
+    listed, out = _listed(nav), []
+    for page in sorted(Path(docs_dir).glob("*.md")):
+        if page.name not in listed:
+            heading = next((line[2:].strip() for line in page.read_text(encoding="utf-8").splitlines()
+                            if line.startswith("# ")), page.stem)
+            out.append({heading: page.name})
+    return out
+
+
+def on_config(config):  # mkdocs hook
+    if config["nav"] is not None:
+        config["nav"] = list(config["nav"]) + unlisted_pages(config["docs_dir"], config["nav"])
+    return config
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # mkdocs hook

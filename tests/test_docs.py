@@ -43,3 +43,12 @@ def test_getting_started_carries_the_readme_commands():
     commands = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
     assert "lorakit train" in commands and "pytest" in commands
     assert f"```bash\n{commands}```" in (ROOT / "docs" / "getting-started.md").read_text()
+
+
+def test_pages_missing_from_the_nav_are_appended(tmp_path):
+    hooks = _hooks()
+    (tmp_path / "a.md").write_text("# Page A\n")
+    (tmp_path / "b.md").write_text("no heading\n")
+    nav = [{"Home": "a.md"}, {"Group": [{"x": "x.md"}]}]
+    assert hooks.unlisted_pages(tmp_path, nav) == [{"b": "b.md"}]
+    assert hooks.unlisted_pages(ROOT / "docs", [])[0] == {"API reference": "api.md"}
