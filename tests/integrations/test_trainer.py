@@ -52,25 +52,6 @@ def test_plain_trainer_stops_at_its_first_save_and_writes_no_model(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # checkpoint-2/ exists but is empty
 
 
-def test_save_pretrained_refuses_until_unloaded(tmp_path):
-    from transformers import BertForSequenceClassification
-
-    model = bert_lora()
-    with torch.no_grad():
-        model.classifier.copies["default"].weight.add_(0.5)
-        for layer in lorakit.core.model.lora_layers(model):
-            layer.adapters["default"].lora_B.weight.normal_(0, 0.3)
-    expected = logits(model.eval())
-    with pytest.raises(RuntimeError, match="save_adapter"):
-        model.save_pretrained(tmp_path / "wrapped")
-    assert not (tmp_path / "wrapped").exists()
-    plain = lorakit.unload(model, merge=True)
-    plain.save_pretrained(tmp_path / "merged")  # no lorakit layer left: transformers' own save_pretrained
-    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    # fp32, merged weights W0 + BA*s vs the unmerged sum: rounding only (~1e-7 relative)
-    torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=1e-5)
-
-
 def test_checkpoints_hold_the_adapter_not_the_model(run):
     model, out = run
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
@@ -148,8 +129,7 @@ def test_save_model_writes_the_adapter(run, tmp_path):
     torch.testing.assert_close(logits(fresh.eval()), logits(model), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_with_frozen_embeddings(run, tmp_path, reentrant):
+def test_gradient_checkpointing_with_frozen_embeddings(run, tmp_path):
     model, _ = run
     checkpointed = bert_lora()
     assert not checkpointed.bert.embeddings.word_embeddings.weight.requires_grad
@@ -157,7 +137,8 @@ def test_gradient_checkpointing_with_frozen_embeddings(run, tmp_path, reentrant)
     checkpointed.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda *_: calls.append(1))
     LoraTrainer(model=checkpointed, train_dataset=records(),
                 args=args(tmp_path, save_strategy="no", gradient_checkpointing=True,
-                          gradient_checkpointing_kwargs={"use_reentrant": reentrant})).train()
+                          # re-entrant: the case that needs an input requiring grad when embeddings are frozen
+                          gradient_checkpointing_kwargs={"use_reentrant": True})).train()
     assert len(calls) == 2 * 4  # 4 steps, each layer run forward and again in backward: checkpointing is on
     plain, recomputed = lorakit.lora_state_dict(model), lorakit.lora_state_dict(checkpointed)
     # the recomputed forward is the same math: equal to the run without checkpointing within fp32 rounding
