@@ -179,6 +179,24 @@ def test_restore_refuses_another_adapter_and_changes_nothing(tmp_path, saved, mo
     _assert_unchanged(model, before)  # the biases load_adapter wrote into the base are put back too
 
 
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_restore_copies_adapter_head_and_trained_biases_in_place(tmp_path, bias):
+    source = bert_lora(bias=bias)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.rand_like(p)) if p.requires_grad else None
+    lorakit.save_adapter(source, tmp_path)
+    model = bert_lora(seed=1, bias=bias)
+    params = {n: p for n, p in model.named_parameters()}
+    restore_adapters(model, tmp_path)
+    assert {n: p for n, p in model.named_parameters()} == params  # the same parameter objects
+    expected, now = lorakit.lora_state_dict(source), lorakit.lora_state_dict(model)
+    assert now.keys() == expected.keys() and all(torch.equal(now[k], expected[k]) for k in expected)
+    # the head's bias; + query/value in 2 layers; all: 8 per layer, embedding LayerNorm, pooler, head
+    assert sum(k.endswith(".bias") for k in now) == {"none": 1, "lora_only": 1 + 4, "all": 2 * 8 + 3}[bias]
+    torch.testing.assert_close(logits(model.eval()), logits(source.eval()), atol=0, rtol=0)
+
+
 def test_restore_needs_every_adapter_of_the_model(run):
     _, out = run
     model = lorakit.add_lora(bert_lora(), lorakit.LoraConfig(r=2, target_modules=["query"]), adapter="extra")

@@ -29,7 +29,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..core.checkpoint import CONFIG_NAME, load_adapter, save_adapter
 from ..core.layers import LoraLayer
-from ..core.model import adapter_names, lora_layers
+from ..core.model import adapter_config, adapter_names, lora_layers
 from ..core.saved import SavedModule
 
 
@@ -89,14 +89,21 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _stand_in(model: nn.Module, name: str) -> nn.Module:
-    """A bare module tree with, at their paths in ``model``, the base layers adapter ``name`` wraps and
-    the originals of its ``modules_to_save`` (the same objects): what ``add_lora`` saw, nothing else."""
+    """A bare module tree with, at their paths in ``model``, the base layers adapter ``name`` wraps, the
+    originals of its ``modules_to_save`` and, with ``bias="all"``, every other leaf module with a bias (the
+    same objects): what ``add_lora`` saw and the checkpoint holds, nothing else."""
     root = nn.Module()
+    wrappers = [p for p, m in model.named_modules() if isinstance(m, LoraLayer | SavedModule)]
+    trains_all_biases = adapter_config(model, name).bias == "all"
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and name in module.adapters:
             inner = module.base_layer
         elif isinstance(module, SavedModule) and name in module.copies:
             inner = module.original
+        elif (trains_all_biases and isinstance(module._parameters.get("bias"), nn.Parameter)
+              and not any(True for _ in module.children()) and path not in wrappers
+              and not any(path.startswith(w + ".") for w in wrappers)):
+            inner = module  # bias="all": the checkpoint holds every bias of the model
         else:
             continue
         *parents, leaf = path.split(".")
