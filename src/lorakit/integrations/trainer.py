@@ -19,7 +19,9 @@ DDP (``torchrun``); FSDP and DeepSpeed shard the parameters this code reads and 
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..core.checkpoint import CONFIG_NAME, load_adapter, save_adapter
+from ..core.checkpoint import CONFIG_NAME, load_adapter, lora_state_dict, save_adapter
 from ..core.layers import LoraLayer
 from ..core.model import adapter_config, adapter_names, lora_layers
 from ..core.saved import SavedModule
@@ -52,7 +54,8 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy every adapter of ``model`` from the checkpoint at ``path`` into the model, in place.
 
     Each adapter is loaded with :func:`lorakit.load_adapter` (every key, shape, dtype and value checked)
-    into a bare stand-in that holds, at the same paths, the very base layers it wraps (shared, not copied),
+    into a bare stand-in that holds, at the same paths, the very base layers it wraps (shared, not copied;
+    copies where the adapter's initialiser rewrites the base, as PiSSA does),
     then compared layer by layer with the model's adapter (same layers, shapes and scaling); only when all
     adapters match are the weights copied over. On any error the model is as it was. The model's adapters,
     active adapter, ``requires_grad`` flags and parameter objects stay the same (an optimizer built on them
@@ -69,15 +72,22 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     biases = {p: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
     done = False
     try:
-        pairs = []
+        pairs, tensors = [], []
         for name, d in dirs.items():
             stand_in = _stand_in(model, name)
-            with torch.random.fork_rng(devices=[]):  # the staged adapter's random init must not move the RNG
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # the staged adapter's random init must not move the RNG; a copied base (see _stand_in) has
+                # been through the initialiser again, so its fingerprint says nothing
+                warnings.filterwarnings("ignore", message="adapter .* was trained on different base weights")
                 load_adapter(stand_in, d, adapter=name)
             pairs += _pairs(model, stand_in, name)
+            staged = lora_state_dict(stand_in, name)  # trained biases: aliases of the parameters on both sides
+            tensors += [(t, staged[k]) for k, t in lora_state_dict(model, name).items() if k.endswith(".bias")]
         with torch.no_grad():
             for into, source in pairs:
                 into.load_state_dict(source.state_dict())
+            for into, source in tensors:
+                into.copy_(source)
         done = True
     finally:
         with torch.no_grad():
@@ -91,10 +101,14 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
 def _stand_in(model: nn.Module, name: str) -> nn.Module:
     """A bare module tree with, at their paths in ``model``, the base layers adapter ``name`` wraps, the
     originals of its ``modules_to_save`` and, with ``bias="all"``, every other leaf module with a bias (the
-    same objects): what ``add_lora`` saw and the checkpoint holds, nothing else."""
+    same objects, or copies for an initialiser that rewrites the base): what ``add_lora`` saw and the
+    checkpoint holds, nothing else."""
     root = nn.Module()
     wrappers = [p for p, m in model.named_modules() if isinstance(m, LoraLayer | SavedModule)]
-    trains_all_biases = adapter_config(model, name).bias == "all"
+    config = adapter_config(model, name)
+    trains_all_biases = config.bias == "all"
+    # an initialiser that rewrites the base (PiSSA, OLoRA, ...) must run on copies: this base is already its result
+    private = config.init not in ("kaiming", "gaussian")
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and name in module.adapters:
             inner = module.base_layer
@@ -106,6 +120,8 @@ def _stand_in(model: nn.Module, name: str) -> nn.Module:
             inner = module  # bias="all": the checkpoint holds every bias of the model
         else:
             continue
+        if private:
+            inner = copy.deepcopy(inner)
         *parents, leaf = path.split(".")
         holder = root
         for part in parents:
