@@ -54,10 +54,9 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy every adapter of ``model`` from the checkpoint at ``path`` into the model, in place.
 
     Each adapter is loaded with :func:`lorakit.load_adapter` (every key, shape, dtype and value checked)
-    into a bare stand-in that holds, at the same paths, the very base layers it wraps (shared, not copied;
-    copies where the adapter's initialiser rewrites the base, as PiSSA does),
-    then compared layer by layer with the model's adapter (same layers, shapes and scaling); only when all
-    adapters match are the weights copied over. On any error the model is as it was. The model's adapters,
+    into a bare stand-in that holds, at the same paths, the very base layers it wraps (shared; copies where
+    the adapter's initialiser rewrites the base, as PiSSA does), then compared layer by layer with the
+    model's adapter (same layers, shapes and scaling); only when all adapters match are the weights copied. On any error the model is as it was. The model's adapters,
     active adapter, ``requires_grad`` flags and parameter objects stay the same (an optimizer built on them
     keeps working); the global RNG is not consumed.
     """
