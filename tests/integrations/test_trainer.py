@@ -23,8 +23,6 @@ from tests.integrations.helpers import (
     records,
 )
 
-pytest.importorskip("transformers")
-
 CHECKPOINT_FILES = ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
                     "scheduler.pt", "trainer_state.json", "training_args.bin"]
 
