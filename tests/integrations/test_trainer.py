@@ -206,3 +206,18 @@ def test_restore_needs_every_adapter_of_the_model(run):
     _assert_unchanged(model, before)
     with pytest.raises(ValueError, match="no lorakit adapter to restore"):
         restore_adapters(bert_base(), out / "checkpoint-2")
+
+
+def test_restore_refuses_non_finite_weights_and_changes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lorakit.save_adapter(bert_lora(bias="lora_only"), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("value.lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = bert_lora(seed=1, bias="lora_only")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="non-finite"):
+        restore_adapters(model, tmp_path)
+    _assert_unchanged(model, before)
