@@ -221,3 +221,9 @@ def test_restore_refuses_non_finite_weights_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         restore_adapters(model, tmp_path)
     _assert_unchanged(model, before)
+
+
+def test_lora_trainer_on_a_model_without_adapters_is_the_plain_trainer(tmp_path):
+    LoraTrainer(model=bert_base(), args=args(tmp_path, max_steps=1, save_steps=1), train_dataset=records(4)).train()
+    listing = files(tmp_path / "checkpoint-1")
+    assert "model.safetensors" in listing and "config.json" in listing and "adapter_config.json" not in listing
