@@ -64,11 +64,25 @@ def describe(name: str, path: Path) -> AdapterInfo:
         targets = raw.get("target_modules")
         info.target_modules = [targets] if isinstance(targets, str) else list(targets or [])
         info.size_bytes = (path / WEIGHTS_NAME).stat().st_size
-        id2label = (raw.get(LORAKIT_KEY) or {}).get("id2label") or {}
+        id2label = _metadata(path, raw).get("id2label") or {}
         info.labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        info.error = f"{path / CONFIG_NAME}: {e}"
+        info.error = str(e) if isinstance(e, ValueError) and WEIGHTS_NAME in str(e) else f"{path / CONFIG_NAME}: {e}"
     return info
+
+
+def _metadata(path: Path, raw: dict) -> dict:
+    """lorakit's metadata: in the weights file's header (read without loading the tensors), or, in older
+    adapters, in ``adapter_config.json``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 -- safetensors' own error type; reported with the adapter
+        raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file: {e}") from None
+    meta = json.loads(header[LORAKIT_KEY]) if LORAKIT_KEY in header else raw.get(LORAKIT_KEY)
+    return meta if isinstance(meta, dict) else {}
 
 
 def check_name(name: str) -> str:
