@@ -31,8 +31,8 @@ from .options import (
 HELP = "Train a LoRA adapter (no arguments: the offline SST-2 demo on the packaged MiniLM)."
 RUN_ARGS = "run_args.json"
 # What a run writes into its output directory: --overwrite removes these (and nothing else).
-RUN_OUTPUTS = ("adapter", "best", "checkpoint", "checkpoint.old", "checkpoint.damaged", "checkpoint.tmp-*",
-               "metrics.jsonl", "training_curves.png", "tensorboard", RUN_ARGS)
+RUN_OUTPUTS = ("adapter", "adapter-lora", "best", "checkpoint", "checkpoint.old", "checkpoint.damaged",
+               "checkpoint.tmp-*", "metrics.jsonl", "training_curves.png", "tensorboard", RUN_ARGS)
 # Options a --resume may change (the rest come from the run's run_args.json): its length and its reporting.
 RESUMABLE = ("max_steps", "epochs", "save_every", "log_every", "eval_every", "progress", "plot", "tensorboard",
              "device")
