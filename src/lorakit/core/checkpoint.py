@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .adalora import SVDAdapter, peft_adalora_to_lora, svd_adapters
 from .config import LORAKIT_KEY, LoraConfig
 from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
@@ -45,7 +46,7 @@ class CheckpointError(ValueError):
 def _adapter_tensors(layer: LoraLayer, adapter, path: str) -> dict[str, Tensor]:
     if isinstance(layer, LoraEmbedding):
         return {f"{path}.lora_embedding_A": adapter.lora_A.weight.T, f"{path}.lora_embedding_B": adapter.lora_B.weight}
-    if isinstance(adapter, SlicedAdapter):
+    if isinstance(adapter, SlicedAdapter | SVDAdapter):  # written as the equivalent plain LoRA
         A, B = adapter.plain_pair()
     else:
         A, B = adapter.lora_A.weight, adapter.lora_B.weight
@@ -58,6 +59,8 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Ten
     out: dict[str, Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.adapters:
+            if _pruned(module.adapters[adapter]):
+                continue
             out.update(_adapter_tensors(module, module.adapters[adapter], path))
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
@@ -69,6 +72,11 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Ten
             if name.endswith("bias") and ".adapters." not in name and not _in_saved(model, name):
                 out[name] = p
     return {PREFIX + k: v.detach() for k, v in out.items()}
+
+
+def _pruned(adapter) -> bool:
+    """An AdaLoRA adapter whose every singular value is zero: it adds nothing and is not saved (PEFT has no rank 0)."""
+    return isinstance(adapter, SVDAdapter) and adapter.live_rank == 0
 
 
 def _in_saved(model: nn.Module, param_name: str) -> bool:
@@ -96,7 +104,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 
 def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
-    paths = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    paths = [p for p, m in model.named_modules()
+             if isinstance(m, LoraLayer) and adapter in m.adapters and not _pruned(m.adapters[adapter])]
+    if not paths:
+        raise ValueError(f"adapter {adapter!r}: every AdaLoRA layer has rank 0, nothing to save")
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
@@ -104,6 +115,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
         getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
     )
     d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
+    if svd_adapters(model, adapter):
+        d["rank_pattern"], d["alpha_pattern"] = {}, {}  # every saved AdaLoRA layer gets its own entry below
     for p, m in model.named_modules():
         adapter_obj = m.adapters[adapter] if isinstance(m, LoraLayer) and adapter in m.adapters else None
         if isinstance(adapter_obj, SlicedAdapter):  # exported as plain LoRA of rank n_on * r, same scaling
@@ -111,6 +124,11 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
             d["rank_pattern"] = {**d["rank_pattern"], p: n_on * config.rank_for(p)}
             factor = math.sqrt(n_on) if config.use_rslora else n_on
             d["alpha_pattern"] = {**d["alpha_pattern"], p: config.alpha_for(p) * factor}
+        elif isinstance(adapter_obj, SVDAdapter) and p in paths:  # plain LoRA of the live rank, same scaling
+            live = adapter_obj.live_rank
+            d["rank_pattern"] = {**d["rank_pattern"], p: live}
+            d["alpha_pattern"] = {**d["alpha_pattern"], p: adapter_obj.scaling * (math.sqrt(live) if config.use_rslora
+                                                                                  else live)}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     d[LORAKIT_KEY] = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
@@ -178,13 +196,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
     try:
-        config = LoraConfig.from_peft_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: {e}") from None
-    try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {e}") from None
+    try:
+        if raw.get("peft_type") == "ADALORA":  # read as the exactly equivalent plain LoRA
+            raw, tensors = peft_adalora_to_lora(raw, tensors)
+        config = LoraConfig.from_peft_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
     return config, raw, tensors
 
 
