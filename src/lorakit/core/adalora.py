@@ -321,7 +321,8 @@ def peft_adalora_to_lora(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tup
     for stem in stems:
         parts = {n: tensors.get(f"{stem}.lora_{n}") for n in "ABE"}
         missing = [f"{stem}.lora_{n}" for n, t in parts.items() if t is None]
-        _check(not missing, f"AdaLoRA checkpoint lacks {missing[0]}")
+        if missing:
+            raise ValueError(f"AdaLoRA checkpoint lacks {missing[0]}")
         A, B, E = parts["A"], parts["B"], parts["E"]
         r = E.shape[0]
         _check(E.dim() == 2 and E.shape[1] == 1 and A.dim() == 2 and A.shape[0] == r and B.dim() == 2
