@@ -44,9 +44,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
-        planned.append(_Planned(path, layer, layer.make_adapter(config.rank_for(path), config.scaling(path),
-                                                                   config, path), new_layer))
-        layer.init_adapter(planned[-1].adapter, config.init)
+        planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
     copies = {}
     if config.modules_to_save:
         paths = find_modules_to_save(model, config.modules_to_save)
@@ -69,7 +67,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     for p in planned:
         if p.new_layer:
             _set_submodule(model, p.path, p.layer)
-        p.layer.adapters[name] = p.adapter
+        p.layer.attach(name, p.adapter)
     for path, module in copies.items():
         holder = model.get_submodule(path)
         if not isinstance(holder, SavedModule):
@@ -199,7 +197,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         if name not in held:
             continue
-        del held[name]
+        if isinstance(module, LoraLayer):
+            module.release(name)  # restores a base weight the adapter's initialiser replaced
+        else:
+            del held[name]
         if module.active == name:
             module.active = None
         if not len(held):  # the last adapter gone: the original module goes back in place
@@ -278,7 +279,7 @@ def merge(model: nn.Module, adapter: str | None = None, safe: bool = False) -> N
     layers = [layer for layer in lora_layers(model) if name in layer.adapters and name not in layer.merged]
     if safe:
         for layer in layers:
-            merged = layer.base_layer.weight.detach().float() + layer.delta_weight(name)
+            merged = layer.merged_weight(name)
             if not torch.isfinite(merged).all():
                 path = next(p for p, m in model.named_modules() if m is layer)
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path}; nothing was changed")
@@ -305,6 +306,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                 module.merge(name)
             elif not merge:
                 module.unmerge()
+            for held in [n for n in module.adapters if n not in module.merged]:
+                module.release(held)  # a base weight replaced by an initialiser (PiSSA...) comes back
             _set_submodule(model, path, module.base_layer)
         elif isinstance(module, SavedModule):
             keep = module.copies[name] if merge and name in module.copies else module.original
