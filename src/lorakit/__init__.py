@@ -7,7 +7,7 @@
     lorakit.merge(model)                              # zero added latency
 """
 
-from .core.adalora import AdaLoraAllocator, add_adalora
+from .core.adalora import AdaLoraAllocator, AdaLoraConfig
 from .core.checkpoint import load_adapter, lora_state_dict, save_adapter
 from .core.config import LoraConfig
 from .core.model import (
@@ -48,6 +48,6 @@ __all__ = [
     "lora_state_dict",
     "save_adapter",
     "load_adapter",
-    "add_adalora",
+    "AdaLoraConfig",
     "AdaLoraAllocator",
 ]

@@ -26,7 +26,7 @@ def _x(b: int = 5) -> torch.Tensor:
 def _ada(seed: int = 0, r: int = 6, targets=("fc1", "fc2"), name: str = "default", model=None, **kw) -> nn.Module:
     torch.manual_seed(seed)
     model = model if model is not None else MLP()
-    lorakit.add_adalora(model, lorakit.LoraConfig(r=r, alpha=float(r), target_modules=list(targets), **kw), name)
+    lorakit.add_lora(model, lorakit.AdaLoraConfig(r=r, alpha=float(r), target_modules=list(targets), **kw), name)
     return model
 
 
@@ -71,13 +71,17 @@ def test_forward_is_P_diag_lambda_Q_and_starts_at_the_base_model():
 def test_only_linear_layers_take_adalora_and_a_refusal_changes_nothing():
     for model, targets in ((ConvNet(), ["conv1", "head"]), (EmbNet(), ["embed", "proj"])):
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match="AdaLoRA adapts linear layers and GPT-2 Conv1D only"):
-            lorakit.add_adalora(model, lorakit.LoraConfig(r=2, target_modules=targets))
+        with pytest.raises(ValueError, match="AdaLoRA is not supported on (Conv1d|Embedding)"):
+            lorakit.add_lora(model, lorakit.AdaLoraConfig(r=2, target_modules=targets))
         assert lorakit.adapter_names(model) == []
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="fused slices"):
-        lorakit.add_adalora(gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"],
-                                                       slices={"c_attn": [True, False, True]}))
+    for bad, message in (({"slices": {"c_attn": [True, False, True]}}, "fused slices"),
+                         ({"use_dora": True}, "AdaLoRA and DoRA"), ({"init": "pissa"}, "init 'pissa' is not")):
+        with pytest.raises(ValueError, match=message):
+            lorakit.AdaLoraConfig(r=2, target_modules=["c_attn"], **bad)
+    model = gpt2()  # GPT-2's Conv1D is linear-like
+    lorakit.add_lora(model, lorakit.AdaLoraConfig(r=2, target_modules=["c_attn"]))
+    assert isinstance(model.transformer.h[0].attn.c_attn.adapters["default"], SVDAdapter)
 
 
 def test_regularization_is_the_squared_frobenius_orthogonality_penalty():
@@ -192,7 +196,7 @@ def test_bad_allocator_arguments_are_named(kwargs, message):
         lorakit.AdaLoraAllocator(model, **args)
     plain = MLP()
     lorakit.add_lora(plain, lorakit.LoraConfig(r=2, target_modules=["fc1"]))
-    with pytest.raises(ValueError, match="add_adalora"):
+    with pytest.raises(ValueError, match="AdaLoraConfig"):
         lorakit.AdaLoraAllocator(plain, target_rank=1, total_steps=10)
     alloc = lorakit.AdaLoraAllocator(model, target_rank=2, total_steps=10)
     with pytest.raises(ValueError, match="global_step must be a positive integer"):

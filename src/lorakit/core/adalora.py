@@ -16,7 +16,7 @@ A zero λ contributes exactly nothing, so an AdaLoRA adapter *is* a plain LoRA o
 with it merge, unmerge, per-row adapters, ``combine_adapters`` and ``save_adapter`` (a PEFT/vLLM-loadable
 plain LoRA with per-layer ranks in ``rank_pattern``) work unchanged.
 
-    lorakit.add_adalora(model, lorakit.LoraConfig(r=12, target_modules=["query", "value"]))
+    lorakit.add_lora(model, lorakit.AdaLoraConfig(r=12, target_modules=["query", "value"]))
     alloc = lorakit.AdaLoraAllocator(model, target_rank=4, total_steps=1000)
     for step in range(1, 1001):
         loss = model(**batch).loss + alloc.regularization()
@@ -30,28 +30,58 @@ plain LoRA with per-layer ranks in ``rank_pattern``) work unchanged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import LoraConfig
-from .layers import Adapter, LoraLayer, LoraLinear, SlicedAdapter
-from .model import commit_adapter, plan_adapter
+from .layers import Adapter, LoraLayer, LoraLinear
+from .variants import VARIANTS
 
 # PEFT's AdaLoRA init: P and Q ~ N(0, 0.02²), Λ = 0 (the update starts at zero, as LoRA's does).
 INIT_STD = 0.02
 
 
-class SVDAdapter(Adapter):
-    """One AdaLoRA adapter on one linear-like layer: ``lora_B(λ ⊙ lora_A(dropout(x))) * scaling``."""
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """A :class:`LoraConfig` whose adapters take AdaLoRA's SVD form (:class:`SVDAdapter`), initial rank ``r``
+    (``rank_pattern`` per module). Linear layers and GPT-2 ``Conv1D`` only; ``init`` is not used (P, Q ~
+    N(0, 0.02²), Λ = 0); no DoRA, no fused slices. Saved as the equivalent plain LoRA (``peft_type: LORA``).
+    The rank schedule is :class:`AdaLoraAllocator`'s."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, dropout: float, scaling: float,
-                 config: LoraConfig, *, device=None, dtype=None):
-        lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)   # Q: (r, k)
-        lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)  # P: (d, r)
-        super().__init__(lora_A, lora_B, dropout, scaling, config)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device, dtype=dtype))    # Λ: (r, 1)
+    def validate(self) -> None:
+        super().validate()
+        _check(self.init in ("kaiming", "gaussian"), f"AdaLoRA starts from P, Q ~ N(0, 0.02²) and Λ = 0; init "
+               f"{self.init!r} is not supported")
+        _check(not self.use_dora, "AdaLoRA and DoRA do not combine (use_dora=True)")
+        _check(not self.slices, "AdaLoRA does not support fused slices (slices=...)")
+
+
+class SVDAdapter(Adapter):
+    """One AdaLoRA adapter on one linear-like layer: ``lora_B(λ ⊙ lora_A(dropout(x))) * scaling``.
+
+    A variant in :data:`lorakit.core.variants.VARIANTS`, chosen by an :class:`AdaLoraConfig`."""
+
+    def __init__(self, lora_A: nn.Linear, lora_B: nn.Linear, dropout: float, scaling: float, config: LoraConfig):
+        super().__init__(lora_A, lora_B, dropout, scaling, config)  # Q: (r, k), P: (d, r)
+        w = lora_B.weight
+        self.lora_E = nn.Parameter(torch.zeros(w.shape[1], 1, device=w.device, dtype=w.dtype))  # Λ: (r, 1)
+
+    @classmethod
+    def wanted(cls, config: LoraConfig) -> bool:
+        return isinstance(config, AdaLoraConfig)
+
+    @classmethod
+    def wrap(cls, layer: LoraLayer, plain: Adapter) -> SVDAdapter:
+        if type(plain) is not Adapter or not isinstance(layer, LoraLinear):
+            raise ValueError(f"AdaLoRA is not supported on {type(layer.base_layer).__name__} (linear layers and "
+                             "GPT-2 Conv1D only)")
+        svd = cls(plain.lora_A, plain.lora_B, 0.0, plain.scaling, plain.config)
+        svd.dropout = plain.dropout
+        svd.reset_parameters()
+        return svd
 
     def reset_parameters(self) -> None:
         if self.lora_E.is_meta:
@@ -86,35 +116,16 @@ class SVDAdapter(Adapter):
         return (P.T @ P - eye).pow(2).sum() + (Q @ Q.T - eye).pow(2).sum()
 
 
-# ----- injection -------------------------------------------------------------------------------------------
-def add_adalora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
-    """Like :func:`lorakit.add_lora`, with SVD-form (AdaLoRA) adapters of initial rank ``config.r``
-    (``rank_pattern`` per module) on the layers ``config`` selects: linear layers and GPT-2 ``Conv1D``.
-
-    Then drive the ranks with :class:`AdaLoraAllocator`. ``init`` is ignored (P, Q ~ N(0, 0.02²), Λ = 0).
-    Nothing is changed if a selected layer cannot take an AdaLoRA adapter.
-    """
-    planned, copies = plan_adapter(model, config, adapter)
-    for p in planned:
-        if type(p.layer) is not LoraLinear or isinstance(p.adapter, SlicedAdapter):
-            what = "fused slices" if isinstance(p.adapter, SlicedAdapter) else type(p.layer.base_layer).__name__
-            raise ValueError(f"AdaLoRA adapts linear layers and GPT-2 Conv1D only; {p.path} is {what}")
-        w = p.layer.base_layer.weight
-        p.adapter = SVDAdapter(p.layer.in_features, p.layer.out_features, config.rank_for(p.path), config.dropout,
-                               config.scaling(p.path), config, device=w.device,
-                               dtype=w.dtype if w.dtype.is_floating_point else torch.float32)
-        p.adapter.reset_parameters()
-    commit_adapter(model, adapter, planned, copies)
-    return model
-
-
+# ----- the budget schedule and the allocator ------------------------------------------------------------
 def svd_adapters(model: nn.Module, adapter: str) -> dict[str, SVDAdapter]:
     """Module path -> the :class:`SVDAdapter` named ``adapter`` on it."""
     return {path: m.adapters[adapter] for path, m in model.named_modules()
             if isinstance(m, LoraLayer) and adapter in m.adapters and isinstance(m.adapters[adapter], SVDAdapter)}
 
 
-# ----- the budget schedule and the allocator ------------------------------------------------------------
+VARIANTS.append(SVDAdapter)  # LoraLayer.new_adapter wraps a plain adapter in it for an AdaLoraConfig
+
+
 def budget_schedule(step: int, init_budget: int, target_budget: int, total_steps: int, tinit: int,
                     tfinal: int) -> int:
     """Total number of live triplets after ``step`` (eq. 12): ``b0`` during the first ``tinit`` steps,
@@ -171,7 +182,7 @@ class AdaLoraAllocator:
                f"orth_reg_weight must be a finite number >= 0, got {orth_reg_weight!r}")
         self.adapters = svd_adapters(model, name) if name is not None else {}
         if not self.adapters:
-            raise ValueError(f"adapter {name!r} has no AdaLoRA layers; add it with lorakit.add_adalora(model, config)")
+            raise ValueError(f"adapter {name!r} has no AdaLoRA layers; add it with lorakit.add_lora(model, lorakit.AdaLoraConfig(...))")
         self.adapter, self.total_steps, self.tinit, self.tfinal, self.delta_t = name, total_steps, tinit, tfinal, delta_t
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
         self.init_budget = sum(a.rank for a in self.adapters.values())
