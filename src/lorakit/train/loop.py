@@ -19,9 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.checkpoint import save_adapter
@@ -70,6 +72,7 @@ def train(
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     loss_fn: Callable[[Any, Any], Tensor] | None = None,
     resume_from: str | Path | bool | None = None,
+    step_hook: StepHook | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters (its LoRA adapter) on ``train_data``.
 
@@ -84,8 +87,33 @@ def train(
         loss_fn: ``loss_fn(outputs, batch) -> scalar``; None uses ``outputs.loss`` (transformers models given
             ``labels``).
         resume_from: a checkpoint directory, or True for ``config.output_dir``: continue that run exactly.
+        step_hook: a :class:`StepHook` run with every step, e.g. ``lorakit.AdaLoraAllocator``.
     """
-    return _Run(model, train_data, collate, config, evaluate, loss_fn).run(resume_from)
+    return _Run(model, train_data, collate, config, evaluate, loss_fn, step_hook).run(resume_from)
+
+
+class StepHook(Protocol):
+    """What the loop calls besides the optimizer (AdaLoRA's rank allocator is one).
+
+    ``regularization()`` is added to every micro-batch's loss; ``step(global_step)`` runs after each
+    optimizer step, before the gradients are cleared (steps count from 1); ``state_dict()`` (tensors
+    under ``"tensors"``, the rest JSON) and ``load_state_dict`` go into and out of training checkpoints.
+    """
+
+    def regularization(self) -> Tensor: ...
+    def step(self, global_step: int) -> object: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def plan_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> tuple[int, int, int]:
+    """(batches per epoch, optimizer steps per epoch, total optimizer steps) of a run on ``n_examples``."""
+    tail = n_examples % config.batch_size  # a ragged last batch is kept if every rank gets at least one example
+    n_batches = n_examples // config.batch_size + int(tail >= world_size and not config.drop_last)
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_examples} examples make no batch of {config.batch_size} (drop_last={config.drop_last})")
+    return n_batches, steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch
 
 
 def resume(model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[Any]], Any], config: TrainConfig,
@@ -97,9 +125,9 @@ def resume(model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[
 class _Run:
     """One training run; its methods are the loop's parts (setup, step, log, eval, save)."""
 
-    def __init__(self, model, data, collate, config: TrainConfig, evaluate, loss_fn):
+    def __init__(self, model, data, collate, config: TrainConfig, evaluate, loss_fn, step_hook=None):
         self.model, self.data, self.collate, self.cfg = model, data, collate, config
-        self.evaluate, self.loss_fn = evaluate, loss_fn
+        self.evaluate, self.loss_fn, self.hook = evaluate, loss_fn, step_hook
         self.out = Path(config.output_dir)
         self.state = TrainState()
 
@@ -117,12 +145,7 @@ class _Run:
         if cfg.batch_size % info.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {info.world_size}")
         n = len(self.data)
-        tail = n % cfg.batch_size  # a ragged last batch is kept if every rank gets at least one example
-        self.n_batches = n // cfg.batch_size + int(tail >= info.world_size and not cfg.drop_last)
-        self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} examples make no batch of {cfg.batch_size} (drop_last={cfg.drop_last})")
-        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.n_batches, self.steps_per_epoch, self.total = plan_steps(n, cfg, info.world_size)
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.lengths = [_length(self.data[i], i) for i in range(n)] if cfg.group_by_length else None
         self.adapter = active_adapter(self.model) or "default"
@@ -153,6 +176,7 @@ class _Run:
 
     def _load(self, resume_from):
         ckpt = load_checkpoint(self.cfg.output_dir if resume_from is True else resume_from)
+        hook_state = _read_hook_state(ckpt.path) if self.hook is not None else None
         saved = ckpt.config.get("train", {})
         changed = [k for k in _TRAJECTORY if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
@@ -179,6 +203,8 @@ class _Run:
                           "streams are reseeded", UserWarning, stacklevel=4)
             _seed_all(self.cfg.seed + self.info.rank + ckpt.state.global_step)
         self.state = ckpt.state
+        if self.hook is not None:
+            self.hook.load_state_dict(hook_state)
         return ckpt
 
     # ----- the loop ----------------------------------------------------------------------------------------
@@ -214,6 +240,8 @@ class _Run:
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                     outputs = _call(self.wrapped, batch)
                     loss = self.loss_fn(outputs, batch) if self.loss_fn else _model_loss(outputs)
+                    if self.hook is not None:
+                        loss = loss + self.hook.regularization()
                 (loss / len(window)).backward()
             self.loss_sum += loss.detach().float() / len(window)
         norm = None
@@ -221,6 +249,8 @@ class _Run:
             norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.hook is not None:
+            self.hook.step(self.state.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_steps += 1
         return norm
@@ -346,9 +376,27 @@ class _Run:
 
     def _adapter_writer(self, path: Path) -> None:
         save_adapter(self.model, path, adapter=self.adapter)
+        if self.hook is not None:  # beside adapter/ in the checkpoint being written: swapped in with it
+            state = self.hook.state_dict()
+            meta = {k: json.dumps(v) for k, v in state.items() if k != "tensors"}
+            save_file({k: v.contiguous().cpu() for k, v in state["tensors"].items()}, path.parent / HOOK_FILE,
+                      metadata=meta)
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
+HOOK_FILE = "step_hook.safetensors"
+
+
+def _read_hook_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / HOOK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"resume with a step hook: {checkpoint} has no {HOOK_FILE} (the run had no hook)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    return {**{k: json.loads(v) for k, v in meta.items() if k != "format"}, "tensors": tensors}
+
+
 def _resolve_bf16(flag: bool | None, device: torch.device) -> bool:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
