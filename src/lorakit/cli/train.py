@@ -145,6 +145,7 @@ def _train(args: argparse.Namespace, say) -> int:
     from ..train.tasks import load_task_data
 
     t0 = time.perf_counter()
+    rank = _adalora_rank(args)
     torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
     model_path = args.model or default_model_path()
     splits = resolve_splits(args.data or default_data_dir())
@@ -162,7 +163,7 @@ def _train(args: argparse.Namespace, say) -> int:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     lora = (AdaLoraConfig if args.method == "adalora" else LoraConfig)(
-        r=_adalora_rank(args), alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
+        r=rank, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
         modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"
                                                          else None),
