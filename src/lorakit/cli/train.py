@@ -99,8 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-rank", type=int, help="AdaLoRA: average final rank per layer (required)")
     g.add_argument("--tinit", type=int, help="AdaLoRA: steps before pruning starts (default: 10%% of the steps)")
     g.add_argument("--tfinal", type=int, help="AdaLoRA: last steps with fixed ranks (default: 20%% of the steps)")
-    g.add_argument("--delta-t", type=int, default=10, help="AdaLoRA: steps between rank re-allocations")
-    g.add_argument("--orth-reg-weight", type=float, default=0.1, help="AdaLoRA: weight of the orthogonality penalty")
+    g.add_argument("--delta-t", type=int, help="AdaLoRA: steps between rank re-allocations (default: 10)")
+    g.add_argument("--orth-reg-weight", type=float, help="AdaLoRA: weight of the orthogonality penalty (default: 0.1)")
     g = p.add_argument_group("training")
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -223,7 +223,8 @@ def _adalora_rank(args: argparse.Namespace) -> int:
         if args.target_rank is None:
             raise ValueError("--method adalora needs --target-rank (the average final rank per layer)")
         return args.r if args.init_rank is None else args.init_rank
-    given = [f for f in ("init_rank", "target_rank", "tinit", "tfinal") if getattr(args, f) is not None]
+    given = [f for f in ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "orth_reg_weight")
+             if getattr(args, f) is not None]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} is an AdaLoRA option: add --method adalora")
     return args.r
@@ -234,11 +235,14 @@ def _allocator(model, args: argparse.Namespace, n_examples: int, train_cfg: Trai
     from ..core.adalora import AdaLoraAllocator
     from ..train.loop import plan_steps
 
+    if train_cfg.fsdp:
+        raise ValueError("--method adalora does not support --fsdp (the allocator reads whole P, Λ, Q); use DDP")
     total = plan_steps(n_examples, train_cfg, int(os.environ.get("WORLD_SIZE", "1")))[2]
     tinit = total // 10 if args.tinit is None else args.tinit
     tfinal = total // 5 if args.tfinal is None else args.tfinal
     return AdaLoraAllocator(model, target_rank=args.target_rank, total_steps=total, tinit=tinit, tfinal=tfinal,
-                            delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight)
+                            delta_t=10 if args.delta_t is None else args.delta_t,
+                            orth_reg_weight=0.1 if args.orth_reg_weight is None else args.orth_reg_weight)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
