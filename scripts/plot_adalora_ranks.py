@@ -21,14 +21,14 @@ SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attentio
          "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out"}
 
 
-def final_ranks(run: Path) -> tuple[dict[tuple[int, str], int], list[str]]:
-    """(layer, matrix) -> rank, and every adapted module path (from the run's targets)."""
+def final_ranks(run: Path) -> dict[tuple[int, str], int]:
+    """(layer, matrix) -> final rank (matrices pruned to rank 0 are absent)."""
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     ranks = {}
     for path, r in cfg["rank_pattern"].items():
         m = re.search(r"layer\.(\d+)\.(.+)$", path)
         ranks[(int(m.group(1)), SHORT.get(m.group(2), m.group(2)))] = r
-    return ranks, list(cfg["rank_pattern"])
+    return ranks
 
 
 def main(run: str, out: str) -> None:
@@ -40,13 +40,11 @@ def main(run: str, out: str) -> None:
 
     run_dir = Path(run)
     args = json.loads((run_dir / "run_args.json").read_text())
-    ranks, _ = final_ranks(run_dir)
+    ranks = final_ranks(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     total = max(r["step"] for r in records)
     layers = sorted({layer for layer, _ in ranks} | set(range(max(layer for layer, _ in ranks) + 1)))
-    cols = [c for c in SHORT.values() if any(c == m for _, m in ranks)] + sorted(
-        {m for _, m in ranks} - set(SHORT.values()))
-    cols = list(SHORT.values()) if set(cols) <= set(SHORT.values()) else cols
+    cols = list(SHORT.values()) + sorted({m for _, m in ranks} - set(SHORT.values()))
     grid = np.array([[ranks.get((layer, c), 0) for c in cols] for layer in layers])
     r0 = args["init_rank"] or args["r"]
     n = len(layers) * len(cols)
@@ -81,7 +79,7 @@ def main(run: str, out: str) -> None:
     bx.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    print(f"wrote {out}: ranks by layer {grid.sum(1).tolist()}, by matrix {dict(zip(cols, grid.sum(0).tolist()))}")
+    print(f"wrote {out}: ranks by layer {grid.sum(1).tolist()}, by matrix {dict(zip(cols, grid.sum(0).tolist(), strict=True))}")
 
 
 if __name__ == "__main__":
