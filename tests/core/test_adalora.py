@@ -224,6 +224,23 @@ def test_allocator_state_dict_resumes_exactly():
     torch.testing.assert_close(run(None), run(7), atol=0, rtol=0)
 
 
+def test_a_bad_allocator_state_is_refused_and_changes_nothing():
+    model = _ada()
+    alloc = lorakit.AdaLoraAllocator(model, target_rank=2, total_steps=10)
+    _train(model, alloc, 3)
+    good = alloc.state_dict()
+    before = {k: v.clone() for k, v in good["tensors"].items()}
+    for tensors, message in (({**good["tensors"], "ipt/fc1/A": torch.zeros(2, 2)}, "shape \\(2, 2\\), expected \\(6, 12\\)"),
+                             ({**good["tensors"], "mask/fc9": torch.ones(6)}, "names a layer"),
+                             ({**good["tensors"], "ipt/fc1/Z": torch.ones(6)}, "unknown key")):
+        with pytest.raises(ValueError, match=message):
+            alloc.load_state_dict({**good, "tensors": tensors})
+    with pytest.raises(ValueError, match="needs last_step"):
+        alloc.load_state_dict({"tensors": {}})
+    after = alloc.state_dict()
+    assert after["last_step"] == 3 and all(torch.equal(after["tensors"][k], v) for k, v in before.items())
+
+
 # ----- export as plain LoRA -------------------------------------------------------------------------------
 def _trained(seed: int = 0) -> tuple[nn.Module, lorakit.AdaLoraAllocator]:
     model = _ada(seed=seed, r=6, bias="lora_only")

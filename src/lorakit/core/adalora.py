@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .layers import Adapter, LoraLayer, LoraLinear
+from .model import active_adapter
 from .variants import VARIANTS
 
 # PEFT's AdaLoRA init: P and Q ~ N(0, 0.02²), Λ = 0 (the update starts at zero, as LoRA's does).
@@ -116,7 +117,6 @@ class SVDAdapter(Adapter):
         return (P.T @ P - eye).pow(2).sum() + (Q @ Q.T - eye).pow(2).sum()
 
 
-# ----- the budget schedule and the allocator ------------------------------------------------------------
 def svd_adapters(model: nn.Module, adapter: str) -> dict[str, SVDAdapter]:
     """Module path -> the :class:`SVDAdapter` named ``adapter`` on it."""
     return {path: m.adapters[adapter] for path, m in model.named_modules()
@@ -126,6 +126,7 @@ def svd_adapters(model: nn.Module, adapter: str) -> dict[str, SVDAdapter]:
 VARIANTS.append(SVDAdapter)  # LoraLayer.new_adapter wraps a plain adapter in it for an AdaLoraConfig
 
 
+# ----- the budget schedule and the allocator ------------------------------------------------------------
 def budget_schedule(step: int, init_budget: int, target_budget: int, total_steps: int, tinit: int,
                     tfinal: int) -> int:
     """Total number of live triplets after ``step`` (eq. 12): ``b0`` during the first ``tinit`` steps,
@@ -167,8 +168,6 @@ class AdaLoraAllocator:
     def __init__(self, model: nn.Module, target_rank: int, total_steps: int, *, tinit: int = 0, tfinal: int = 0,
                  delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.1,
                  adapter: str | None = None):
-        from .model import active_adapter
-
         name = adapter if adapter is not None else active_adapter(model)
         for key, value in (("target_rank", target_rank), ("total_steps", total_steps), ("delta_t", delta_t)):
             _check(_is_int(value) and value >= 1, f"{key} must be a positive integer, got {value!r}")
@@ -289,21 +288,28 @@ class AdaLoraAllocator:
         return {"last_step": self.last_step, "final": self.final, "tensors": tensors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        tensors = state["tensors"]
-        bad = sorted(k for k in tensors if k.split("/")[1] not in self.adapters)
-        _check(not bad, f"allocator state names layers this adapter lacks: {bad[:3]}")
+        """Restore :meth:`state_dict`'s output; every key and shape is checked before anything changes."""
+        _check(isinstance(state.get("last_step"), int) and isinstance(state.get("final"), bool)
+               and isinstance(state.get("tensors"), dict), "allocator state needs last_step, final and tensors")
         ipt: dict[str, dict[str, Tensor]] = {}
         unc: dict[str, dict[str, Tensor]] = {}
         masks: dict[str, Tensor] = {}
-        for key, value in tensors.items():
-            kind, path, *rest = key.split("/")
-            target = {"ipt": ipt, "unc": unc}.get(kind)
-            if target is not None:
-                target.setdefault(path, {})[rest[0]] = value.clone()
-            else:
-                masks[path] = value.clone().bool()
+        for key, value in state["tensors"].items():
+            kind, path, *rest = key.split("/") + [""]
+            a = self.adapters.get(path)
+            _check(a is not None, f"allocator state {key!r} names a layer adapter {self.adapter!r} lacks")
+            if kind == "mask":
+                _check(tuple(value.shape) == (a.rank,), f"allocator state {key!r}: shape {tuple(value.shape)}, "
+                       f"expected ({a.rank},)")
+                masks[path] = value.clone().bool().to(a.lora_E.device)
+                continue
+            params = {"A": a.lora_A.weight, "E": a.lora_E, "B": a.lora_B.weight}
+            _check(kind in ("ipt", "unc") and rest[0] in params, f"allocator state: unknown key {key!r}")
+            want = tuple(params[rest[0]].shape)
+            _check(tuple(value.shape) == want, f"allocator state {key!r}: shape {tuple(value.shape)}, expected {want}")
+            (ipt if kind == "ipt" else unc).setdefault(path, {})[rest[0]] = value.float().clone().to(a.lora_E.device)
         self.ipt, self.unc, self.mask = ipt, unc, masks or None
-        self.last_step, self.final = int(state["last_step"]), bool(state["final"])
+        self.last_step, self.final = state["last_step"], state["final"]
 
 
 # ----- PEFT AdaLoRA checkpoints -----------------------------------------------------------------------------
