@@ -251,7 +251,7 @@ def _trained(seed: int = 0) -> tuple[nn.Module, lorakit.AdaLoraAllocator]:
 
 def test_save_writes_the_equivalent_plain_lora_with_rank_pattern(tmp_path):
     model, alloc = _trained()
-    pattern = {p: n for p, n in alloc.rank_pattern().items() if n}
+    pattern = {p: max(n, 1) for p, n in alloc.rank_pattern().items()}  # a layer pruned to 0 is saved as rank 1
     assert sum(alloc.rank_pattern().values()) == 4
     lorakit.save_adapter(model, tmp_path)
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -269,7 +269,7 @@ def test_save_writes_the_equivalent_plain_lora_with_rank_pattern(tmp_path):
 def test_exported_adalora_loads_in_peft_as_ordinary_lora_with_equal_outputs(tmp_path):
     peft = pytest.importorskip("peft")
     model, alloc = _trained(seed=1)
-    with torch.no_grad():  # prune one layer entirely: it must be left out of the export
+    with torch.no_grad():  # prune one layer entirely: saved as a zero update of rank 1 (PEFT has no rank 0)
         model.fc2.adapters["default"].lora_E.zero_()
     lorakit.save_adapter(model, tmp_path)
     base = MLP()
@@ -277,16 +277,23 @@ def test_exported_adalora_loads_in_peft_as_ordinary_lora_with_equal_outputs(tmp_
                           if "adapters" not in k})
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     assert peft_model.peft_config["default"].peft_type == peft.PeftType.LORA
-    assert not any("fc2.lora" in k for k in peft.get_peft_model_state_dict(peft_model))
+    fc2_A = peft.get_peft_model_state_dict(peft_model)["base_model.model.fc2.lora_A.weight"]
+    assert fc2_A.shape == (1, 24) and not fc2_A.any()
     x = _x(6)
     torch.testing.assert_close(peft_model(x), model(x), atol=ATOL, rtol=ATOL)
 
 
-def test_an_adapter_with_every_rank_pruned_is_refused_and_nothing_written(tmp_path):
-    model = _ada()  # Λ = 0 everywhere: a fresh AdaLoRA adapter adds nothing yet
-    with pytest.raises(ValueError, match="every AdaLoRA layer has rank 0"):
-        lorakit.save_adapter(model, tmp_path / "out")
-    assert not (tmp_path / "out" / CONFIG_NAME).exists()
+def test_a_layer_pruned_to_rank_0_keeps_its_trained_bias_in_the_checkpoint(tmp_path):
+    model = _ada(bias="lora_only")  # Λ = 0 everywhere: every layer has rank 0
+    with torch.no_grad():
+        model.fc2.base_layer.bias.add_(1.0)  # as training would have moved it
+    lorakit.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["rank_pattern"] == {"fc1": 1, "fc2": 1}
+    fresh = MLP()
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in _ada().state_dict().items()
+                           if "adapters" not in k})
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(_x()), model(_x()), atol=ATOL, rtol=ATOL)
 
 
 def _peft_adalora(tmp_path, prune_all_of: str | None = None):
@@ -318,7 +325,7 @@ def test_peft_adalora_checkpoint_loads_as_plain_lora_with_equal_outputs(tmp_path
     x = _x(4)
     torch.testing.assert_close(base(x), peft_model(x), atol=ATOL, rtol=ATOL)
     ranks = {p: m.adapters["default"].rank for p, m in base.named_modules() if hasattr(m, "adapters")}
-    assert ranks == ({"fc1": 3} if prune_all_of else {"fc1": 3, "fc2": 3})
+    assert ranks == {"fc1": 3, "fc2": 1 if prune_all_of else 3}
 
 
 def test_peft_adalora_checkpoint_with_missing_tensor_is_refused(tmp_path):

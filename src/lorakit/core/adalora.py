@@ -103,8 +103,9 @@ class SVDAdapter(Adapter):
 
     def plain_pair(self) -> tuple[Tensor, Tensor]:
         """The exactly equivalent plain LoRA pair: ``A = (λ ⊙ Q)[live]`` ``(r', k)``, ``B = P[:, live]``
-        ``(d, r')``; same scaling. Differentiable in P, λ and Q."""
-        live = (self.lora_E[:, 0] != 0).nonzero().squeeze(1)
+        ``(d, r')``; same scaling. Differentiable in P, λ and Q. With no live triplet: rank 1 with ``A = 0``
+        (PEFT has no rank 0, and the layer's trained bias, if any, is saved with it)."""
+        live = _live(self.lora_E)
         return self.lora_A.weight[live] * self.lora_E[live], self.lora_B.weight[:, live]
 
     def load_pair(self, A: Tensor, B: Tensor) -> None:
@@ -324,8 +325,8 @@ def peft_adalora_to_lora(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tup
     """A PEFT AdaLoRA checkpoint (``peft_type: "ADALORA"``) as the exactly equivalent plain LoRA one.
 
     PEFT computes ``lora_B @ (lora_A * lora_E) * lora_alpha / (init_r + 1e-5)``; the plain pair is
-    ``A = lora_A * lora_E``, ``B = lora_B`` with ``alpha_pattern`` giving the same scaling; layers left with
-    rank 0 are dropped (they add nothing). Raises ValueError naming what does not fit.
+    ``A = (lora_A * lora_E)[live]``, ``B = lora_B[:, live]`` with ``alpha_pattern`` giving the same scaling
+    (:meth:`SVDAdapter.plain_pair`'s form). Raises ValueError naming what does not fit.
     """
     init_r = raw.get("init_r", 12)
     alpha = raw.get("lora_alpha", 8)
@@ -345,21 +346,26 @@ def peft_adalora_to_lora(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tup
         _check(E.dim() == 2 and E.shape[1] == 1 and A.dim() == 2 and A.shape[0] == r and B.dim() == 2
                and B.shape[1] == r, f"AdaLoRA tensors of {stem} have inconsistent shapes: lora_A {tuple(A.shape)}, "
                f"lora_E {tuple(E.shape)}, lora_B {tuple(B.shape)}")
-        live = (E[:, 0] != 0).nonzero().squeeze(1)
-        if live.numel():
-            path = stem.removeprefix(_PREFIX)
-            out[f"{stem}.lora_A.weight"] = (A[live] * E[live]).contiguous()
-            out[f"{stem}.lora_B.weight"] = B[:, live].contiguous()
-            ranks[path] = live.numel()
+        live = _live(E) if r else None
+        _check(live is not None, f"AdaLoRA tensors of {stem} have rank 0")
+        out[f"{stem}.lora_A.weight"] = (A[live] * E[live]).contiguous()
+        out[f"{stem}.lora_B.weight"] = B[:, live].contiguous()
+        ranks[stem.removeprefix(_PREFIX)] = live.numel()
     adalora = {f"{s}.lora_{n}" for s in stems for n in "ABE"}
     out |= {k: v for k, v in tensors.items() if k not in adalora}  # biases, modules_to_save
-    _check(bool(ranks), "AdaLoRA checkpoint has no layer with a non-zero singular value: nothing to load")
+    _check(bool(ranks), "AdaLoRA checkpoint has no lora_E tensor: nothing to load")
     config = {k: v for k, v in raw.items() if k not in _ADALORA_TRAINING_KEYS}
     for key in ("rank_pattern", "layers_to_transform", "layers_pattern", "exclude_modules", "use_rslora"):
-        config.pop(key, None)  # the live layers are named explicitly below
+        config.pop(key, None)  # the adapted layers are named explicitly below
     config.update(peft_type="LORA", target_modules=sorted(ranks), r=max(ranks.values()), lora_alpha=1.0,
                   rank_pattern=ranks, alpha_pattern={p: scaling * n for p, n in ranks.items()})
     return config, out
+
+
+def _live(E: Tensor) -> Tensor:
+    """Indices of the non-zero singular values ``E: (r, 1)``; ``[0]`` (a zero one) when there is none."""
+    live = (E[:, 0] != 0).nonzero().squeeze(1)
+    return live if live.numel() else torch.zeros(1, dtype=torch.long, device=E.device)
 
 
 def _is_int(x: Any) -> bool:

@@ -70,8 +70,6 @@ def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora:
     out: dict[str, Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.adapters:
-            if _pruned(module.adapters[adapter]):
-                continue
             out.update(_adapter_tensors(module, module.adapters[adapter], path, convert_to_lora))
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
@@ -83,11 +81,6 @@ def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora:
             if name.endswith("bias") and ".adapters." not in name and not _in_saved(model, name):
                 out[name] = p
     return {PREFIX + k: v.detach() for k, v in out.items()}
-
-
-def _pruned(adapter) -> bool:
-    """An AdaLoRA adapter whose every singular value is zero: it adds nothing and is not saved (PEFT has no rank 0)."""
-    return isinstance(adapter, SVDAdapter) and adapter.live_rank == 0
 
 
 def _in_saved(model: nn.Module, param_name: str) -> bool:
@@ -121,10 +114,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 
 def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
-    paths = [p for p, m in model.named_modules()
-             if isinstance(m, LoraLayer) and adapter in m.adapters and not _pruned(m.adapters[adapter])]
-    if not paths:
-        raise ValueError(f"adapter {adapter!r}: every AdaLoRA layer has rank 0, nothing to save")
+    paths = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
@@ -141,8 +131,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
             d["rank_pattern"] = {**d["rank_pattern"], p: n_on * config.rank_for(p)}
             factor = math.sqrt(n_on) if config.use_rslora else n_on
             d["alpha_pattern"] = {**d["alpha_pattern"], p: config.alpha_for(p) * factor}
-        elif isinstance(adapter_obj, SVDAdapter) and p in paths:  # plain LoRA of the live rank, same scaling
-            live = adapter_obj.live_rank
+        elif isinstance(adapter_obj, SVDAdapter):  # plain LoRA of the live rank, same scaling
+            live = adapter_obj.plain_pair()[0].shape[0]
             d["rank_pattern"] = {**d["rank_pattern"], p: live}
             d["alpha_pattern"] = {**d["alpha_pattern"], p: adapter_obj.scaling * (math.sqrt(live) if config.use_rslora
                                                                                   else live)}
