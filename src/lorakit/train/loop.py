@@ -176,7 +176,8 @@ class _Run:
 
     def _load(self, resume_from):
         ckpt = load_checkpoint(self.cfg.output_dir if resume_from is True else resume_from)
-        hook_state = _read_hook_state(ckpt.path) if self.hook is not None else None
+        if self.hook is not None:  # read and checked before the model or optimizer change
+            self.hook.load_state_dict(_read_hook_state(ckpt.path))
         saved = ckpt.config.get("train", {})
         changed = [k for k in _TRAJECTORY if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
@@ -203,8 +204,6 @@ class _Run:
                           "streams are reseeded", UserWarning, stacklevel=4)
             _seed_all(self.cfg.seed + self.info.rank + ckpt.state.global_step)
         self.state = ckpt.state
-        if self.hook is not None:
-            self.hook.load_state_dict(hook_state)
         return ckpt
 
     # ----- the loop ----------------------------------------------------------------------------------------
