@@ -18,6 +18,7 @@ from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
+from .variants import check_base_kept, check_rows
 
 
 # ----- injection -----------------------------------------------------------------------------------------
@@ -39,6 +40,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
+    check_base_kept(model, f"adding adapter {name!r}", config)
     planned = []
     for path in find_targets(model, config):
         module = model.get_submodule(path)
@@ -162,6 +164,8 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     layers, saved = _wrappers(model)
     if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
+    if name is None:
+        check_base_kept(model, "set_adapter(model, None)")
     for layer in layers:
         if layer.merged and name not in layer.merged:
             raise RuntimeError(f"adapter {layer.merged} is merged; unmerge(model) before switching to {name!r}")
@@ -227,6 +231,7 @@ def disabled(model: nn.Module):
     for layer in layers:
         if layer.merged:
             raise RuntimeError(f"adapter {layer.merged} is merged into the weights; unmerge(model) first")
+    check_base_kept(model, "disabled(model)")
     for obj in layers + saved:
         obj.disabled = True
     try:
@@ -251,6 +256,7 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     layers, saved = _wrappers(model)
     if any(layer.merged for layer in layers):
         raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
+    check_rows(model, names)
     for layer in layers:
         layer.row_plan = make_row_update(layer, names)
     for m in saved:
@@ -338,6 +344,12 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             raise _unknown(model, a)
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists")
+    check_base_kept(model, "combine_adapters")
+    for layer in lora_layers(model):
+        for a in weights:
+            if a in layer.adapters and not layer.adapters[a].additive:
+                raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
+                                 "not a plain B·A update; only plain LoRA adapters combine")
     configs = [adapter_config(model, a) for a in weights]
     for layer in lora_layers(model):
         parts = [(layer.adapters[a], w) for a, w in weights.items() if a in layer.adapters]

@@ -20,25 +20,30 @@ asks which one it holds. A variant class provides:
   per-row batching, ``combine_adapters`` and plain-LoRA conversion refuse non-additive adapters.
 
 What a variant may read from the layer (never ``if isinstance`` on layer types): ``layer.base_layer``,
-``layer.weight_matrix()`` (the base weight as ``(d, k)``: d outputs, k inputs; quantized layers
-dequantize there), ``layer.as_matrix(w)`` / ``layer.to_base_layout(m)`` (between the base layout and
+``layer.base_weight()`` / ``layer.write_base(w)`` (the base weight in its layout, detached; a quantized
+layer dequantizes / requantizes there), ``layer.weight_matrix()`` (the base weight as ``(d, k)``: d
+outputs, k inputs), ``layer.as_matrix(w)`` / ``layer.to_base_layout(m)`` (between the base layout and
 ``(d, k)``), ``layer.feature_view(v)`` (a ``(d,)`` vector shaped to broadcast against the output).
 
 **Initialisers** set an adapter's A and B when it is built: :data:`INITIALIZERS` maps a name (PEFT's
 ``init_lora_weights`` value; ``"pissa_niter_16"`` is the entry ``"pissa_niter"`` with argument 16) to
 ``fn(layer, adapter, arg) -> BaseChange | None``. An initialiser never writes the model: one that
 changes the base weight (PiSSA, OLoRA, LoftQ) returns a :class:`BaseChange` holding the new base (in the
-base layout, the base's dtype) and the pair ``(A0, B0)`` it took out, so that::
+base layout, any float dtype: ``layer.write_base`` casts, a quantized layer requantizes) and the pair
+``(A0, B0)`` it took out, so that::
 
     original base  ==  new base + scaling · B0 · A0          (exact up to rounding for PiSSA/OLoRA)
+
+Restore and conversion rely on this identity; an initialiser for which it holds only approximately
+(LoftQ: the quantization error remains) must say so in its docstring.
 
 The layer writes the new base when the adapter is attached (``LoraLayer.attach``, at commit time),
 keeps ``A0, B0`` on the adapter (non-persistent buffers), and restores the original base when the
 adapter is deleted or unloaded without merging. From that record :func:`plain_lora_pair` gives the
 exactly equivalent plain LoRA for the **original** base, ``A' = [A; A0]``, ``B' = [B, -B0]`` (rank 2r,
 same scaling), whatever initialiser changed the base (PEFT's ``path_initial_model_for_weight_conversion``).
-A base-changing adapter cannot share a layer with other adapters (either order is refused): they would
-see a base they were not trained on.
+A base-changing adapter must be the only adapter on its model (:func:`check_base_kept`): the base model
+(``disabled``, per-row base rows) and other adapters would run on the residual as if it were the base.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from .layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, Sli
 class BaseChange:
     """What a base-changing initialiser did: ``original == new_base + scaling * B0 @ A0`` (in ``(d, k)``)."""
 
-    new_base: Tensor  # base layout, base dtype
+    new_base: Tensor  # base layout, any float dtype (LoraLayer.write_base casts or quantizes)
     A0: Tensor  # (r, k)
     B0: Tensor  # (d, r)
 
@@ -88,17 +93,16 @@ def _pissa_init(layer: LoraLayer, adapter: Adapter, niter: int | None) -> BaseCh
 
 
 def _olora_init(layer: LoraLayer, adapter: Adapter, arg: None) -> BaseChange:
-    """OLoRA (arXiv 2406.01775): ``W0 = Q R``; ``B = Q[:, :r] / sqrt(s)``, ``A = R[:r] / sqrt(s)``, base ``W0 - s·B·A``."""
+    """OLoRA (arXiv 2406.01775), as PEFT: ``W0 = Q R``; ``B = Q[:, :r]``, ``A = R[:r]``, base ``W0 - s·B·A``."""
     W, r, s = _base_for_init(layer, adapter)
     Q, R = torch.linalg.qr(W)
-    return _take_out(layer, adapter, W, A=R[:r] / math.sqrt(s), B=Q[:, :r] / math.sqrt(s))
+    return _take_out(layer, adapter, W, A=R[:r], B=Q[:, :r])
 
 
 def _base_for_init(layer: LoraLayer, adapter: Adapter) -> tuple[Tensor, int, float]:
-    if isinstance(adapter, SlicedAdapter) or isinstance(layer, LoraEmbedding):
-        raise ValueError(f"init {adapter.config.init!r} works on linear-like and conv layers without slices "
-                         f"(as PEFT's), not on {type(layer.base_layer).__name__}"
-                         + (" with slices" if isinstance(adapter, SlicedAdapter) else ""))
+    if isinstance(adapter, SlicedAdapter) or not isinstance(layer, LoraLinear):
+        where = "fused slices" if isinstance(adapter, SlicedAdapter) else type(layer.base_layer).__name__
+        raise ValueError(f"init {adapter.config.init!r} works on linear layers (as PEFT's), not on {where}")
     W = layer.weight_matrix().float()  # (d, k)
     r = adapter.rank
     if r > min(W.shape):
@@ -110,8 +114,7 @@ def _take_out(layer: LoraLayer, adapter: Adapter, W: Tensor, A: Tensor, B: Tenso
     adapter.load_pair(A, B)
     A0, B0 = adapter.plain_pair()  # in the adapter's dtype: the residual is taken out of exactly what runs
     residual = W - adapter.scaling * (B0.float() @ A0.float())
-    base = layer.base_layer.weight
-    return BaseChange(layer.to_base_layout(residual).to(base.dtype), A0.detach().clone(), B0.detach().clone())
+    return BaseChange(layer.to_base_layout(residual), A0.detach().clone(), B0.detach().clone())
 
 
 #: name -> (function, how its argument is read from the name); a name with an argument is ``<name>_<int>``.
@@ -140,6 +143,8 @@ def parse_init(init: str) -> tuple[str, object]:
             raise ValueError(f"init {init!r}: the iteration count must be >= 1")
         return m.group(1), k
     known = sorted(INITIALIZERS)
+    if init in UNSUPPORTED_INITS:
+        raise ValueError(f"init {init!r} (a PEFT init_lora_weights value) is not supported by lorakit; use one of {known}")
     raise ValueError(f"init must be one of {known} (pissa_niter as 'pissa_niter_<K>'), got {init!r}")
 
 
@@ -154,17 +159,52 @@ def initialize(layer: LoraLayer, adapter: Adapter, init: str) -> None:
         adapter.base_change = change  # written by commit_base when attached
 
 
-def check_shared_base(layer: LoraLayer, config: LoraConfig, module_name: str) -> None:
-    """Refuse a layer mixing a base-changing adapter with any other (either order)."""
-    if not len(layer.adapters):
-        return
-    holder = next((n for n, a in layer.adapters.items() if changed_base(a)), None)
-    if holder is not None:
-        raise ValueError(f"{module_name}: adapter {holder!r} replaced this layer's base weight (init "
-                         f"{layer.adapters[holder].config.init!r}); no other adapter can share the layer")
-    if parse_init(config.init)[0] not in ("kaiming", "gaussian"):
-        raise ValueError(f"{module_name}: init {config.init!r} replaces the base weight, which adapters "
-                         f"{list(layer.adapters)} of this layer use; add it to a layer without adapters")
+def base_owner(model: nn.Module) -> str | None:
+    """The adapter of ``model`` whose initialiser replaced base weights, if any (there is at most one)."""
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for name, adapter in layer.adapters.items():
+                if changed_base(adapter):
+                    return name
+    return None
+
+
+def check_base_kept(model: nn.Module, doing: str, config: LoraConfig | None = None) -> None:
+    """Refuse ``doing`` when it would run base weights an initialiser replaced as if they were the original.
+
+    An adapter whose initialiser replaced base weights (PiSSA, OLoRA...) must be the only adapter on its
+    model: the base model (``disabled``, base rows), and any other adapter, would see the residual.
+    ``config``: the config of an adapter about to be added.
+    """
+    owner = base_owner(model)
+    if owner is not None:
+        raise ValueError(f"{doing}: adapter {owner!r} replaced the base weights (init "
+                         f"{_config_of(model, owner).init!r}), so only it can run on this model; "
+                         f"delete_adapter(model, {owner!r}) restores them, save_adapter(..., convert_to_lora=True) "
+                         "writes it as a plain LoRA for the original base")
+    if config is not None and parse_init(config.init)[0] not in ("kaiming", "gaussian"):
+        names = sorted({n for m in model.modules() if isinstance(m, LoraLayer) for n in m.adapters})
+        if names:
+            raise ValueError(f"init {config.init!r} replaces base weights, which adapters {names} of this model "
+                             "use; add it to a model without adapters")
+
+
+def _config_of(model: nn.Module, name: str) -> LoraConfig:
+    return next(m.adapters[name].config for m in model.modules() if isinstance(m, LoraLayer) and name in m.adapters)
+
+
+def check_rows(model: nn.Module, names: list[str | None]) -> None:
+    """``per_row_adapters``: refuse base rows or other adapters beside a base-replacing adapter, and
+    non-additive adapters (DoRA), whose update is not the stacked ``B·A`` the per-row path computes."""
+    owner = base_owner(model)
+    if owner is not None and any(n != owner for n in names):
+        check_base_kept(model, "per_row_adapters with rows of other adapters or of the base model")
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for name in set(names) & set(layer.adapters):
+                if not layer.adapters[name].additive:
+                    raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
+                                     ", which per-row batching does not support; run it with use_adapter()")
 
 
 def changed_base(adapter: Adapter) -> bool:
@@ -177,8 +217,7 @@ def commit_base(layer: LoraLayer, adapter: Adapter) -> None:
     change = adapter.__dict__.pop("base_change", None)
     if change is None:
         return
-    with torch.no_grad():
-        layer.base_layer.weight.copy_(change.new_base)
+    layer.write_base(change.new_base)
     adapter.register_buffer("init_A", change.A0, persistent=False)
     adapter.register_buffer("init_B", change.B0, persistent=False)
 
@@ -187,10 +226,9 @@ def restore_base(layer: LoraLayer, adapter: Adapter) -> None:
     """Undo :func:`commit_base`: the base weight gets ``scaling * B0 @ A0`` back."""
     if not changed_base(adapter):
         return
-    weight = layer.base_layer.weight
+    weight = layer.base_weight().float()
     back = layer.to_base_layout(adapter.scaling * (adapter.init_B.float() @ adapter.init_A.float()))
-    with torch.no_grad():
-        weight.copy_((weight.float() + back.to(weight.device)).to(weight.dtype))
+    layer.write_base(weight + back.to(weight.device))
 
 
 def plain_lora_pair(adapter: Adapter) -> tuple[Tensor, Tensor]:
@@ -303,3 +341,32 @@ def wrap_variant(layer: LoraLayer, adapter: Adapter, config: LoraConfig) -> Adap
         if variant.wanted(config):
             return variant.wrap(layer, adapter)
     return adapter
+
+
+# ----- LoRA+ -----------------------------------------------------------------------------------------------
+def loraplus_param_groups(model: nn.Module, lr: float, ratio: float | None) -> list[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al., 2024, arXiv 2402.12354).
+
+    The ``lora_B`` weights of every adapter (found by type, not by name) train at ``ratio * lr``; every
+    other trainable parameter (``lora_A``, DoRA magnitudes, biases, ``modules_to_save`` copies) at ``lr``.
+    ``ratio=None`` gives one group. Use it with any optimizer::
+
+        torch.optim.AdamW(lorakit.loraplus_param_groups(model, lr=2e-4, ratio=16), weight_decay=0.0)
+    """
+    if not _finite_positive(lr):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if ratio is not None and not _finite_positive(ratio):
+        raise ValueError(f"ratio must be a positive finite number or None, got {ratio!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; call lorakit.add_lora(model, config) first")
+    if ratio is None:
+        return [{"params": params, "lr": lr}]
+    b_ids = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.lora_B.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": lr},
+              {"params": [p for p in params if id(p) in b_ids], "lr": lr * ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
