@@ -326,6 +326,9 @@ def test_peft_adalora_checkpoint_loads_as_plain_lora_with_equal_outputs(tmp_path
     torch.testing.assert_close(base(x), peft_model(x), atol=ATOL, rtol=ATOL)
     ranks = {p: m.adapters["default"].rank for p, m in base.named_modules() if hasattr(m, "adapters")}
     assert ranks == {"fc1": 3, "fc2": 1 if prune_all_of else 3}
+    from lorakit.cli.inspect import describe  # lorakit inspect reads it the same way
+
+    assert {la["module"]: la["rank"] for la in describe(tmp_path)["layers"]} == ranks
 
 
 def test_peft_adalora_checkpoint_with_missing_tensor_is_refused(tmp_path):
