@@ -172,7 +172,6 @@ def test_allocator_runs_the_three_phases_and_ends_on_the_target_budget():
     assert budgets[17:] == [4] * 7 and live[17:] == [4] * 7  # from T - tfinal = 18 on: the target, fixed
     assert all(n <= b for n, b in zip(live, budgets, strict=True))  # the mask holds between re-allocations
     frozen = alloc.mask
-    _train(model, alloc, 0)
     assert alloc.step(30) == 4 and alloc.mask is frozen  # past T: still the final ranks
 
 
