@@ -219,16 +219,21 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         raise CheckpointError(f"{config_file}: not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
+    adalora = raw.get("peft_type") == "ADALORA"  # read as the exactly equivalent plain LoRA, from its tensors
+    try:
+        config = None if adalora else LoraConfig.from_peft_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {e}") from None
-    try:
-        if raw.get("peft_type") == "ADALORA":  # read as the exactly equivalent plain LoRA
+    if adalora:
+        try:
             raw, tensors = peft_adalora_to_lora(raw, tensors)
-        config = LoraConfig.from_peft_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: {e}") from None
+            config = LoraConfig.from_peft_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_file}: {e}") from None
     return config, raw, tensors
 
 
