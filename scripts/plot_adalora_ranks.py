@@ -2,9 +2,9 @@
 
     python scripts/plot_adalora_ranks.py RUN_DIR OUT.png
 
-``RUN_DIR`` is a ``lorakit train --method adalora`` output directory: the ranks come from
-``adapter/adapter_config.json`` (``rank_pattern``; a matrix left out was pruned to rank 0), the schedule
-from ``run_args.json`` and the step count in ``metrics.jsonl``.
+``RUN_DIR`` is a ``lorakit train --method adalora`` output directory: the ranks come from the saved
+adapter (``adapter/``; a matrix pruned to rank 0 is saved as a zero rank-1 pair), the schedule from
+``run_args.json`` and the step count in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attentio
 
 
 def final_ranks(run: Path) -> dict[tuple[int, str], int]:
-    """(layer, matrix) -> final rank (matrices pruned to rank 0 are absent)."""
-    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    """(layer, matrix) -> final live rank; a matrix pruned to rank 0 is saved as a zero rank-1 pair."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
     ranks = {}
-    for path, r in cfg["rank_pattern"].items():
-        m = re.search(r"layer\.(\d+)\.(.+)$", path)
-        ranks[(int(m.group(1)), SHORT.get(m.group(2), m.group(2)))] = r
+    for key, A in tensors.items():
+        m = re.search(r"layer\.(\d+)\.(.+)\.lora_A\.weight$", key)
+        if m:
+            ranks[(int(m.group(1)), SHORT.get(m.group(2), m.group(2)))] = A.shape[0] if A.any() else 0
     return ranks
 
 
