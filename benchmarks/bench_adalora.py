@@ -81,9 +81,10 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 on a crowded machine)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    print(environment())
+    torch.set_num_threads(args.threads)
+    print(environment(), f"(torch threads {args.threads})")
     base = build_base()
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(1, 30522, (args.batch, args.seq), generator=g),
