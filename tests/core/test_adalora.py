@@ -95,6 +95,9 @@ def test_regularization_is_the_squared_frobenius_orthogonality_penalty():
         terms.append(sum(((P.T @ P - eye)[i, j]) ** 2 for i in range(6) for j in range(6))
                      + sum(((Q @ Q.T - eye)[i, j]) ** 2 for i in range(6) for j in range(6)))
     torch.testing.assert_close(alloc.regularization(), 0.3 * (terms[0] + terms[1]) / 2, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop's bf16 autocast: the penalty stays fp32
+        in_autocast = alloc.regularization()
+    assert torch.equal(in_autocast, alloc.regularization())
     with torch.no_grad():  # orthonormal columns of P and rows of Q: no penalty
         for a in svd_adapters(model, "default").values():
             a.lora_B.weight.copy_(torch.linalg.qr(torch.randn(24, 6))[0])

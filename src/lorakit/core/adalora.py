@@ -112,10 +112,11 @@ class SVDAdapter(Adapter):
         raise NotImplementedError("an AdaLoRA (SVD-form) adapter cannot be set from a plain (A, B) pair")
 
     def orthogonality(self) -> Tensor:
-        """``||PᵀP − I||²_F + ||QQᵀ − I||²_F`` in fp32 (eq. 4)."""
+        """``||PᵀP − I||²_F + ||QQᵀ − I||²_F`` in fp32 (eq. 4), also inside a bf16 autocast region."""
         P, Q = self.lora_B.weight.float(), self.lora_A.weight.float()
-        eye = torch.eye(P.shape[1], device=P.device)
-        return (P.T @ P - eye).pow(2).sum() + (Q @ Q.T - eye).pow(2).sum()
+        with torch.autocast(P.device.type, enabled=False):
+            eye = torch.eye(P.shape[1], device=P.device)
+            return (P.T @ P - eye).pow(2).sum() + (Q @ Q.T - eye).pow(2).sum()
 
 
 def svd_adapters(model: nn.Module, adapter: str) -> dict[str, SVDAdapter]:
