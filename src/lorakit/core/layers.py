@@ -169,9 +169,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:  # disabling wins over everything, per-row adapters included
+            return out
         if self.row_plan is not None:
             return out + self.row_plan(x).to(out.dtype)
-        if self.disabled or self.active is None or self.active in self.merged:
+        if self.active is None or self.active in self.merged:
             return out
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
@@ -182,6 +184,11 @@ class LoraLayer(nn.Module):
     def weight(self) -> Tensor:
         """The base weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base bias (so code that reads ``module.bias`` keeps working); absent where the base has none."""
+        return self.base_layer.bias
 
     # ----- geometry that variants read (plain ``(d, k)`` form: d outputs, k inputs) -------------------------
     def as_matrix(self, weight: Tensor) -> Tensor:
@@ -265,12 +272,9 @@ class LoraLayer(nn.Module):
         return delta
 
     # ----- merge -----------------------------------------------------------------------------------------
-    def merge(self, name: str, safe: bool = False) -> None:
-        """Add adapter ``name``'s update into the base weight (computed in fp32, cast back)."""
-        merged = self.merged_weight(name)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
-        self.write_base(merged)
+    def merge(self, name: str) -> None:
+        """Add adapter ``name``'s update into the base weight (unchecked: see ``lorakit.merge``)."""
+        self.write_base(self.merged_weight(name))
         self.merged.append(name)
 
     def unmerge(self) -> None:
