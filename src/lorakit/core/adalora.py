@@ -347,8 +347,8 @@ def peft_adalora_to_lora(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tup
         _check(E.dim() == 2 and E.shape[1] == 1 and A.dim() == 2 and A.shape[0] == r and B.dim() == 2
                and B.shape[1] == r, f"AdaLoRA tensors of {stem} have inconsistent shapes: lora_A {tuple(A.shape)}, "
                f"lora_E {tuple(E.shape)}, lora_B {tuple(B.shape)}")
-        live = _live(E) if r else None
-        _check(live is not None, f"AdaLoRA tensors of {stem} have rank 0")
+        _check(r > 0, f"AdaLoRA tensors of {stem} have rank 0")
+        live = _live(E)
         out[f"{stem}.lora_A.weight"] = (A[live] * E[live]).contiguous()
         out[f"{stem}.lora_B.weight"] = B[:, live].contiguous()
         ranks[stem.removeprefix(_PREFIX)] = live.numel()
