@@ -151,9 +151,9 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
 
 
 def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
-    """(``adapter_config.json``, metadata) of the plain-LoRA conversion: every rank doubled with the scaling
-    kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is dropped
-    (it was taken on the replaced base)."""
+    """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
+    scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
+    dropped (it was taken on the replaced base)."""
     held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     changed = [changed_base(a) for a in held]
     if not any(changed):

@@ -76,7 +76,7 @@ class Adapter(nn.Module):
         return torch.addmm(out.reshape(-1, out.shape[-1]), a2d, B.weight.T, alpha=self.scaling).view(out.shape)
 
     # ----- variant seam: forward, merge, checkpoint ---------------------------------------------------------
-    def apply(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         """The layer's output with this adapter: ``out`` is ``layer.base_layer(x)`` (bias included)."""
         return self.add_to(out, _cast(x, self.dtype), inplace)
 
@@ -178,7 +178,7 @@ class LoraLayer(nn.Module):
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
         inplace = self.fresh_output and not _hooked(self.base_layer) and not torch.is_grad_enabled()
-        return adapter.apply(self, out, x, inplace)
+        return adapter.layer_output(self, out, x, inplace)
 
     @property
     def weight(self) -> Tensor:
@@ -263,9 +263,10 @@ class LoraLayer(nn.Module):
         return self.to_base_layout(self.adapters[name].delta_matrix())
 
     def merged_weight(self, name: str) -> Tensor:
-        """The base weight with adapter ``name`` folded in (fp32, base layout); the layer is unchanged."""
+        """The base weight with adapter ``name`` folded in: computed in fp32 (by the adapter, so a variant
+        decides how), cast to the weight's dtype; the layer is unchanged."""
         weight = self.base_weight()
-        return self.adapters[name].merged_weight(self, weight.float()).to(weight.device)
+        return self.adapters[name].merged_weight(self, weight.float()).to(weight.device, weight.dtype)
 
     def to_base_layout(self, delta: Tensor) -> Tensor:
         """``(d, k)`` update -> the shape and layout of ``base_layer.weight``."""
@@ -273,7 +274,7 @@ class LoraLayer(nn.Module):
 
     # ----- merge -----------------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        """Add adapter ``name``'s update into the base weight (unchecked: see ``lorakit.merge``)."""
+        """Fold adapter ``name`` into the base weight (unchecked: see ``lorakit.merge``)."""
         self.write_base(self.merged_weight(name))
         self.merged.append(name)
 

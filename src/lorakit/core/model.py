@@ -19,6 +19,7 @@ from torch import nn
 from ..ops.per_row import make_row_update
 from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
+from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
 from .variants import check_base_kept, check_rows
@@ -41,7 +42,6 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     that :func:`commit_adapter` would need is made here.
     """
     _check_new_adapter(model, name, config)
-    check_base_kept(model, f"adding adapter {name!r}", config)
     planned = []
     for path in find_targets(model, config):
         module = model.get_submodule(path)
@@ -84,6 +84,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
             else f"bias={config.bias!r}"
         raise ValueError(f"{owner}, but only a model's single adapter may train the (shared) base biases; "
                          "use bias='none' for every adapter when there are several")
+    check_base_kept(model, f"adding adapter {name!r}", config)  # PiSSA & co. replace shared base weights
 
 
 def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies: dict[str, nn.Module],
@@ -108,6 +109,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
         holder.copies[name] = module.train(holder.original.training)
     if activate:
         set_adapter(model, name)
+    guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:
@@ -349,11 +351,11 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     layers, saved = _wrappers(model)
     if _merged_names(model):
         raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
-    check_rows(model, names)
     for m in saved:
         if isinstance(m.original, nn.RNNBase) and any(n in m.copies for n in names):
             raise ValueError(f"per_row_adapters cannot split the rows of modules_to_save module "
                              f"{type(m.original).__name__} (a recurrent module returns a tuple, batch not first)")
+    check_rows(model, layers, names)
     plans = [make_row_update(layer, names) for layer in layers]
     before = [(layer, layer.row_plan) for layer in layers], [(m, m.row_names) for m in saved]
     for layer, plan in zip(layers, plans, strict=True):
@@ -394,8 +396,7 @@ def merge(model: nn.Module, adapter: str | None = None, safe: bool = True) -> No
 def _check_finite_merge(model: nn.Module, layers: list[LoraLayer], name: str) -> None:
     """Raise if merging ``name`` into any of ``layers`` gives a non-finite weight (after the cast)."""
     for layer in layers:
-        merged, weight = layer.merged_weight(name), layer.base_layer.weight  # merged_weight is fp32
-        if not torch.isfinite(merged.to(weight.dtype) if weight.is_floating_point() else merged).all():
+        if not torch.isfinite(layer.merged_weight(name)).all():
             path = next(p for p, m in model.named_modules() if m is layer)
             raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path} "
                              f"({layer.base_layer.weight.dtype}); nothing was changed")
@@ -463,7 +464,6 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
-    check_base_kept(model, "combine_adapters")
     for layer in lora_layers(model):
         for a in weights:
             if a in layer.adapters and not layer.adapters[a].additive:
@@ -472,7 +472,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
     configs = [adapter_config(model, a) for a in weights]
     keep = list(dict.fromkeys(k for c in configs for k in c.modules_to_save or []))
     config = configs[0].replace(use_rslora=False, slices={}, rank_pattern={}, alpha_pattern={}, bias="none",
-                                modules_to_save=keep or None)
+                                modules_to_save=keep or None, use_dora=False, init="kaiming")
     _check_new_adapter(model, name, config)
     planned = []
     for path, layer in model.named_modules():
