@@ -15,6 +15,7 @@ from . import eval as eval_cmd
 from . import generate as generate_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
+from . import serve as serve_cmd
 from . import train as train_cmd
 from .options import OneLineParser, UsageError, file_values
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "merge": merge_cmd,
     "inspect": inspect_cmd,
     "generate": generate_cmd,
+    "serve": serve_cmd,
 }
 
 

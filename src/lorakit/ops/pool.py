@@ -1,0 +1,216 @@
+"""A resident pool of stacked adapters (S-LoRA's unified pool): a new batch composition costs an index.
+
+:func:`~lorakit.core.model.per_row_adapters` stacks the adapters it is given on entry, every layer, every
+time. A server whose batch changes at every decode step (continuous batching) cannot pay that per step.
+:class:`AdapterPool` keeps every loaded adapter's weights stacked per layer, once, in slots::
+
+    A_t: (slots + 1, k, r_max)     B_t: (slots + 1, r_max, d)     scaling folded into B_t
+
+slot ``slots`` (the last) all zeros for base rows. Adding an adapter writes its slot; removing it zeroes
+the slot for reuse; the stacks grow (once, by doubling) when slots or ``r_max`` run out. A batch
+composition -- adapter ``names[i]`` for row ``i`` -- is then an index tensor of slots, and
+:meth:`AdapterPool.rows` puts :class:`PooledUpdate` on every layer: per forward, row ``i`` reads its
+slot's matrices by index (``A_t[idx]``: ``b`` rows gathered, independent of how many adapters are
+resident) and the update is the BGMV pair of batched matmuls of :mod:`lorakit.ops.per_row`::
+
+    a[i] = x[i] @ A_t[idx[i]]      # (s, r_max)
+    y[i] = a[i] @ B_t[idx[i]]      # (s, d)
+
+When every row runs one adapter the slot's matrices are used directly (the one-adapter speed).
+
+The pool is a snapshot for inference: if an adapter's weights change after :meth:`AdapterPool.add`,
+call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
+convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..core.layers import LoraConv, LoraEmbedding, LoraLayer
+from ..core.model import _wrappers, adapter_names
+from .per_row import LoopUpdate, _check_rows
+
+
+class _LayerStack:
+    """One layer's resident stacks; ``A_t: (slots+1, k, r)``, ``B_t: (slots+1, r, d)``."""
+
+    def __init__(self, layer: LoraLayer, slots: int, rank: int):
+        w = next(iter(layer.adapters.values())).lora_B.weight
+        A, B = next(iter(layer.adapters.values())).plain_pair()
+        self.k, self.d = A.shape[1], B.shape[0]
+        self.embedding = isinstance(layer, LoraEmbedding)
+        self.A_t = torch.zeros(slots + 1, self.k, rank, dtype=w.dtype, device=w.device)
+        self.B_t = torch.zeros(slots + 1, rank, self.d, dtype=w.dtype, device=w.device)
+        self.present: set[int] = set()  # slots that hold an adapter on this layer
+
+    def resize(self, slots: int, rank: int) -> None:
+        A_t = self.A_t.new_zeros(slots + 1, self.k, rank)
+        B_t = self.B_t.new_zeros(slots + 1, rank, self.d)
+        n, r = min(slots, self.A_t.shape[0] - 1), self.A_t.shape[2]
+        A_t[:n, :, :r], B_t[:n, :r] = self.A_t[:n], self.B_t[:n]
+        self.A_t, self.B_t = A_t, B_t
+
+    def write(self, slot: int, A: Tensor, B: Tensor, scaling: float) -> None:
+        r = A.shape[0]
+        self.A_t[slot].zero_()
+        self.B_t[slot].zero_()
+        self.A_t[slot, :, :r] = A.T
+        self.B_t[slot, :r] = (B * scaling).T
+        self.present.add(slot)
+
+    def clear(self, slot: int) -> None:
+        self.A_t[slot].zero_()
+        self.B_t[slot].zero_()
+        self.present.discard(slot)
+
+
+class PooledUpdate:
+    """Per-row LoRA update of one layer read from its :class:`_LayerStack` by a slot index per row.
+
+    The rows' matrices are gathered on the first call and kept for the later calls of the same context
+    (a prefill and its decode steps run the same rows); ``b * r * (k + d)`` values per layer.
+    """
+
+    def __init__(self, stack: _LayerStack, index: Tensor, shared_slot: int | None):
+        self.stack, self.index, self.shared_slot = stack, index, shared_slot
+        self._gathered: tuple[Tensor, Tensor] | None = None
+
+    def gathered(self) -> tuple[Tensor, Tensor]:
+        """``A_g: (b, k, r)`` (embeddings: the whole stack, rows read it by token id) and ``B_g: (b, r, d)``."""
+        if self._gathered is None or self._gathered[1].shape[0] != self.index.shape[0]:
+            A_t, B_t = self.stack.A_t, self.stack.B_t
+            self._gathered = (A_t if self.stack.embedding else A_t[self.index], B_t[self.index])
+        return self._gathered
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_rows(self.index, x)
+        A_t, B_t = self.stack.A_t, self.stack.B_t
+        b = x.shape[0]
+        if self.stack.embedding:  # x: token ids (b, ...); row i reads rows x[i] of A_t[idx[i]]
+            if self.shared_slot is not None:
+                return A_t[self.shared_slot][x] @ B_t[self.shared_slot]
+            a = A_t[self.index.view(b, *([1] * (x.dim() - 1))), x].reshape(b, -1, A_t.shape[-1])  # (b, s, r)
+            lead = x.shape
+            B_g = self.gathered()[1]
+        else:
+            x = x.to(A_t.dtype)
+            if self.shared_slot is not None:  # every row runs one adapter: its matrices, no gather
+                return (x @ A_t[self.shared_slot]) @ B_t[self.shared_slot]
+            A_g, B_g = self.gathered()
+            a = torch.bmm(x.reshape(b, -1, x.shape[-1]), A_g)  # (b, s, r)
+            lead = x.shape[:-1]
+        y = torch.bmm(a, B_g)  # (b, s, d)
+        return y.view(*lead, y.shape[-1])
+
+
+class AdapterPool:
+    """Loaded adapters of ``model`` stacked per layer in resident slots; see the module docstring."""
+
+    def __init__(self, model: nn.Module, slots: int = 8):
+        if slots < 1:
+            raise ValueError(f"AdapterPool: slots must be >= 1, got {slots}")
+        self.model = model
+        self.slots = slots
+        self.rank = 1
+        self.slot_of: dict[str, int] = {}
+        self.stacks: dict[LoraLayer, _LayerStack] = {}
+        self._wrapped = None  # (LoRA layers, modules_to_save wrappers) of the model, found at add/remove
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slot_of
+
+    def names(self) -> list[str]:
+        return list(self.slot_of)
+
+    def _wrappers(self):
+        """The model's wrappers; walking every module is slow with many adapters, so it is done once per
+        add/remove, not per composition."""
+        if self._wrapped is None:
+            self._wrapped = _wrappers(self.model)
+        return self._wrapped
+
+    def _pooled_layers(self) -> list[LoraLayer]:
+        return [layer for layer in self._wrappers()[0] if not isinstance(layer, LoraConv)]
+
+    def add(self, name: str) -> int:
+        """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
+        self._wrapped = None  # adding the adapter may have wrapped new layers
+        if name not in adapter_names(self.model):
+            raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
+        layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
+        pairs = {layer: layer.adapters[name].plain_pair() for layer in layers}
+        rank = max([self.rank] + [A.shape[0] for A, _ in pairs.values()])
+        slot = self.slot_of.get(name)
+        if slot is None:
+            used = set(self.slot_of.values())
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+        slots = self.slots if slot < self.slots else 2 * self.slots
+        if (slots, rank) != (self.slots, self.rank):
+            for stack in self.stacks.values():
+                stack.resize(slots, rank)
+            self.slots, self.rank = slots, rank
+        with torch.no_grad():
+            for layer in self.stacks:  # a rewritten adapter may no longer touch some layer
+                if layer not in pairs:
+                    self.stacks[layer].clear(slot)
+            for layer, (A, B) in pairs.items():
+                if layer not in self.stacks:
+                    self.stacks[layer] = _LayerStack(layer, self.slots, self.rank)
+                self.stacks[layer].write(slot, A.detach(), B.detach(), layer.adapters[name].scaling)
+        self.slot_of[name] = slot
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Free ``name``'s slot (the adapter stays in the model; delete it there separately)."""
+        slot = self.slot_of.pop(name)
+        self._wrapped = None
+        for stack in self.stacks.values():
+            stack.clear(slot)
+
+    def index(self, names: list[str | None]) -> Tensor:
+        """The slot of each row (``None``: the zero slot)."""
+        unknown = sorted({n for n in names if n is not None and n not in self.slot_of})
+        if unknown:
+            raise KeyError(f"AdapterPool: {unknown} not in the pool; pooled: {sorted(self.slot_of)}")
+        device = next(iter(self.stacks.values())).A_t.device if self.stacks else None
+        return torch.tensor([self.slots if n is None else self.slot_of[n] for n in names], device=device)
+
+    @contextmanager
+    def rows(self, names: list[str | None]):
+        """Like :func:`~lorakit.core.model.per_row_adapters` (row ``i`` runs ``names[i]``), reading the
+        resident stacks: entering costs one index tensor. Inference only (no gradients reach the adapters)."""
+        names = list(names)
+        index = self.index(names)
+        slots = set(index.tolist())
+        layers, saved = self._wrappers()
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
+        for layer in layers:
+            stack = self.stacks.get(layer)
+            if stack is None:  # convolutions, and layers no pooled adapter touches
+                layer.row_plan = LoopUpdate(layer, names) if isinstance(layer, LoraConv) else _zero_update(names)
+                continue
+            on_layer = slots & stack.present
+            shared = next(iter(slots)) if len(slots) == 1 and on_layer else None
+            layer.row_plan = PooledUpdate(stack, index, shared) if on_layer else _zero_update(names)
+        for m in saved:
+            m.row_names = names
+        try:
+            yield self.model
+        finally:
+            for layer in layers:
+                layer.row_plan = None
+            for m in saved:
+                m.row_names = None
+
+
+def _zero_update(names: list[str | None]):
+    def update(x: Tensor) -> Tensor:
+        _check_rows(names, x)
+        return torch.zeros((), device=x.device)
+
+    return update

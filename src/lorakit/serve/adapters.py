@@ -1,0 +1,213 @@
+"""The adapters a server knows, and the ones loaded: an LRU bounded by ``max_loaded`` over one base model.
+
+Known adapters come from ``--adapter NAME=DIR`` and from the subfolders of ``--adapters-dir`` (listed at
+once, loaded on first use); dynamic loads may read only below ``--adapters-dir``. Loading goes through
+:func:`lorakit.load_adapter` (validated before the model changes) and then into the resident
+:class:`~lorakit.ops.pool.AdapterPool`; eviction is the reverse. An adapter that fails to load (corrupt,
+made for another base) is remembered with its error: its requests fail with that error, the others run.
+Only the engine's thread calls :meth:`AdapterStore.ensure` / :meth:`AdapterStore.evict` (they change the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..core.config import LORAKIT_KEY
+from ..core.model import delete_adapter
+from ..ops.pool import AdapterPool
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+class UnknownAdapter(KeyError):
+    """A model name that is neither the base nor a known adapter (HTTP 404)."""
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter that cannot be loaded (corrupt, other base): its requests fail, the server goes on."""
+
+
+class PathRefused(ValueError):
+    """An adapter name or path that escapes ``--adapters-dir`` or is not allowed (HTTP 400)."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: Path
+    rank: int | None = None
+    target_modules: list[str] | None = None
+    size_bytes: int | None = None
+    labels: list[str] | None = None
+    error: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def describe(name: str, path: Path) -> AdapterInfo:
+    """Rank, targets, size and class names from the adapter's files (config read, weights not loaded)."""
+    info = AdapterInfo(name, path)
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        info.rank = int(raw["r"]) if isinstance(raw.get("r"), int) else None
+        targets = raw.get("target_modules")
+        info.target_modules = [targets] if isinstance(targets, str) else list(targets or [])
+        info.size_bytes = (path / WEIGHTS_NAME).stat().st_size
+        id2label = _metadata(path, raw).get("id2label") or {}
+        info.labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        info.error = str(e) if isinstance(e, ValueError) and WEIGHTS_NAME in str(e) else f"{path / CONFIG_NAME}: {e}"
+    return info
+
+
+def _metadata(path: Path, raw: dict) -> dict:
+    """lorakit's metadata: in the weights file's header (read without loading the tensors), or, in older
+    adapters, in ``adapter_config.json``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 -- safetensors' own error type; reported with the adapter
+        raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file: {e}") from None
+    meta = json.loads(header[LORAKIT_KEY]) if LORAKIT_KEY in header else raw.get(LORAKIT_KEY)
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise PathRefused(f"adapter name {name!r} is not allowed: use letters, digits, '_', '.', ':', '-'")
+    return name
+
+
+def resolve_inside(root: Path | None, rel: str) -> Path:
+    """``root / rel`` if it stays inside ``root`` once symlinks are followed; otherwise :class:`PathRefused`."""
+    if root is None:
+        raise PathRefused("dynamic adapter loading needs --adapters-dir (the only root it may read from)")
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise PathRefused(f"lora_path {rel!r}: absolute paths are refused; give a path relative to --adapters-dir")
+    if ".." in Path(rel).parts:
+        raise PathRefused(f"lora_path {rel!r}: '..' is refused; the path must stay inside --adapters-dir")
+    real_root = root.resolve()
+    target = (real_root / rel).resolve()
+    if target != real_root and real_root not in target.parents:
+        raise PathRefused(f"lora_path {rel!r} leads outside --adapters-dir (through a symlink)")
+    if not is_adapter_dir(target):
+        raise PathRefused(f"lora_path {rel!r}: no {CONFIG_NAME} + {WEIGHTS_NAME} there")
+    return target
+
+
+def discover(base_name: str, adapters: dict[str, Path] | None = None,
+             adapters_dir: Path | None = None) -> dict[str, AdapterInfo]:
+    """The adapters a server knows at start: each subfolder of ``adapters_dir`` holding an adapter (under the
+    folder's name; symlinks out of the root are not served) and each ``NAME=DIR`` of ``adapters``."""
+    known: dict[str, AdapterInfo] = {}
+    if adapters_dir is not None:
+        root = Path(adapters_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--adapters-dir {root} is not a directory")
+        for sub in sorted(root.iterdir()):
+            if not NAME_RE.fullmatch(sub.name) or not is_adapter_dir(sub):
+                continue
+            try:
+                known[sub.name] = describe(sub.name, resolve_inside(root, sub.name))
+            except PathRefused:
+                continue
+    for name, path in (adapters or {}).items():
+        check_name(name)
+        if name == base_name:
+            raise ValueError(f"adapter name {name!r} is the base model's name")
+        if not is_adapter_dir(Path(path)):
+            raise FileNotFoundError(f"adapter {name}: no {CONFIG_NAME} + {WEIGHTS_NAME} in {path}")
+        known[name] = describe(name, Path(path))
+    return known
+
+
+class AdapterStore:
+    """Known and loaded adapters of one base ``model`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, base_name: str, known: dict[str, AdapterInfo],
+                 adapters_dir: Path | None = None, max_loaded: int = 8):
+        if max_loaded < 1:
+            raise ValueError(f"--max-loaded-adapters must be >= 1, got {max_loaded}")
+        self.model, self.base_name, self.max_loaded = model, base_name, max_loaded
+        self.adapters_dir = Path(adapters_dir) if adapters_dir else None
+        self.known = dict(known)
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.pool = AdapterPool(model, slots=max_loaded)
+
+    def names(self) -> list[str]:
+        return list(self.known)
+
+    def info(self, name: str | None) -> AdapterInfo | None:
+        """None for the base model; :class:`UnknownAdapter` naming what exists for anything else unknown."""
+        if name == self.base_name:
+            return None
+        if name not in self.known:
+            raise UnknownAdapter(f"model {name!r} does not exist; available: {[self.base_name, *self.known]}")
+        return self.known[name]
+
+    # ----- engine thread only -------------------------------------------------------------------------------
+    def ensure(self, name: str | None, pinned: set[str]) -> bool:
+        """Load ``name`` if needed (evicting the least recently used adapter not in ``pinned``).
+
+        Returns False when every loaded adapter is pinned (the caller retries later). Raises
+        :class:`AdapterLoadError` if the adapter cannot be loaded.
+        """
+        if name is None:  # the base model
+            return True
+        info = self.info(name)
+        if info is None:
+            return True
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return True
+        if info.error:
+            raise AdapterLoadError(f"adapter {name!r} cannot be loaded: {info.error}")
+        while len(self.loaded) >= self.max_loaded:
+            victim = next((n for n in self.loaded if n not in pinned), None)
+            if victim is None:
+                return False
+            self.evict(victim)
+        try:
+            load_adapter(self.model, info.path, adapter=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            info.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AdapterLoadError(f"adapter {name!r} cannot be loaded: {info.error}") from None
+        self.pool.add(name)
+        self.loaded[name] = None
+        return True
+
+    def evict(self, name: str) -> None:
+        if name in self.loaded:
+            del self.loaded[name]
+            self.pool.remove(name)
+            delete_adapter(self.model, name)
+
+    def add(self, name: str, rel_path: str) -> AdapterInfo:
+        """Dynamic load: register ``name`` at ``rel_path`` below ``--adapters-dir`` (loaded on first use)."""
+        check_name(name)
+        if name == self.base_name or name in self.known:
+            raise ValueError(f"adapter {name!r} already exists; unload it first")
+        info = describe(name, resolve_inside(self.adapters_dir, rel_path))
+        self.known[name] = info
+        return info
+
+    def remove(self, name: str, in_use: set[str]) -> None:
+        if name == self.base_name or name not in self.known:
+            raise UnknownAdapter(f"adapter {name!r} does not exist; available: {list(self.known)}")
+        if name in in_use:
+            raise ValueError(f"adapter {name!r} is running requests; retry when they finish")
+        self.evict(name)
+        del self.known[name]
