@@ -124,3 +124,16 @@ def test_merged_model_is_refused_and_context_restores_layers():
     assert layer_of(model).row_plan is None
     with pytest.raises(KeyError, match=r"\['b'\] not in the pool"):
         pool.index(["b"])
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"init": "olora"}])
+def test_non_additive_or_base_replacing_adapters_are_refused(variant):
+    """DoRA's update is not the stacked B·A, and an OLoRA/PiSSA adapter changed the base the other rows read:
+    the pool refuses both by name instead of computing something else, and holds nothing afterwards."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["0"], **variant), adapter="odd")
+    pool = AdapterPool(model)
+    with pytest.raises(ValueError, match="adapter 'odd' .*mixed-adapter batching"):
+        pool.add("odd")
+    assert pool.names() == [] and not pool.stacks

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraConv, LoraEmbedding, LoraLayer
 from ..core.model import _wrappers, adapter_names
+from ..core.variants import changed_base
 from .per_row import LoopUpdate, _check_rows
 
 
@@ -142,6 +143,12 @@ class AdapterPool:
         if name not in adapter_names(self.model):
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
+        for layer in layers:  # the stacks hold B·A alone: anything else would run as a wrong answer
+            adapter = layer.adapters[name]
+            if not adapter.additive or changed_base(adapter):
+                why = "replaced its base weights (its init)" if adapter.additive else f"is a {type(adapter).__name__}"
+                raise ValueError(f"AdapterPool: adapter {name!r} {why}, which mixed-adapter batching cannot run "
+                                 "beside other adapters; serve it alone or convert it to plain LoRA")
         pairs = {layer: layer.adapters[name].plain_pair() for layer in layers}
         rank = max([self.rank] + [A.shape[0] for A, _ in pairs.values()])
         slot = self.slot_of.get(name)
