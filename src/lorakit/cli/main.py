@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import analyze as analyze_cmd
 from . import eval as eval_cmd
 from . import generate as generate_cmd
 from . import inspect as inspect_cmd
@@ -22,6 +23,7 @@ COMMANDS = {
     "merge": merge_cmd,
     "inspect": inspect_cmd,
     "generate": generate_cmd,
+    "analyze": analyze_cmd,
 }
 
 
