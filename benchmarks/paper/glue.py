@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from baselines import Bottleneck, add_houlsby
 from torch import nn
+
+from lorakit.core.layers import Adapter
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -50,12 +53,12 @@ LR = {"full": 1e-4, "bitfit": 2e-3, "head": 5e-3, "adapter": 2e-3, "lora": 2e-3}
 QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
 
 
-def experiment(name: str) -> list[dict]:
+def experiment(name: str, tasks: list[str] = QUALITY_TASKS) -> list[dict]:
     """The runs of one experiment (without the seed)."""
     lora = {"method": "lora", "task": "sst2", "alpha": 16}
     if name == "quality":
         return [{"method": "lora", "task": t, "r": 8, "alpha": 16, "targets": QV} if m == "lora" else
-                {"method": m, "task": t} for t in QUALITY_TASKS for m in ("lora", "head", "bitfit", "adapter", "full")]
+                {"method": m, "task": t} for t in tasks for m in ("lora", "head", "bitfit", "adapter", "full")]
     if name == "rank":  # alpha fixed at 16 for every r, as the paper keeps alpha at the first r it tried
         return [{**lora, "r": r, "targets": QV} for r in (1, 2, 4, 8, 64)]
     if name == "matrices":  # a fixed budget: rank x number of adapted matrices = 8 in every block
@@ -69,28 +72,10 @@ def run_key(spec: dict) -> str:
 
 
 # ----- baselines ---------------------------------------------------------------------------------------------
-class Bottleneck(nn.Module):
-    """Houlsby et al. (2019) adapter: ``h + up(gelu(down(h)))``, ``up`` zero-initialised (starts as identity)."""
-
-    def __init__(self, dim: int, size: int):
-        super().__init__()
-        self.down, self.up = nn.Linear(dim, size), nn.Linear(size, dim)
-        nn.init.normal_(self.down.weight, std=1e-2)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h):
-        return h + self.up(nn.functional.gelu(self.down(h)))
-
-
 def _add_houlsby(model: nn.Module, size: int) -> None:
-    """A bottleneck after each block's attention output projection and FFN output projection (Houlsby's places),
-    applied by a forward hook on those ``dense`` layers; trains the adapters and the LayerNorms."""
-    hits = [m for n, m in model.named_modules() if n.endswith(("attention.output.dense", "output.dense"))
-            and isinstance(m, nn.Linear) and ".layer." in n]
-    for m in hits:
-        m.add_module("houlsby", Bottleneck(m.out_features, size))
-        m.register_forward_hook(lambda mod, inp, out: mod.houlsby(out))
+    """Bottlenecks after each block's attention output and FFN output ``dense``; trains them and the LayerNorms."""
+    dim = model.config.hidden_size
+    add_houlsby(model, ("output.dense",), dim, size)  # BERT's attention.output.dense and output.dense
     for m in model.modules():
         if isinstance(m, (Bottleneck, nn.LayerNorm)):
             m.requires_grad_(True)
@@ -102,13 +87,11 @@ def _set_trainable(model: nn.Module, method: str, head: list[str]) -> None:
     if method == "lora":
         return
     lorakit.add_lora(model, lorakit.LoraConfig(r=1, target_modules=["pooler.dense"]))  # inert: B = 0, frozen
-    for p in model.parameters():
-        p.requires_grad_(method == "full")
     for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(False)
-        elif method == "bitfit" and name.endswith(".bias"):
-            p.requires_grad_(True)
+        p.requires_grad_(method == "full" or (method == "bitfit" and name.endswith(".bias")))
+    for m in model.modules():
+        if isinstance(m, Adapter):
+            m.requires_grad_(False)
     if method == "adapter":
         _add_houlsby(model, size=8)
     for h in head:
@@ -168,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("experiments", nargs="+", help="quality, rank, matrices or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--max-train", type=int, default=600, help="training examples per task (a fixed random subset)")
+    p.add_argument("--tasks", nargs="+", choices=QUALITY_TASKS, default=QUALITY_TASKS, help="tasks of `quality`")
+    p.add_argument("--max-train", type=int, default=400, help="training examples per task (a fixed random subset)")
     p.add_argument("--max-eval", type=int, default=500, help="dev examples per task (the first N)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 keeps a shared machine's cores from thrashing")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "paper",
                    help="where runs are written; adapters of the rank runs are kept for lorakit analyze")
@@ -182,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["quality", "rank", "matrices"] if args.experiments == ["all"] else args.experiments
     specs: list[dict] = []
     for name in names:
-        for spec in experiment(name):
+        for spec in experiment(name, args.tasks):
             if run_key(spec) not in {run_key(s) for s in specs}:
                 specs.append(spec)
     args.results.parent.mkdir(parents=True, exist_ok=True)
