@@ -50,12 +50,13 @@ def test_two_seeds_and_a_copy(tmp_path):
         randomize_lora(model, seed=seed)
         lorakit.save_adapter(model, tmp_path / d)
     same = compare_adapters(tmp_path / "a", tmp_path / "a")
-    for row in same["layers"]:  # an adapter against itself: identical subspaces
-        torch.testing.assert_close(torch.tensor(row["phi"], dtype=torch.float64), torch.ones(row["r1"], row["r2"], dtype=torch.float64),
-                                   atol=1e-9, rtol=0)
+    for row in same["layers"]:  # an adapter against itself: identical subspaces, on both sides of ΔW
+        for key in ("phi", "phi_delta_out"):
+            torch.testing.assert_close(torch.tensor(row[key], dtype=torch.float64),
+                                       torch.ones(row["r1"], row["r2"], dtype=torch.float64), atol=1e-9, rtol=0)
     other = compare_adapters(tmp_path / "a", tmp_path / "b")
     assert [r["module"] for r in other["layers"]] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    assert all(row["phi_top"] < 1 - 1e-3 for row in other["layers"])
+    assert all(row["phi_top"] < 1 - 1e-3 and row["phi_delta_out_top"] < 1 - 1e-3 for row in other["layers"])
 
 
 def test_cli_writes_json_and_figures_and_prints_a_table(tmp_path, capsys):
@@ -76,7 +77,8 @@ def test_cli_writes_json_and_figures_and_prints_a_table(tmp_path, capsys):
     data = json.loads((out / "analysis.json").read_text())
     assert len(data["adapters"]) == 2 and len(data["similarity"]["layers"]) == 4
     assert len(data["similarity"]["layers"][0]["phi"]) == 2 and len(data["similarity"]["layers"][0]["phi"][0]) == 6
-    for f in ("spectrum_1.png", "spectrum_2.png", "amplification_1.png", "similarity.png", "similarity_zoom.png"):
+    for f in ("spectrum_1.png", "spectrum_2.png", "amplification_1.png", "similarity.png", "similarity_zoom.png",
+              "similarity_delta_out.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["analyze", str(tmp_path / "r2"), "--json"]) == 0  # no base: amplification left out
     data = json.loads(capsys.readouterr().out)

@@ -10,6 +10,7 @@ from .measures import (
     delta_weight,
     effective_rank,
     energy_rank,
+    left_singular_basis,
     random_similarity,
     right_singular_basis,
     singular_values,
@@ -19,6 +20,6 @@ from .report import analyze_adapter, base_matrix, compare_adapters, read_updates
 
 __all__ = [
     "amplification", "analyze_adapter", "base_matrix", "compare_adapters", "delta_weight", "effective_rank",
-    "energy_rank", "random_similarity", "read_updates", "right_singular_basis", "run_analysis", "singular_values",
-    "subspace_similarity", "summary_rows",
+    "energy_rank", "left_singular_basis", "random_similarity", "read_updates", "right_singular_basis",
+    "run_analysis", "singular_values", "subspace_similarity", "summary_rows",
 ]

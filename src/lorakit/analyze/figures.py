@@ -44,7 +44,15 @@ def _groups(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def _short(group: str) -> str:
-    return group.replace("{}", "*").split(".", 1)[-1] if len(group) > 40 else group.replace("{}", "*")
+    """A panel label: the last two path components after the block index (``self.query``, ``attn.c_attn``)."""
+    tail = group.split("{}")[-1].strip(".") or group.replace("{}", "*")
+    return ".".join(tail.split(".")[-2:])
+
+
+def _label(path: str) -> str:
+    """An adapter's name in a title: its directory without a trailing ``adapter`` (``r8-run/seed0``)."""
+    parts = [p for p in Path(path).parts if p not in ("adapter", "/")]
+    return "/".join(parts[-2:])
 
 
 def plot_spectra(report: dict, path: Path) -> Path:
@@ -62,14 +70,15 @@ def plot_spectra(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if len(rows) <= 12:
             ax.legend(fontsize=7)
-    fig.suptitle(f"spectrum of ΔW = s·B·A: {report['path']}", fontsize=9)
+    fig.suptitle(f"spectrum of ΔW = s·B·A: {_label(report['path'])}", fontsize=9)
     out = _save(fig, path)
     plt.close(fig)
     return out
 
 
-def plot_similarity(pair: dict, path: Path, zoom: int | None = None) -> Path:
-    """Figure 3: ``φ(A1, A2, i, j)`` heatmaps, rows = matrix types, columns = layers (``zoom``: i, j <= zoom)."""
+def plot_similarity(pair: dict, path: Path, zoom: int | None = None, key: str = "phi") -> Path:
+    """Figure 3: ``φ(A1, A2, i, j)`` heatmaps, rows = matrix types, columns = layers (``zoom``: i, j <= zoom;
+    ``key="phi_delta_out"``: the output subspaces of the two ΔW instead of A's input subspaces)."""
     plt = _pyplot()
     groups = _groups(pair["layers"])
     ncol = min(MAX_PANELS, max(len(rows) for rows in groups.values()))
@@ -83,17 +92,20 @@ def plot_similarity(pair: dict, path: Path, zoom: int | None = None) -> Path:
                 ax.axis("off")
                 continue
             row = picks[c]
-            phi = [line[:zoom] for line in row["phi"][:zoom]] if zoom else row["phi"]
+            phi = [line[:zoom] for line in row[key][:zoom]] if zoom else row[key]
             image = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest",
                               extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5))
-            ax.set_title(f"{_short(group)}\nlayer {group_of(row['module'])[1]}", fontsize=7)
+            ax.set_title(f"{_short(group)}, layer {group_of(row['module'])[1]}", fontsize=7)
             ax.set_xlabel("j", fontsize=7)
             ax.set_ylabel("i", fontsize=7)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.yaxis.get_major_locator().set_params(integer=True)
             ax.tick_params(labelsize=6)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="φ")
-    a, b = (Path(p).parent.name or p for p in pair["paths"])
-    fig.suptitle(f"subspace similarity φ(A1, A2, i, j): {a} (i) vs {b} (j)" + (f", i, j ≤ {zoom}" if zoom else ""),
+    a, b = (_label(p) for p in pair["paths"])
+    what = "A's input subspaces" if key == "phi" else "ΔW's output subspaces"
+    fig.suptitle(f"subspace similarity φ(i, j) of {what}: {a} (i) vs {b} (j)" + (f", i, j ≤ {zoom}" if zoom else ""),
                  fontsize=9)
     out = _save(fig, path)
     plt.close(fig)
@@ -112,12 +124,12 @@ def plot_amplification(report: dict, path: Path) -> Path:
                 if row["amplification"][key] > 0 else math.nan for row in rows]
         ax.bar([i + (k - 1) * 0.27 for i in x], vals, width=0.27, label=label)
     ax.set_yscale("log")
-    ax.set_xticks(x, [f"{_short(group_of(r['module'])[0]).split('.')[-1]} {group_of(r['module'])[1]}" for r in rows],
+    ax.set_xticks(x, [f"{_short(group_of(r['module'])[0])} {group_of(r['module'])[1]}" for r in rows],
                   rotation=90, fontsize=7)
     ax.set_ylabel("||ΔW||_F / ||Uᵀ W0 V||_F")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"amplification factor: {report['path']}", fontsize=9)
+    ax.set_title(f"amplification factor: {_label(report['path'])}", fontsize=9)
     out = _save(fig, path)
     plt.close(fig)
     return out

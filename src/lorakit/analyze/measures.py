@@ -64,6 +64,12 @@ def right_singular_basis(A: Tensor) -> Tensor:
     return vh.T
 
 
+def left_singular_basis(matrix: Tensor, r: int) -> Tensor:
+    """Orthonormal columns ``(out, r)``: the top-``r`` left-singular vectors of ``matrix``, by singular value."""
+    u, _, _ = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    return u[:, :r]
+
+
 def subspace_similarity(U1: Tensor, U2: Tensor) -> Tensor:
     """``phi[i-1, j-1] = ||U1[:, :i]ᵀ U2[:, :j]||²_F / min(i, j)`` for every ``i <= r1``, ``j <= r2``.
 

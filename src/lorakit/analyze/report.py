@@ -101,7 +101,8 @@ def analyze_adapter(path: str | Path, base: nn.Module | None = None, *, energy: 
 
 def compare_adapters(path1: str | Path, path2: str | Path) -> dict:
     """``φ(A1, A2, i, j)`` for every module adapted in both (right-singular vectors of A, as Figure 3), with
-    the chance level of random subspaces; summary: ``phi_top`` = φ(1, 1) and ``phi_mean`` over all (i, j)."""
+    the chance level of random subspaces; summary: ``phi_top`` = φ(1, 1) and ``phi_mean`` over all (i, j).
+    ``phi_delta_out*``: the same for the top-r left-singular vectors of the two ΔW (their output subspaces)."""
     u1, u2 = read_updates(path1), read_updates(path2)
     common = [m for m in u1 if m in u2]
     if not common:
@@ -114,9 +115,14 @@ def compare_adapters(path1: str | Path, path2: str | Path) -> dict:
                              f"{path2} (another base model?)")
         phi = M.subspace_similarity(M.right_singular_basis(a1), M.right_singular_basis(a2))
         chance = M.random_similarity(*phi.shape, a1.shape[1])
+        # the same on ΔW's output side (left-singular vectors): B starts at zero, so this side is all learned
+        d1, d2 = u1[name].delta(), u2[name].delta()
+        phi_out = M.subspace_similarity(M.left_singular_basis(d1, u1[name].rank), M.left_singular_basis(d2, u2[name].rank))
         layers.append({"module": name, "r1": phi.shape[0], "r2": phi.shape[1], "phi": phi.tolist(),
                        "phi_top": phi[0, 0].item(), "phi_mean": phi.mean().item(),
-                       "chance_mean": chance.mean().item()})
+                       "chance_mean": chance.mean().item(), "phi_delta_out": phi_out.tolist(),
+                       "phi_delta_out_top": phi_out[0, 0].item(), "phi_delta_out_mean": phi_out.mean().item(),
+                       "chance_out_mean": M.random_similarity(*phi_out.shape, d1.shape[0]).mean().item()})
     return {"paths": [str(path1), str(path2)], "layers": layers}
 
 
@@ -130,7 +136,8 @@ def summary_rows(report: dict, pair: dict | None = None) -> list[dict]:
         rows.append({"module": row["module"], "r": row["rank"], "norm": row["delta_norm"],
                      "eff_rank": row["effective_rank"], "energy_rank": row["energy_rank"],
                      "amp": amp.get("amplification", math.nan), "amp_random": amp.get("amplification_random", math.nan),
-                     "phi_top": phi.get("phi_top", math.nan), "phi_mean": phi.get("phi_mean", math.nan)})
+                     "phi_top": phi.get("phi_top", math.nan), "phi_mean": phi.get("phi_mean", math.nan),
+                     "phi_out_top": phi.get("phi_delta_out_top", math.nan)})
     return rows
 
 
@@ -183,6 +190,7 @@ def _write(result: dict, out: Path, figures: bool) -> list[str]:
         if result["similarity"]:
             files.append(F.plot_similarity(result["similarity"], out / "similarity.png"))
             files.append(F.plot_similarity(result["similarity"], out / "similarity_zoom.png", zoom=8))
+            files.append(F.plot_similarity(result["similarity"], out / "similarity_delta_out.png", key="phi_delta_out"))
     names = [str(f) for f in files]
     tmp = out / ".analysis.json.tmp"
     tmp.write_text(json.dumps({**result, "files": names}, indent=1))

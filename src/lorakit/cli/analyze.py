@@ -36,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     if result["base_model"] is None:
         print("amplification: left out (no local base model; pass --model)")
     if pair:
-        top = [row["phi_top"] for row in pair["layers"]]
-        print(f"φ(1,1) over {len(top)} common modules: median {sorted(top)[len(top) // 2]:.3f} "
-              f"(random subspaces: {pair['layers'][0]['chance_mean']:.3f} on average over i, j)")
+        top = sorted(row["phi_top"] for row in pair["layers"])
+        out = sorted(row["phi_delta_out_top"] for row in pair["layers"])
+        print(f"over {len(top)} common modules, median φ(1,1): A {top[len(top) // 2]:.3f}, ΔW's outputs "
+              f"{out[len(out) // 2]:.3f} (random subspaces: about max(i, j)/n, "
+              f"{pair['layers'][0]['chance_mean']:.3f} on average over i, j)")
     for f in result.get("files", []):
         print(f"wrote        {f}")
     return 0
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 # (row key, header, format); a column whose values are all NaN (no base model / one adapter) is left out
 COLUMNS = [("r", "r", "{:>4}"), ("norm", "||ΔW||", "{:>9.4g}"), ("eff_rank", "eff.rank", "{:>8.2f}"),
            ("energy_rank", "rank(90%)", "{:>9}"), ("amp", "amp", "{:>8.2f}"), ("amp_random", "amp(rand)", "{:>9.2f}"),
-           ("phi_top", "φ(1,1)", "{:>7.3f}"), ("phi_mean", "φ mean", "{:>7.3f}")]
+           ("phi_top", "φ(1,1)", "{:>7.3f}"), ("phi_mean", "φ mean", "{:>7.3f}"),
+           ("phi_out_top", "φΔW(1,1)", "{:>8.3f}")]
 
 
 def _table(rows: list[dict]) -> None:
