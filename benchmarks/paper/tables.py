@@ -101,7 +101,7 @@ def latency() -> list[str]:
 
 
 def analysis() -> list[str]:
-    path = RES / "analysis_r8_r64.json"
+    path = HERE.parents[1] / "docs" / "figures" / "paper" / "analysis.json"
     if not path.exists():
         return ["(not run)"]
     data = json.loads(path.read_text())

@@ -114,3 +114,5 @@ def test_planted_amplification():
     assert top["amplification"] == pytest.approx(0.2, abs=1e-8)
     with pytest.raises(ValueError, match="shape"):
         amplification(delta, w0.T, r=1)
+    with pytest.raises(ValueError, match="random_draws"):
+        amplification(delta, w0, r=1, random_draws=0)

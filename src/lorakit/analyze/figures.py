@@ -82,7 +82,8 @@ def plot_similarity(pair: dict, path: Path, zoom: int | None = None, key: str = 
     plt = _pyplot()
     groups = _groups(pair["layers"])
     ncol = min(MAX_PANELS, max(len(rows) for rows in groups.values()))
-    fig, axes = plt.subplots(len(groups), ncol, figsize=(2.6 * ncol + 1, 2.4 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), ncol, figsize=(2.6 * ncol + 1, 2.8 * len(groups)), squeeze=False)
+    fig.subplots_adjust(hspace=0.6, wspace=0.35)
     image = None
     for r, (group, rows) in enumerate(groups.items()):
         picks = [rows[round(k * (len(rows) - 1) / max(1, ncol - 1))] for k in range(ncol)] if len(rows) > ncol else rows

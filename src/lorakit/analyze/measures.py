@@ -101,6 +101,8 @@ def amplification(delta: Tensor, w0: Tensor, r: int, *, random_draws: int = 10, 
     ``amplification_random = delta_norm / proj_random``.
     """
     delta, w0 = delta.detach().double(), w0.detach().double()
+    if random_draws < 1:
+        raise ValueError(f"random_draws must be >= 1, got {random_draws}")
     if delta.shape != w0.shape:
         raise ValueError(f"ΔW has shape {tuple(delta.shape)} but W0 has {tuple(w0.shape)}")
     r = max(1, min(r, *delta.shape))
