@@ -1,8 +1,20 @@
-"""Baselines of the paper's tables that are not lorakit features: the Houlsby bottleneck adapter."""
+"""Baselines of the paper's tables that are not lorakit features (the Houlsby bottleneck adapter), and the
+results writer the experiment scripts share."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from torch import nn
+
+
+def write_json(path: Path, data) -> None:
+    """``data`` as JSON at ``path``, written to a temporary name and renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 class Bottleneck(nn.Module):

@@ -13,14 +13,13 @@ shared machine only ever adds time. Writes ``benchmarks/paper/results/latency.js
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from baselines import add_houlsby
+from baselines import add_houlsby, write_json
 
 import lorakit
 from lorakit.core.layers import Adapter
@@ -88,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  for k in names), flush=True)
     out = {"rows": rows, "reps": args.reps, "threads": torch.get_num_threads(),
            "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}".strip()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(RESULTS)
+    write_json(RESULTS, out)
     return 0
 
 

@@ -6,11 +6,11 @@ beside the counts the paper publishes (Tables 2-4), with lorakit's LoRA trainabl
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
+from baselines import write_json
 
 import lorakit
 
@@ -77,10 +77,7 @@ def main() -> int:
                      "lora_trainable": trainable, "paper_lora_m": paper_lora, "source": source})
         print(f"{name:<18} {total / 1e6:>12,.2f}M (paper {paper_total:,}M)   LoRA {trainable / 1e6:.3f}M "
               f"(paper {paper_lora}M)", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(RESULTS)
+    write_json(RESULTS, rows)
     return 0
 
 
