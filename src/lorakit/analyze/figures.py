@@ -70,7 +70,7 @@ def plot_spectra(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if len(rows) <= 12:
             ax.legend(fontsize=7)
-    fig.suptitle(f"spectrum of ΔW = s·B·A: {_label(report['path'])}", fontsize=9)
+    fig.suptitle(f"spectrum of ΔW = s·B·A: {_label(report['path'])}", fontsize=9, y=1.03)
     out = _save(fig, path)
     plt.close(fig)
     return out
