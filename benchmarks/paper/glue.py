@@ -131,7 +131,8 @@ def run_one(spec: dict, seed: int, args, workdir: Path) -> dict:
         lorakit.add_lora(model, lorakit.LoraConfig(r=spec["r"], alpha=spec["alpha"], dropout=0.1,
                                                    target_modules=spec["targets"], modules_to_save=head))
     _set_trainable(model, spec["method"], head)
-    head_params = sum(p.numel() for h in head for p in getattr(model, h).parameters())
+    # the trainable head only (with LoRA, modules_to_save keeps a frozen original beside the trained copy)
+    head_params = sum(p.numel() for h in head for p in getattr(model, h).parameters() if p.requires_grad)
     trainable, total = lorakit.trainable_parameters(model)
     out = workdir / f"{spec['task']}-{spec['method']}-{seed}"
     cfg = TrainConfig(output_dir=str(out), lr=LR[spec["method"]], epochs=args.epochs, batch_size=args.batch_size,
