@@ -109,3 +109,11 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys):
         run_analysis([tmp_path / "mlp"])
     with pytest.raises(ValueError, match="one or two"):
         run_analysis([tmp_path / "mlp"] * 3)
+
+
+def test_modules_come_in_block_order(tmp_path):
+    """``layer.2`` before ``layer.10`` (figures pick panels by this order), not string order."""
+    model = lorakit.add_lora(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(12)]),
+                             lorakit.LoraConfig(r=1, target_modules=r"\d+"))
+    lorakit.save_adapter(model, tmp_path)
+    assert list(read_updates(tmp_path)) == [str(i) for i in range(12)]

@@ -10,6 +10,7 @@ projections adapted on slices (saved as plain LoRA with a block-structured B), e
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def read_updates(path: str | Path) -> dict[str, Update]:
     """The LoRA factors of an adapter directory, by module path; errors name the adapter and the module."""
     config, _, tensors = read_adapter(path)
     updates: dict[str, Update] = {}
-    for key in sorted(tensors):
+    for key in sorted(tensors, key=_natural):  # layer.2 before layer.10
         for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
             if not key.endswith(a_suffix):
                 continue
@@ -60,6 +61,10 @@ def read_updates(path: str | Path) -> dict[str, Update]:
     if not updates:
         raise ValueError(f"adapter {path} holds no LoRA weights (no lora_A / lora_embedding_A tensors)")
     return updates
+
+
+def _natural(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def base_matrix(module: nn.Module) -> Tensor:
@@ -193,6 +198,6 @@ def _write(result: dict, out: Path, figures: bool) -> list[str]:
             files.append(F.plot_similarity(result["similarity"], out / "similarity_delta_out.png", key="phi_delta_out"))
     names = [str(f) for f in files]
     tmp = out / ".analysis.json.tmp"
-    tmp.write_text(json.dumps({**result, "files": names}, indent=1))
+    tmp.write_text(json.dumps({**result, "files": names}))
     os.replace(tmp, files[0])
     return names
