@@ -148,6 +148,13 @@ def run_one(spec: dict, seed: int, args, workdir: Path) -> dict:
             "adapter_dir": str(out / "adapter")}
 
 
+def _done(results: Path) -> set[tuple]:
+    if not results.exists():
+        return set()
+    recs = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {(run_key(r["spec"]), r["seed"], r["max_train"]) for r in recs}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("experiments", nargs="+", help="quality, rank, matrices or all")
@@ -171,14 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             if run_key(spec) not in {run_key(s) for s in specs}:
                 specs.append(spec)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if args.results.exists():
-        for line in args.results.read_text().splitlines():
-            rec = json.loads(line)
-            done.add((run_key(rec["spec"]), rec["seed"], rec["max_train"]))
     for seed in args.seeds:
         for spec in specs:
-            if (run_key(spec), seed, args.max_train) in done:
+            if (run_key(spec), seed, args.max_train) in _done(args.results):  # re-read: sweeps may run side by side
                 continue
             tag = "-".join(str(v) if not isinstance(v, list) else "+".join(v) for v in spec.values())
             workdir = args.workdir / tag.replace(".", "_")
