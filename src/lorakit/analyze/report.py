@@ -170,10 +170,10 @@ def run_analysis(adapters: list[str | Path], model: str | None = None, output_di
         _pyplot()  # a missing matplotlib is reported before any work or write
     for a in adapters:
         read_updates(a)  # every adapter is checked before the (slow) base model is loaded
-    base = load_base(adapters[0], model)
+    similarity = compare_adapters(*adapters) if len(adapters) == 2 else None
+    base = load_base(adapters[0], model)  # both adapters are measured against the first one's base
     result: dict = {"base_model": model or (read_adapter(adapters[0])[0].base_model_name_or_path if base else None),
-                    "adapters": [analyze_adapter(a, base) for a in adapters]}
-    result["similarity"] = compare_adapters(*adapters) if len(adapters) == 2 else None
+                    "adapters": [analyze_adapter(a, base) for a in adapters], "similarity": similarity}
     if output_dir is not None:
         result["files"] = _write(result, Path(output_dir), figures)
     return result
