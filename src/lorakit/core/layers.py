@@ -138,9 +138,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:  # disabling wins over everything, per-row adapters included
+            return out
         if self.row_plan is not None:
             return out + self.row_plan(x).to(out.dtype)
-        if self.disabled or self.active is None or self.active in self.merged:
+        if self.active is None or self.active in self.merged:
             return out
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
@@ -151,6 +153,11 @@ class LoraLayer(nn.Module):
     def weight(self) -> Tensor:
         """The base weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base bias (so code that reads ``module.bias`` keeps working); absent where the base has none."""
+        return self.base_layer.bias
 
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> Adapter:
         r, scaling = config.rank_for(module_name), config.scaling(module_name)
@@ -183,14 +190,15 @@ class LoraLayer(nn.Module):
         return delta
 
     # ----- merge -----------------------------------------------------------------------------------------
-    def merge(self, name: str, safe: bool = False) -> None:
-        """Add adapter ``name``'s update into the base weight (computed in fp32, cast back)."""
+    def merged_weight(self, name: str) -> Tensor:
+        """The base weight with adapter ``name``'s update added: computed in fp32, cast to the weight's dtype."""
         weight = self.base_layer.weight
-        merged = weight.detach().float() + self.delta_weight(name).to(weight.device)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
+        return (weight.detach().float() + self.delta_weight(name).to(weight.device)).to(weight.dtype)
+
+    def merge(self, name: str) -> None:
+        """Add adapter ``name``'s update into the base weight (unchecked: see ``lorakit.merge``)."""
         with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
+            self.base_layer.weight.copy_(self.merged_weight(name))
         self.merged.append(name)
 
     def unmerge(self) -> None:
