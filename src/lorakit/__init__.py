@@ -25,6 +25,7 @@ from .core.model import (
     unmerge,
     use_adapter,
 )
+from .core.variants import loraplus_param_groups
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,5 @@ __all__ = [
     "lora_state_dict",
     "save_adapter",
     "load_adapter",
+    "loraplus_param_groups",
 ]

@@ -30,6 +30,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "modules_to_save": ("field", "modules_to_save"),
     "init_lora_weights": ("field", "init"),
     "use_rslora": ("field", "use_rslora"),
+    "use_dora": ("field", "use_dora"),
     "rank_pattern": ("field", "rank_pattern"),
     "alpha_pattern": ("field", "alpha_pattern"),
     "task_type": ("field", "task_type"),
@@ -48,7 +49,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "corda_config": ("harmless", None),  # initialisation recipe
     "lora_ga_config": ("harmless", None),  # initialisation recipe
     "lorakit": ("harmless", None),  # lorakit's metadata in checkpoints before it moved to the weights header
-    "use_dora": ("refused", None),
     "lora_bias": ("refused", None),
     "layer_replication": ("refused", None),
     "target_parameters": ("refused", None),
@@ -91,7 +91,13 @@ class LoraConfig:
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of adapted layers).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
-            paper's). B starts at zero either way, so a new adapter leaves the outputs unchanged.
+            paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
+            ``"pissa_niter_<K>"``, ``"olora"``: A and B from the base weight, which is replaced by the
+            residual (see :mod:`lorakit.core.variants`; ``save_adapter(..., convert_to_lora=True)`` writes
+            the equivalent plain LoRA for the original base). ``from_peft_dict`` maps PEFT's
+            ``init_lora_weights`` values (``True`` is ``"kaiming"``).
+        use_dora: DoRA (arXiv 2402.09353): a learned magnitude per output feature times the normalised
+            direction of ``W0 + s·B·A`` (PEFT's ``use_dora``).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv 2312.03732).
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``; keys use the list syntax
             of ``target_modules`` (or a full-match regex).
@@ -115,6 +121,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     init: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     slices: dict[str, list[bool]] = field(default_factory=dict)
@@ -140,9 +147,11 @@ class LoraConfig:
             f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
         )
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
-        _check(isinstance(self.init, str) and self.init in INITS,
-               f"init must be one of {'|'.join(INITS)}, got {short_repr(self.init)}")
+        from .variants import parse_init  # variants builds on layers, which import this module
+
+        parse_init(self.init)  # INITS' names, pissa, pissa_niter_<K>, olora (core.variants.INITIALIZERS)
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
+        _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -211,7 +220,7 @@ class LoraConfig:
         for key, (kind, name) in PEFT_KEYS.items():
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
-        d["init_lora_weights"] = INITS[self.init]
+        d["init_lora_weights"] = INITS.get(self.init, self.init)  # pissa, olora...: PEFT's own names
         return d
 
     @classmethod
@@ -232,10 +241,17 @@ class LoraConfig:
                 what = "is not supported by lorakit" if kind == "refused" else "is a key lorakit does not know"
                 raise ValueError(f"{key}={short_repr(value)} {what}")
         init = kwargs.get("init", True)
-        from_peft = {value: name for name, value in INITS.items()} | {False: "kaiming"}
-        if not isinstance(init, bool | str) or init not in from_peft:
+        if not isinstance(init, bool | str):
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit")
-        kwargs["init"] = from_peft[init]
+        from_peft = {value: name for name, value in INITS.items() if isinstance(value, str)}
+        init = "kaiming" if isinstance(init, bool) else from_peft.get(init, init)  # False: weights from the file
+        from .variants import parse_init
+
+        try:
+            parse_init(init)
+        except ValueError:
+            raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit") from None
+        kwargs["init"] = init  # a base-replacing init (pissa...) is rerun on the base when loading, as PEFT does
         if isinstance(kwargs.get("target_modules"), list):
             kwargs["target_modules"] = sorted(kwargs["target_modules"], key=str)
         if isinstance(kwargs.get("modules_to_save"), list):

@@ -19,8 +19,10 @@ from torch import nn
 from ..ops.per_row import make_row_update
 from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
+from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
+from .variants import check_base_kept, check_rows
 
 
 # ----- injection -----------------------------------------------------------------------------------------
@@ -45,9 +47,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
-        planned.append(_Planned(path, layer, layer.make_adapter(config.rank_for(path), config.scaling(path),
-                                                                   config, path), new_layer))
-        layer.init_adapter(planned[-1].adapter, config.init)
+        planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
     copies = {}
     if config.modules_to_save:
         paths = find_modules_to_save(model, config.modules_to_save)
@@ -84,6 +84,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
             else f"bias={config.bias!r}"
         raise ValueError(f"{owner}, but only a model's single adapter may train the (shared) base biases; "
                          "use bias='none' for every adapter when there are several")
+    check_base_kept(model, f"adding adapter {name!r}", config)  # PiSSA & co. replace shared base weights
 
 
 def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies: dict[str, nn.Module],
@@ -98,7 +99,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
         if p.new_layer:
             _follow_mode(p.layer, p.layer.base_layer)
             _set_submodule(model, p.path, p.layer)
-        p.layer.adapters[name] = p.adapter.train(mode)
+        p.layer.attach(name, p.adapter.train(mode))
     for path, module in copies.items():
         holder = model.get_submodule(path)
         if not isinstance(holder, SavedModule):
@@ -108,6 +109,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
         holder.copies[name] = module.train(holder.original.training)
     if activate:
         set_adapter(model, name)
+    guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:
@@ -222,6 +224,8 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     layers, saved = _wrappers(model)
     if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
+    if name is None:
+        check_base_kept(model, "set_adapter(model, None)")
     merged = _merged_names(model)
     if merged and name not in merged:
         raise RuntimeError(f"adapter {merged} is merged; unmerge(model) before switching to {name!r}")
@@ -265,7 +269,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         if name not in held:
             continue
-        del held[name]
+        if isinstance(module, LoraLayer):
+            module.release(name)  # restores a base weight the adapter's initialiser replaced
+        else:
+            del held[name]
         if module.active == name:
             module.active = None
         if not len(held):  # the last adapter gone: the original module goes back in place
@@ -306,6 +313,7 @@ def disabled(model: nn.Module):
     layers, saved = _wrappers(model)
     if merged := _merged_names(model):
         raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) first")
+    check_base_kept(model, "disabled(model)")
     for a in adapter_names(model):
         if (bias := adapter_config(model, a).bias) != "none":
             warnings.warn(f"adapter {a!r} trained the base biases (bias={bias!r}); disabled() keeps them, so the "
@@ -347,6 +355,7 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
         if isinstance(m.original, nn.RNNBase) and any(n in m.copies for n in names):
             raise ValueError(f"per_row_adapters cannot split the rows of modules_to_save module "
                              f"{type(m.original).__name__} (a recurrent module returns a tuple, batch not first)")
+    check_rows(model, layers, names)
     plans = [make_row_update(layer, names) for layer in layers]
     before = [(layer, layer.row_plan) for layer in layers], [(m, m.row_names) for m in saved]
     for layer, plan in zip(layers, plans, strict=True):
@@ -417,6 +426,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                 module.merge(name)
             elif not merge:
                 module.unmerge()
+            for held in [n for n in module.adapters if n not in module.merged]:
+                module.release(held)  # a base weight replaced by an initialiser (PiSSA...) comes back
             _set_submodule(model, path, module.base_layer)
         elif isinstance(module, SavedModule):
             keep = module.copies[name] if merge and name in module.copies else module.original
@@ -453,10 +464,15 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
+    for layer in lora_layers(model):
+        for a in weights:
+            if a in layer.adapters and not layer.adapters[a].additive:
+                raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
+                                 "not a plain B·A update; only plain LoRA adapters combine")
     configs = [adapter_config(model, a) for a in weights]
     keep = list(dict.fromkeys(k for c in configs for k in c.modules_to_save or []))
     config = configs[0].replace(use_rslora=False, slices={}, rank_pattern={}, alpha_pattern={}, bias="none",
-                                modules_to_save=keep or None)
+                                modules_to_save=keep or None, use_dora=False, init="kaiming")
     _check_new_adapter(model, name, config)
     planned = []
     for path, layer in model.named_modules():
