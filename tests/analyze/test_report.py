@@ -117,3 +117,12 @@ def test_modules_come_in_block_order(tmp_path):
                              lorakit.LoraConfig(r=1, target_modules=r"\d+"))
     lorakit.save_adapter(model, tmp_path)
     assert list(read_updates(tmp_path)) == [str(i) for i in range(12)]
+
+
+def test_dora_adapter_is_flagged(tmp_path):
+    case = next(c for c in CASES if c.name == "mlp")
+    model = build(case, seed=0, use_dora=True)
+    randomize_lora(model)
+    lorakit.save_adapter(model, tmp_path)
+    report = analyze_adapter(tmp_path)
+    assert report["use_dora"] is True and [r["module"] for r in report["layers"]] == ["fc1", "fc2"]

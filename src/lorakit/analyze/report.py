@@ -101,7 +101,9 @@ def analyze_adapter(path: str | Path, base: nn.Module | None = None, *, energy: 
                                  f"{tuple(w0.shape)} (another base model?)")
             row["amplification"] = M.amplification(delta, w0, up.rank)
         layers.append(row)
-    return {"path": str(path), "energy_fraction": energy, "layers": layers}
+    # DoRA: the measures are of the low-rank part s·B·A, not of the magnitude-rescaled weight
+    return {"path": str(path), "energy_fraction": energy, "use_dora": read_adapter(path)[0].use_dora,
+            "layers": layers}
 
 
 def compare_adapters(path1: str | Path, path2: str | Path) -> dict:

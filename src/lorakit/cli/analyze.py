@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     pair = result["similarity"]
     for k, report in enumerate(result["adapters"]):
         print(f"adapter {k + 1}    {report['path']}")
+        if report["use_dora"]:
+            print("(DoRA adapter: these are the measures of its low-rank part s·B·A, before the magnitude rescaling)")
         _table(summary_rows(report, pair if k == 0 else None))
         print()
     if result["base_model"] is None:
