@@ -51,4 +51,4 @@ def test_pages_missing_from_the_nav_are_appended(tmp_path):
     (tmp_path / "b.md").write_text("no heading\n")
     nav = [{"Home": "a.md"}, {"Group": [{"x": "x.md"}]}]
     assert hooks.unlisted_pages(tmp_path, nav) == [{"b": "b.md"}]
-    assert hooks.unlisted_pages(ROOT / "docs", [])[0] == {"API reference": "api.md"}
+    assert {"API reference": "api.md"} in hooks.unlisted_pages(ROOT / "docs", [])  # titled by its first heading

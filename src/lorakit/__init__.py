@@ -7,6 +7,7 @@
     lorakit.merge(model)                              # zero added latency
 """
 
+from .core.adalora import AdaLoraAllocator, AdaLoraConfig
 from .core.checkpoint import load_adapter, lora_state_dict, save_adapter
 from .core.config import LoraConfig
 from .core.model import (
@@ -49,4 +50,6 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "loraplus_param_groups",
+    "AdaLoraConfig",
+    "AdaLoraAllocator",
 ]

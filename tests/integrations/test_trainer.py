@@ -195,6 +195,20 @@ def test_restore_copies_adapter_head_and_trained_biases_in_place(tmp_path, bias)
     torch.testing.assert_close(logits(model.eval()), logits(source.eval()), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"init": "pissa"}])
+def test_restore_variants_leaves_the_base_alone(tmp_path, variant):
+    source = bert_lora(**variant)  # PiSSA rewrote the base at add_lora: restoring must not do it again
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.rand_like(p)) if p.requires_grad else None
+    lorakit.save_adapter(source, tmp_path)
+    model = bert_lora(**variant)
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k and ".copies." not in k}
+    restore_adapters(model, tmp_path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
+    torch.testing.assert_close(logits(model.eval()), logits(source.eval()), atol=0, rtol=0)
+
+
 def test_restore_needs_every_adapter_of_the_model(run):
     _, out = run
     model = lorakit.add_lora(bert_lora(), lorakit.LoraConfig(r=2, target_modules=["query"]), adapter="extra")

@@ -13,6 +13,7 @@ import types
 import typing
 from pathlib import Path
 
+from ..core.adalora import AdaLoraConfig
 from ..core.config import LoraConfig
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
@@ -31,8 +32,8 @@ from .options import (
 HELP = "Train a LoRA adapter (no arguments: the offline SST-2 demo on the packaged MiniLM)."
 RUN_ARGS = "run_args.json"
 # What a run writes into its output directory: --overwrite removes these (and nothing else).
-RUN_OUTPUTS = ("adapter", "best", "checkpoint", "checkpoint.old", "checkpoint.damaged", "checkpoint.tmp-*",
-               "metrics.jsonl", "training_curves.png", "tensorboard", RUN_ARGS)
+RUN_OUTPUTS = ("adapter", "adapter-lora", "best", "checkpoint", "checkpoint.old", "checkpoint.damaged",
+               "checkpoint.tmp-*", "metrics.jsonl", "training_curves.png", "tensorboard", RUN_ARGS)
 # Options a --resume may change (the rest come from the run's run_args.json): its length and its reporting.
 RESUMABLE = ("max_steps", "epochs", "save_every", "log_every", "eval_every", "progress", "plot", "tensorboard",
              "device")
@@ -109,6 +110,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-dora", action="store_true", help="DoRA: learned magnitude x normalised direction")
     g.add_argument("--convert-to-lora", action="store_true", help="with --init pissa/olora: also write adapter-lora/, "
                    "the equivalent plain LoRA (rank 2r) for the original base")
+    g = p.add_argument_group("AdaLoRA (--method adalora; arXiv 2303.10512)")
+    g.add_argument("--method", choices=["lora", "adalora"], default="lora",
+                   help="adalora: SVD-form adapters whose ranks are pruned from --init-rank to --target-rank")
+    g.add_argument("--init-rank", type=int, help="AdaLoRA: initial rank per layer (default: --r)")
+    g.add_argument("--target-rank", type=int, help="AdaLoRA: average final rank per layer (required)")
+    g.add_argument("--tinit", type=int, help="AdaLoRA: steps before pruning starts (default: 10%% of the steps)")
+    g.add_argument("--tfinal", type=int, help="AdaLoRA: last steps with fixed ranks (default: 20%% of the steps)")
+    g.add_argument("--delta-t", type=int, help="AdaLoRA: steps between rank re-allocations (default: 10)")
+    g.add_argument("--orth-reg-weight", type=float, help="AdaLoRA: weight of the orthogonality penalty (default: 0.1)")
     g = p.add_argument_group("training")
     helps, hints = _field_help(TrainConfig), typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -250,6 +260,7 @@ def _train(args: argparse.Namespace, say) -> int:
     from ..train.tasks import load_task_data
 
     t0 = time.perf_counter()
+    rank = _adalora_rank(args)
     train_cfg = _check_run(args)  # nothing is written before every check passed
     torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
     model_path = args.model or default_model_path()
@@ -267,8 +278,8 @@ def _train(args: argparse.Namespace, say) -> int:
     model = load_model(model_path, args.task, label_names=train_data.label_names)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    lora = LoraConfig(
-        r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
+    lora = (AdaLoraConfig if args.method == "adalora" else LoraConfig)(
+        r=rank, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
         use_dora=args.use_dora,
         modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"
@@ -293,13 +304,15 @@ def _train(args: argparse.Namespace, say) -> int:
     else:
         def evaluate(m):
             return evaluate_perplexity(m, dev_examples, pad)
+    hook = _allocator(model, args, len(train_examples), train_cfg) if args.method == "adalora" else None
     out = Path(train_cfg.output_dir)
     _prepare_output(out, args)
     before = evaluate(model) if dev_examples and not args.resume else None
     if before:
         say(f"dev before   {_fmt(before)}")
     result = train(model, train_examples, lambda b: collate(b, pad), train_cfg,
-                   evaluate=evaluate if dev_examples else None, resume_from=True if args.resume else None)
+                   evaluate=evaluate if dev_examples else None, resume_from=True if args.resume else None,
+                   step_hook=hook)
     after = (result.final_metrics or evaluate(model)) if dev_examples else None
     adapter_dir = out / "adapter"
     if not (adapter_dir / "adapter_model.safetensors").exists():
@@ -312,9 +325,40 @@ def _train(args: argparse.Namespace, say) -> int:
     say(f"adapter      {adapter_dir} ({size / 1024:.0f} KiB on disk)")
     if result.best_metric is not None:
         say(f"best         {train_cfg.metric}={result.best_metric:.4f} at step {result.best_step} -> {out / 'best'}")
+    if hook is not None:
+        say(f"ranks        {sum(hook.rank_pattern().values())} of {hook.init_budget} triplets kept: "
+            + " ".join(f"{p}={n}" for p, n in hook.rank_pattern().items()))
     say(f"time         {time.perf_counter() - t0:.0f} s ({result.global_step} steps, torch threads "
         f"{torch.get_num_threads()})")
     return 0
+
+
+def _adalora_rank(args: argparse.Namespace) -> int:
+    """The adapter's rank: --init-rank for AdaLoRA (default --r); AdaLoRA's flags refused without it."""
+    if args.method == "adalora":
+        if args.target_rank is None:
+            raise ValueError("--method adalora needs --target-rank (the average final rank per layer)")
+        return args.r if args.init_rank is None else args.init_rank
+    given = [f for f in ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "orth_reg_weight")
+             if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is an AdaLoRA option: add --method adalora")
+    return args.r
+
+
+def _allocator(model, args: argparse.Namespace, n_examples: int, train_cfg: TrainConfig):
+    """AdaLoRA's rank allocator over the whole run (its steps counted as the loop counts them)."""
+    from ..core.adalora import AdaLoraAllocator
+    from ..train.loop import total_steps
+
+    if train_cfg.fsdp:
+        raise ValueError("--method adalora does not support --fsdp (the allocator reads whole P, Λ, Q); use DDP")
+    total = total_steps(n_examples, train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    tinit = total // 10 if args.tinit is None else args.tinit
+    tfinal = total // 5 if args.tfinal is None else args.tfinal
+    return AdaLoraAllocator(model, target_rank=args.target_rank, total_steps=total, tinit=tinit, tfinal=tfinal,
+                            delta_t=10 if args.delta_t is None else args.delta_t,
+                            orth_reg_weight=0.1 if args.orth_reg_weight is None else args.orth_reg_weight)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

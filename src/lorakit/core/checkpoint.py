@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .adalora import SVDAdapter, peft_adalora_to_lora, svd_adapters
 from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
@@ -52,7 +53,7 @@ def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False
     if isinstance(layer, LoraEmbedding):
         return {f"{path}.lora_embedding_A": adapter.lora_A.weight.T, f"{path}.lora_embedding_B": adapter.lora_B.weight,
                 **extra}
-    if isinstance(adapter, SlicedAdapter):
+    if isinstance(adapter, SlicedAdapter | SVDAdapter):  # written as the equivalent plain LoRA
         A, B = adapter.plain_pair()
     else:
         A, B = adapter.lora_A.weight, adapter.lora_B.weight
@@ -127,6 +128,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
         getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
     )
     d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
+    if svd_adapters(model, adapter):
+        d["rank_pattern"], d["alpha_pattern"] = {}, {}  # every saved AdaLoRA layer gets its own entry below
     for p, m in model.named_modules():
         adapter_obj = m.adapters[adapter] if isinstance(m, LoraLayer) and adapter in m.adapters else None
         if isinstance(adapter_obj, SlicedAdapter):  # exported as plain LoRA of rank n_on * r, same scaling
@@ -134,6 +137,11 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
             d["rank_pattern"] = {**d["rank_pattern"], p: n_on * config.rank_for(p)}
             factor = math.sqrt(n_on) if config.use_rslora else n_on
             d["alpha_pattern"] = {**d["alpha_pattern"], p: config.alpha_for(p) * factor}
+        elif isinstance(adapter_obj, SVDAdapter):  # plain LoRA of the live rank, same scaling
+            live = adapter_obj.plain_pair()[0].shape[0]
+            d["rank_pattern"] = {**d["rank_pattern"], p: live}
+            d["alpha_pattern"] = {**d["alpha_pattern"], p: adapter_obj.scaling * (math.sqrt(live) if config.use_rslora
+                                                                                  else live)}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
@@ -224,8 +232,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         raise CheckpointError(f"{config_file}: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
+    adalora = raw.get("peft_type") == "ADALORA"  # read as the exactly equivalent plain LoRA, from its tensors
     try:
-        config = LoraConfig.from_peft_dict(raw)
+        config = None if adalora else LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
     except RecursionError:
@@ -236,6 +245,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {_one_line(e)}") from None
+    if adalora:
+        try:
+            raw, tensors = peft_adalora_to_lora(raw, tensors)
+            config = LoraConfig.from_peft_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
     meta = _check_metadata(raw.get(LORAKIT_KEY, {}), f"{config_file}: {LORAKIT_KEY!r}")  # old place, still read
     if LORAKIT_KEY in header:
         try:

@@ -19,9 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.checkpoint import save_adapter
@@ -112,6 +114,7 @@ def train(
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     loss_fn: Callable[[Any, Any], Tensor] | None = None,
     resume_from: str | Path | bool | None = None,
+    step_hook: StepHook | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters (its LoRA adapter) on ``train_data``.
 
@@ -126,8 +129,29 @@ def train(
         loss_fn: ``loss_fn(outputs, batch) -> scalar``; None uses ``outputs.loss`` (transformers models given
             ``labels``).
         resume_from: a checkpoint directory, or True for ``config.output_dir``: continue that run exactly.
+        step_hook: a :class:`StepHook` run with every step, e.g. ``lorakit.AdaLoraAllocator``.
     """
-    return _Run(model, train_data, collate, config, evaluate, loss_fn).run(resume_from)
+    return _Run(model, train_data, collate, config, evaluate, loss_fn, step_hook).run(resume_from)
+
+
+class StepHook(Protocol):
+    """What the loop calls besides the optimizer (AdaLoRA's rank allocator is one).
+
+    ``regularization()`` is added to every micro-batch's loss; ``step(global_step)`` runs after each
+    optimizer step, before the gradients are cleared (steps count from 1); ``state_dict()`` (tensors
+    under ``"tensors"``, the rest JSON) and ``load_state_dict`` go into and out of training checkpoints.
+    """
+
+    def regularization(self) -> Tensor: ...
+    def step(self, global_step: int) -> object: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def total_steps(num_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    """The optimizer steps of a run on ``num_examples`` (known before training: AdaLoRA's schedule needs it)."""
+    steps_per_epoch = math.ceil(batches_per_epoch(num_examples, config, world_size) / config.grad_accum)
+    return config.max_steps or config.epochs * steps_per_epoch
 
 
 def resume(model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[Any]], Any], config: TrainConfig,
@@ -139,9 +163,9 @@ def resume(model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[
 class _Run:
     """One training run; its methods are the loop's parts (setup, step, log, eval, save)."""
 
-    def __init__(self, model, data, collate, config: TrainConfig, evaluate, loss_fn):
+    def __init__(self, model, data, collate, config: TrainConfig, evaluate, loss_fn, step_hook=None):
         self.model, self.data, self.collate, self.cfg = model, data, collate, config
-        self.evaluate, self.loss_fn = evaluate, loss_fn
+        self.evaluate, self.loss_fn, self.hook = evaluate, loss_fn, step_hook
         self.out = Path(config.output_dir)
         self.state = TrainState()
 
@@ -206,6 +230,8 @@ class _Run:
                 warnings.warn(f"resume: {e}; falling back to the previous checkpoint {candidates[i + 1]}",
                               UserWarning, stacklevel=4)
                 self.damaged = path
+        if self.hook is not None:  # read and checked before the model or optimizer change
+            self.hook.load_state_dict(_read_hook_state(ckpt.path))
         saved = ckpt.config.get("train", {})
         changed = [k for k in _TRAJECTORY if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
@@ -299,6 +325,8 @@ class _Run:
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                     outputs = _call(self.wrapped, batch)
                     loss = self.loss_fn(outputs, batch) if self.loss_fn else _model_loss(outputs)
+                    if self.hook is not None:
+                        loss = loss + self.hook.regularization()
                 (loss / len(window)).backward()
             self.loss_sum += loss.detach().float() / len(window)
         norm = None
@@ -306,6 +334,8 @@ class _Run:
             norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.hook is not None:
+            self.hook.step(self.state.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_steps += 1
         return norm
@@ -435,9 +465,27 @@ class _Run:
 
     def _adapter_writer(self, path: Path) -> None:
         save_adapter(self.model, path, adapter=self.adapter)
+        if self.hook is not None:  # beside adapter/ in the checkpoint being written: swapped in with it
+            state = self.hook.state_dict()
+            meta = {k: json.dumps(v) for k, v in state.items() if k != "tensors"}
+            save_file({k: v.contiguous().cpu() for k, v in state["tensors"].items()}, path.parent / HOOK_FILE,
+                      metadata=meta)
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
+HOOK_FILE = "step_hook.safetensors"
+
+
+def _read_hook_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / HOOK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"resume with a step hook: {checkpoint} has no {HOOK_FILE} (the run had no hook)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    return {**{k: json.loads(v) for k, v in meta.items() if k != "format"}, "tensors": tensors}
+
+
 def _resolve_bf16(flag: bool | None, device: torch.device) -> bool:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
