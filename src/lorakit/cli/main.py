@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import analyze as analyze_cmd
 from . import eval as eval_cmd
 from . import generate as generate_cmd
 from . import inspect as inspect_cmd
@@ -28,6 +29,7 @@ COMMANDS = {
     "inspect": inspect_cmd,
     "generate": generate_cmd,
     "serve": serve_cmd,
+    "analyze": analyze_cmd,
 }
 
 

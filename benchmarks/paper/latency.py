@@ -1,0 +1,95 @@
+"""Inference latency of one forward pass on a GPT-2 medium config (Table 1 analog), on CPU.
+
+    python benchmarks/paper/latency.py                          # batch 1 x seq 128 and batch 1 x seq 32
+    python benchmarks/paper/latency.py --shapes 1x128 16x128 --reps 5
+
+Variants on one random-init GPT-2 medium (24 x 1024, weights shared): ``base``; ``lora-merged`` (r=4 on q,v of
+``c_attn``, ``lorakit.merge``); ``lora-unmerged`` (the same adapter applied on the side); ``adapter`` (a Houlsby
+bottleneck of size 16 after each block's attention and FFN output, like the paper's AdapterH). All in one
+process, in rotating order per repetition (drift hits every variant alike); the best of ``--reps``, since a
+shared machine only ever adds time. Writes ``benchmarks/paper/results/latency.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from baselines import add_houlsby, write_json
+
+import lorakit
+from lorakit.core.layers import Adapter
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
+
+
+def build_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16)).eval()
+    lora = lorakit.add_lora(GPT2LMHeadModel(base.config).eval(), lorakit.LoraConfig(
+        r=4, alpha=8, dropout=0.0, target_modules=["c_attn"], slices={"c_attn": [True, False, True]}))
+    lora.load_state_dict(base.state_dict(), strict=False)  # same base weights
+    with torch.no_grad():  # a trained-looking update, so merged vs unmerged is a real check
+        for m in lora.modules():
+            if isinstance(m, Adapter):
+                m.lora_B.weight.normal_(0, 0.02)
+    adapter = GPT2LMHeadModel(base.config).eval()
+    adapter.load_state_dict(base.state_dict())
+    add_houlsby(adapter, ("attn.c_proj", "mlp.c_proj"), 1024, 16)
+    return base, lora, adapter
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["1x128", "1x32"], help="BATCHxSEQ")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base, lora, adapter = build_models()
+
+    variants = {"base": base, "lora-merged": lora, "lora-unmerged": lora, "adapter": adapter}
+    rows = []
+    for shape in args.shapes:
+        b, s = (int(v) for v in shape.split("x"))
+        x = torch.randint(0, 50257, (b, s), generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        names = list(variants)
+        with torch.inference_mode():
+            ref = lora(x).logits
+            lorakit.merge(lora)
+            diff = (lora(x).logits - ref).abs().max().item()  # merged == unmerged up to fp32 round-off
+            lorakit.unmerge(lora)
+            for rep in range(args.reps + 1):  # repetition 0 warms up and is not counted
+                order = names[rep % len(names):] + names[: rep % len(names)]
+                for name in order:
+                    if name == "lora-merged":
+                        lorakit.merge(lora)
+                    t0 = time.perf_counter()
+                    variants[name](x)
+                    dt = time.perf_counter() - t0
+                    if name == "lora-merged":
+                        lorakit.unmerge(lora)
+                    if rep:
+                        times[name].append(dt)
+        best = {k: min(v) for k, v in times.items()}
+        row = {"batch": b, "seq": s, "ms": {k: 1000 * v for k, v in best.items()},
+               "overhead_pct": {k: 100 * (v / best["base"] - 1) for k, v in best.items()},
+               "median_ms": {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}, "merged_max_diff": diff}
+        rows.append(row)
+        print(f"batch {b} seq {s}: " + "  ".join(f"{k} {row['ms'][k]:.0f} ms ({row['overhead_pct'][k]:+.1f}%)"
+                                                 for k in names), flush=True)
+    out = {"rows": rows, "reps": args.reps, "threads": torch.get_num_threads(),
+           "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}".strip()}
+    write_json(RESULTS, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
