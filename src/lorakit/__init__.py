@@ -9,6 +9,7 @@
 
 from .core.checkpoint import load_adapter, lora_state_dict, save_adapter
 from .core.config import LoraConfig
+from .core.quantized import merge_errors, quantize
 from .core.model import (
     active_adapter,
     adapter_config,
@@ -47,4 +48,6 @@ __all__ = [
     "lora_state_dict",
     "save_adapter",
     "load_adapter",
+    "quantize",
+    "merge_errors",
 ]

@@ -278,7 +278,7 @@ def merge(model: nn.Module, adapter: str | None = None, safe: bool = False) -> N
     layers = [layer for layer in lora_layers(model) if name in layer.adapters and name not in layer.merged]
     if safe:
         for layer in layers:
-            merged = layer.base_layer.weight.detach().float() + layer.delta_weight(name)
+            merged = layer.base_weight() + layer.delta_weight(name)
             if not torch.isfinite(merged).all():
                 path = next(p for p, m in model.named_modules() if m is layer)
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path}; nothing was changed")
