@@ -9,7 +9,6 @@
 
 from .core.checkpoint import load_adapter, lora_state_dict, save_adapter
 from .core.config import LoraConfig
-from .core.quantized import merge_errors, quantize
 from .core.model import (
     active_adapter,
     adapter_config,
@@ -26,6 +25,7 @@ from .core.model import (
     unmerge,
     use_adapter,
 )
+from .core.quantized import merge_errors, quantize
 
 __version__ = "0.1.0"
 
