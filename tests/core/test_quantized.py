@@ -246,3 +246,25 @@ def test_core_imports_without_bitsandbytes_and_quantize_names_the_extra():
             "try:\n    lorakit.quantize(m)\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "4/8-bit bases need bitsandbytes: pip install 'lorakit[qlora]'"
+
+
+def test_training_forward_after_an_inference_forward_has_gradients():
+    """bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at an eval-mode no-grad forward, into a layout
+    whose kernel has no backward; lorakit's layers never repack, and a LoRA-wrapped layer that was repacked
+    (as transformers' loading leaves them) gets the standard layout back when gradients are needed."""
+    model = lorakit.quantize(_model())
+    wild = quantized_linear(nn.Linear(64, 64), 4, "nf4", True, None)
+    wild.support_avx512bf16_for_cpu = bnb.nn.Linear4bit(4, 4).support_avx512bf16_for_cpu  # bitsandbytes' default
+    model.blocks[1]["q"] = wild
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["q"]))
+    x = torch.randn(2, 64)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    for path in ("blocks.0.mlp", "blocks.1.q"):
+        layer = model.get_submodule(path)
+        xg = x.clone().requires_grad_(True)
+        layer(xg).sum().backward()
+        W = dequantize(layer.base_layer if path.endswith("q") else layer)
+        assert torch.allclose(xg.grad, W.sum(0).expand_as(xg), atol=FP32_TOL)  # d(sum(x W^T))/dx, B = 0

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from ..core.config import LoraConfig
+from ..core.quantized import PRESETS
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
 
@@ -91,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
     g.add_argument("--init", choices=["kaiming", "gaussian"], default="kaiming")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    g.add_argument("--quantize", choices=sorted(PRESETS), help="QLoRA: the frozen base in 4-bit (nf4: QLoRA's "
+                   "NF4 + double quantization, fp4) or 8-bit (int8: LLM.int8), by bitsandbytes (lorakit[qlora])")
     g = p.add_argument_group("training")
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, say) -> int:
     import torch
 
-    from .. import add_lora, save_adapter, trainable_parameters
+    from .. import add_lora, quantize, save_adapter, trainable_parameters
     from ..models import default_model_path, load_model, load_tokenizer
     from ..train.data import collate, default_data_dir, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
@@ -158,6 +161,8 @@ def _train(args: argparse.Namespace, say) -> int:
                                                          else None),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
     )
+    if args.quantize:
+        quantize(model, **PRESETS[args.quantize])
     add_lora(model, lora)
     trainable, total = trainable_parameters(model)
     say(f"model        {model_path}")

@@ -64,9 +64,10 @@ def dequantize(layer: nn.Module) -> Tensor:
 
 
 def _unpack_cpu_layout(layer: nn.Module) -> None:
-    """bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs at its first inference forward; dequantize and
-    requantize need the standard layout (the layer packs it again when it next runs)."""
-    state = layer.weight.quant_state
+    """bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs at its first inference forward (eval mode, no
+    grad) and then always runs it through an inference kernel without a backward. Dequantize, requantize and
+    any forward that needs gradients need the standard layout back."""
+    state = getattr(layer.weight, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
@@ -103,6 +104,7 @@ def quantized_linear(linear: nn.Module, bits: int, quant_type: str, double_quant
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
         q.weight = bnb.nn.Params4bit(weight.to("cpu", torch.float32), requires_grad=False, quant_type=quant_type,
                                      compress_statistics=double_quant, module=q).to(weight.device)
+        q.support_avx512bf16_for_cpu = False  # no inference-only repacking: training after an evaluation works
     else:  # LLM.int8 with the outlier threshold transformers uses by default
         q = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta")
         q.weight = bnb.nn.Int8Params(weight.to("cpu", torch.float32), requires_grad=False,
@@ -149,6 +151,11 @@ class LoraQuantLinear(LoraLinear):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.merge_error: QuantError | None = None  # set by the last merge or unmerge
 
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if torch.is_grad_enabled():
+            _unpack_cpu_layout(self.base_layer)  # e.g. a layer transformers loaded, after an eval forward
+        return super().forward(x, *args, **kwargs)
+
     def base_weight(self) -> Tensor:
         return dequantize(self.base_layer)
 
@@ -180,6 +187,8 @@ def merge_errors(model: nn.Module) -> dict[str, QuantError]:
 
 # ----- quantize a model ------------------------------------------------------------------------------------
 QUANT_TYPES = ("nf4", "fp4")
+# ``lorakit train --quantize NAME``: QLoRA's recipe (NF4 + double quantization), FP4, or LLM.int8
+PRESETS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"}, "int8": {"bits": 8}}
 
 
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
