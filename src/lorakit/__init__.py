@@ -26,6 +26,7 @@ from .core.model import (
     use_adapter,
 )
 from .core.quantized import merge_errors, quantize
+from .core.variants import loraplus_param_groups
 
 __version__ = "0.1.0"
 
@@ -50,4 +51,5 @@ __all__ = [
     "load_adapter",
     "quantize",
     "merge_errors",
+    "loraplus_param_groups",
 ]

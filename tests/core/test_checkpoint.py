@@ -129,8 +129,8 @@ def test_broken_files_are_refused_and_model_untouched(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         lorakit.load_adapter(model, tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 2, "use_dora": True}))
-    with pytest.raises(CheckpointError, match="use_dora"):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_bias": True}))
+    with pytest.raises(CheckpointError, match="lora_bias"):
         lorakit.load_adapter(model, tmp_path)
     weights.unlink()
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")

@@ -90,10 +90,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude-modules", help="comma list of module names never adapted")
     g.add_argument("--modules-to-save", help="comma list of modules trained in full (default: the classifier head)")
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
-    g.add_argument("--init", choices=["kaiming", "gaussian"], default="kaiming")
+    g.add_argument("--init", default="kaiming", help="kaiming, gaussian, or from the base weight (replaced by the "
+                   "residual): pissa, pissa_niter_<K>, olora")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r)")
     g.add_argument("--quantize", choices=sorted(PRESETS), help="QLoRA: the frozen base in 4-bit (nf4: QLoRA's "
                    "NF4 + double quantization, fp4) or 8-bit (int8: LLM.int8), by bitsandbytes (lorakit[qlora])")
+    g.add_argument("--use-dora", action="store_true", help="DoRA: learned magnitude x normalised direction")
+    g.add_argument("--convert-to-lora", action="store_true", help="with --init pissa/olora: also write adapter-lora/, "
+                   "the equivalent plain LoRA (rank 2r) for the original base")
     g = p.add_argument_group("training")
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -157,13 +161,17 @@ def _train(args: argparse.Namespace, say) -> int:
     lora = LoraConfig(
         r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
         modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"
                                                          else None),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
     )
-    if args.quantize:
-        quantize(model, **PRESETS[args.quantize])
+    if args.convert_to_lora and lora.init in ("kaiming", "gaussian"):
+        raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight (pissa, olora...), "
+                         f"got {lora.init!r}")
     add_lora(model, lora)
+    if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
+        quantize(model, **PRESETS[args.quantize])
     trainable, total = trainable_parameters(model)
     say(f"model        {model_path}")
     say(f"data         {splits['train']} ({len(train_examples)} train"
@@ -195,6 +203,8 @@ def _train(args: argparse.Namespace, say) -> int:
     adapter_dir = out / "adapter"
     if not (adapter_dir / "adapter_model.safetensors").exists():
         save_adapter(model, adapter_dir)
+    if args.convert_to_lora:
+        say(f"plain LoRA   {save_adapter(model, out / 'adapter-lora', convert_to_lora=True)} (for the original base)")
     size = sum(f.stat().st_size for f in adapter_dir.iterdir())
     if after:
         say(f"dev after    {_fmt(after)}")

@@ -31,6 +31,7 @@ from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
 from .targets import find_targets
+from .variants import changed_base, plain_lora_pair
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,23 +43,33 @@ class CheckpointError(ValueError):
 
 
 # ----- state dict -------------------------------------------------------------------------------------
-def _adapter_tensors(layer: LoraLayer, adapter, path: str) -> dict[str, Tensor]:
+def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
+    extra = {f"{path}.{k}": v for k, v in adapter.extra_tensors().items()}
+    if convert and changed_base(adapter):  # the equivalent plain LoRA (rank 2r) for the original base
+        A, B = plain_lora_pair(adapter)
+        return {f"{path}.lora_A.weight": A.reshape(-1, *adapter.lora_A.weight.shape[1:]),
+                f"{path}.lora_B.weight": B.reshape(B.shape[0], -1, *adapter.lora_B.weight.shape[2:]), **extra}
     if isinstance(layer, LoraEmbedding):
-        return {f"{path}.lora_embedding_A": adapter.lora_A.weight.T, f"{path}.lora_embedding_B": adapter.lora_B.weight}
+        return {f"{path}.lora_embedding_A": adapter.lora_A.weight.T, f"{path}.lora_embedding_B": adapter.lora_B.weight,
+                **extra}
     if isinstance(adapter, SlicedAdapter):
         A, B = adapter.plain_pair()
     else:
         A, B = adapter.lora_A.weight, adapter.lora_B.weight
-    return {f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B}
+    return {f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B, **extra}
 
 
-def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
-    """The tensors of adapter ``adapter`` under PEFT's checkpoint keys (detached, in model dtype)."""
+def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora: bool = False) -> dict[str, Tensor]:
+    """The tensors of adapter ``adapter`` under PEFT's checkpoint keys (detached, in model dtype).
+
+    ``convert_to_lora``: layers whose base weight an initialiser replaced (PiSSA, OLoRA...) get the exactly
+    equivalent plain LoRA for the original base instead (rank 2r, :func:`~lorakit.core.variants.plain_lora_pair`).
+    """
     config = adapter_config(model, adapter)
     out: dict[str, Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.adapters:
-            out.update(_adapter_tensors(module, module.adapters[adapter], path))
+            out.update(_adapter_tensors(module, module.adapters[adapter], path, convert_to_lora))
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 out[f"{path}.base_layer.bias"] = bias
@@ -80,15 +91,21 @@ def _in_saved(model: nn.Module, param_name: str) -> bool:
 
 
 # ----- save ---------------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
+                 convert_to_lora: bool = False) -> Path:
     """Write ``adapter`` to ``path`` (a non-default adapter goes to ``path/<adapter>``); returns the dir.
 
+    ``convert_to_lora=True``: an adapter whose initialiser replaced base weights (PiSSA, OLoRA...) is written
+    as the exactly equivalent plain LoRA of rank 2r for the **original** base (``init_lora_weights: true``),
+    which PEFT and vLLM load on the untouched model; other adapters are written as they are.
     Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
     """
     config = adapter_config(model, adapter)
     out_dir = Path(path) if adapter == "default" else Path(path) / adapter
-    tensors = {k: v.contiguous().cpu().clone() for k, v in lora_state_dict(model, adapter).items()}
+    tensors = {k: v.contiguous().cpu().clone() for k, v in lora_state_dict(model, adapter, convert_to_lora).items()}
     peft = _peft_config(model, config, adapter)
+    if convert_to_lora:
+        peft = converted_config(model, adapter, peft)
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
@@ -117,6 +134,23 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
     if names := class_names(model):
         d[LORAKIT_KEY]["id2label"] = {str(i): name for i, name in enumerate(names)}
     return d
+
+
+def converted_config(model: nn.Module, adapter: str, peft: dict) -> dict:
+    """``adapter_config.json`` of the plain-LoRA conversion: every rank doubled with the scaling kept
+    (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is dropped (it
+    was taken on the replaced base)."""
+    held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    changed = [changed_base(a) for a in held]
+    if not any(changed):
+        return peft
+    if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
+        raise ValueError(f"convert_to_lora: adapter {adapter!r} replaced the base of only some of its layers")
+    f = math.sqrt(2) if peft.get("use_rslora") else 2  # alpha' / g(2r) == alpha / g(r)
+    return {**peft, "init_lora_weights": True, "r": 2 * peft["r"], "lora_alpha": f * peft["lora_alpha"],
+            "rank_pattern": {k: 2 * v for k, v in peft["rank_pattern"].items()},
+            "alpha_pattern": {k: f * v for k, v in peft["alpha_pattern"].items()},
+            LORAKIT_KEY: {**peft[LORAKIT_KEY], "base_fingerprint": None}}
 
 
 def class_names(model: nn.Module) -> list[str] | None:
@@ -263,6 +297,8 @@ def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, boo
         else:
             targets[f"{PREFIX}{p.path}.lora_A.weight"] = (adapter.lora_A.weight.data, False)
             targets[f"{PREFIX}{p.path}.lora_B.weight"] = (adapter.lora_B.weight.data, False)
+        for suffix, tensor in adapter.extra_tensors().items():
+            targets[f"{PREFIX}{p.path}.{suffix}"] = (tensor.data, False)
         bias = getattr(p.layer.base_layer, "bias", None)
         if config.bias == "lora_only" and bias is not None:
             targets[f"{PREFIX}{p.path}.base_layer.bias"] = (bias.data, False)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian"]
+Init = str  # a name in core.variants.INITIALIZERS: kaiming, gaussian, pissa, pissa_niter_<K>, olora
 
 # Field names that differ between LoraConfig and PEFT's adapter_config.json.
 _TO_PEFT = {
@@ -21,7 +21,6 @@ _TO_PEFT = {
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}
 # PEFT options lorakit cannot honour: loading a config that sets one of them must fail loudly.
 _PEFT_UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -50,7 +49,13 @@ class LoraConfig:
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of adapted layers).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
-            paper's). B starts at zero either way, so a new adapter leaves the outputs unchanged.
+            paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
+            ``"pissa_niter_<K>"``, ``"olora"``: A and B from the base weight, which is replaced by the
+            residual (see :mod:`lorakit.core.variants`; ``save_adapter(..., convert_to_lora=True)`` writes
+            the equivalent plain LoRA for the original base). PEFT's ``init_lora_weights`` values are
+            accepted (``True`` is ``"kaiming"``).
+        use_dora: DoRA (arXiv 2402.09353): a learned magnitude per output feature times the normalised
+            direction of ``W0 + s·B·A`` (PEFT's ``use_dora``).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv 2312.03732).
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``; keys use the list syntax
             of ``target_modules`` (or a full-match regex).
@@ -71,6 +76,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     init: Init = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     slices: dict[str, list[bool]] = field(default_factory=dict)
@@ -84,6 +90,8 @@ class LoraConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.layers, int):
             self.layers = [self.layers]
+        if self.init is True:  # PEFT's init_lora_weights=True
+            self.init = "kaiming"
         self.validate()
 
     def validate(self) -> None:
@@ -95,7 +103,10 @@ class LoraConfig:
             f"dropout must be in [0, 1), got {self.dropout!r}",
         )
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {self.bias!r}")
-        _check(self.init in ("kaiming", "gaussian"), f"init must be kaiming|gaussian, got {self.init!r}")
+        from .variants import parse_init  # variants builds on layers, which import this module
+
+        parse_init(self.init)
+        _check(isinstance(self.use_dora, bool), f"use_dora must be true or false, got {self.use_dora!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -147,7 +158,7 @@ class LoraConfig:
             if f.name == "slices":
                 continue
             d[_TO_PEFT.get(f.name, f.name)] = getattr(self, f.name)
-        d["init_lora_weights"] = _PEFT_INIT[self.init]
+        d["init_lora_weights"] = _PEFT_INIT.get(self.init, self.init)
         d["fan_in_fan_out"] = False  # save_adapter sets it for Conv1D models; lorakit itself detects Conv1D by type
         d["inference_mode"] = True
         d.update(_PEFT_UNSUPPORTED)
@@ -169,9 +180,15 @@ class LoraConfig:
             if name in names and value is not None:
                 kwargs[name] = value
         init = kwargs.get("init", True)
-        if init not in (True, False, "gaussian"):
-            raise ValueError(f"adapter_config.json: init_lora_weights={init!r} is not supported by lorakit")
-        kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"  # weights come from the file anyway
+        if init is True or init is False:
+            init = "kaiming"  # A and B come from the file anyway
+        try:
+            from .variants import parse_init
+
+            parse_init(init)
+        except ValueError:
+            raise ValueError(f"adapter_config.json: init_lora_weights={init!r} is not supported by lorakit") from None
+        kwargs["init"] = init  # a base-changing init (pissa...) is rerun on the base when loading, as PEFT does
         if isinstance(kwargs.get("target_modules"), list):
             kwargs["target_modules"] = sorted(kwargs["target_modules"])
         if kwargs.get("modules_to_save"):

@@ -26,7 +26,15 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class Adapter(nn.Module):
-    """One adapter on one layer: ``lora_A``, ``lora_B``, dropout and scaling together."""
+    """One adapter on one layer: ``lora_A``, ``lora_B``, dropout and scaling together.
+
+    The methods below the forward are the variant seam (contract in :mod:`lorakit.core.variants`): a
+    variant (DoRA, ...) is a subclass that overrides them, so :class:`LoraLayer` never asks which one it holds.
+    """
+
+    #: the layer output is ``base(x) + B·A·x·scaling`` with (A, B) from :meth:`plain_pair`: per-row stacking,
+    #: combining and plain-LoRA export may rely on that pair alone. Variants that change more set it False.
+    additive = True
 
     def __init__(self, lora_A: nn.Module, lora_B: nn.Module, dropout: float, scaling: float, config: LoraConfig):
         super().__init__()
@@ -66,6 +74,29 @@ class Adapter(nn.Module):
             out.view(-1, out.shape[-1]).addmm_(a2d, B.weight.T, alpha=self.scaling)
             return out
         return torch.addmm(out.reshape(-1, out.shape[-1]), a2d, B.weight.T, alpha=self.scaling).view(out.shape)
+
+    # ----- variant seam: forward, merge, checkpoint ---------------------------------------------------------
+    def apply(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
+        """The layer's output with this adapter: ``out`` is ``layer.base_layer(x)`` (bias included)."""
+        return self.add_to(out, _cast(x, self.dtype), inplace)
+
+    def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
+        """Base weight (fp32, base layout) with this adapter folded in."""
+        return weight + layer.to_base_layout(self.delta_matrix())
+
+    def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
+        """Inverse of :meth:`merged_weight` (fp32, base layout)."""
+        return weight - layer.to_base_layout(self.delta_matrix())
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Checkpoint tensors besides A and B: key suffix after the module path -> tensor (saved detached,
+        loaded by copy after a shape check)."""
+        return {}
+
+    def delta_matrix(self) -> Tensor:
+        """``B @ A * scaling`` as a ``(d, k)`` fp32 matrix."""
+        A, B = self.plain_pair()
+        return (B.float() @ A.float()) * self.scaling
 
     def plain_pair(self) -> tuple[Tensor, Tensor]:
         """(A, B) as matrices ``(r, k)`` and ``(d, r)``: the update is ``B @ A * scaling`` (flattened
@@ -145,18 +176,56 @@ class LoraLayer(nn.Module):
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
         inplace = self.fresh_output and not _hooked(self.base_layer) and not torch.is_grad_enabled()
-        return adapter.add_to(out, _cast(x, adapter.dtype), inplace)
+        return adapter.apply(self, out, x, inplace)
 
     @property
     def weight(self) -> Tensor:
         """The base weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
 
-    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> Adapter:
-        r, scaling = config.rank_for(module_name), config.scaling(module_name)
-        adapter = self.make_adapter(r, scaling, config, module_name)
-        self.init_adapter(adapter, config.init)
+    # ----- geometry that variants read (plain ``(d, k)`` form: d outputs, k inputs) -------------------------
+    def as_matrix(self, weight: Tensor) -> Tensor:
+        """A tensor in the layout of ``base_layer.weight`` -> its ``(d, k)`` form (inverse of to_base_layout)."""
+        return weight
+
+    def weight_matrix(self) -> Tensor:
+        """The base weight as a ``(d, k)`` matrix (detached; a quantized base layer dequantizes here)."""
+        return self.as_matrix(self.base_layer.weight.detach())
+
+    def feature_view(self, v: Tensor) -> Tensor:
+        """A per-output-feature vector ``(d,)`` shaped to broadcast against the layer's output."""
+        return v
+
+    # ----- building adapters ------------------------------------------------------------------------------
+    def new_adapter(self, config: LoraConfig, module_name: str) -> Adapter:
+        """Build one adapter for this layer without attaching it: the layer type's A/B pair
+        (:meth:`make_adapter`), initialised by ``config.init`` (an initialiser may stage a new base weight
+        on the adapter, written by :meth:`attach`), then wrapped by the config's variant (DoRA, ...)."""
+        from .variants import initialize, wrap_variant  # variants imports this module
+
+        adapter = self.make_adapter(config.rank_for(module_name), config.scaling(module_name), config, module_name)
+        initialize(self, adapter, config.init)
+        return wrap_variant(self, adapter, config)
+
+    def attach(self, name: str, adapter: Adapter) -> None:
+        """Hold ``adapter`` as ``name``; a base weight its initialiser staged (PiSSA, OLoRA...) is written now."""
+        from .variants import commit_base
+
+        commit_base(self, adapter)
         self.adapters[name] = adapter
+
+    def release(self, name: str) -> Adapter:
+        """Remove adapter ``name`` (unmerged); a base weight its initialiser replaced is restored."""
+        from .variants import restore_base
+
+        adapter = self.adapters[name]
+        restore_base(self, adapter)
+        del self.adapters[name]
+        return adapter
+
+    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> Adapter:
+        adapter = self.new_adapter(config, module_name)
+        self.attach(name, adapter)
         return adapter
 
     def make_adapter(self, r: int, scaling: float, config: LoraConfig, module_name: str) -> Adapter:
@@ -175,22 +244,22 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> Tensor:
         """The update ``B @ A * scaling`` in fp32, in the layout of ``base_layer.weight``."""
-        A, B = self.adapters[name].plain_pair()
-        return self.to_base_layout((B.float() @ A.float()) * self.adapters[name].scaling)
+        return self.to_base_layout(self.adapters[name].delta_matrix())
+
+    def merged_weight(self, name: str) -> Tensor:
+        """The base weight with adapter ``name`` folded in (fp32, base layout); the layer is unchanged."""
+        weight = self.base_layer.weight
+        return self.adapters[name].merged_weight(self, weight.detach().float()).to(weight.device)
 
     def to_base_layout(self, delta: Tensor) -> Tensor:
         """``(d, k)`` update -> the shape and layout of ``base_layer.weight``."""
         return delta
 
-    def base_weight(self) -> Tensor:
-        """The base weight in fp32, in its own layout (quantized bases: dequantized)."""
-        return self.base_layer.weight.detach().float()
-
     # ----- merge -----------------------------------------------------------------------------------------
     def merge(self, name: str, safe: bool = False) -> None:
         """Add adapter ``name``'s update into the base weight (computed in fp32, cast back)."""
         weight = self.base_layer.weight
-        merged = weight.detach().float() + self.delta_weight(name).to(weight.device)
+        merged = self.merged_weight(name)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
         with torch.no_grad():
@@ -203,7 +272,7 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             while self.merged:
                 name = self.merged.pop()
-                weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+                weight.copy_(self.adapters[name].unmerged_weight(self, weight.float()).to(weight.dtype))
 
 
 class LoraLinear(LoraLayer):
@@ -227,6 +296,9 @@ class LoraLinear(LoraLayer):
     def to_base_layout(self, delta):
         return delta.T if self.fan_in_fan_out else delta
 
+    def as_matrix(self, weight):
+        return weight.T if self.fan_in_fan_out else weight
+
 
 class LoraEmbedding(LoraLayer):
     """``nn.Embedding``: ``lora_A`` is an embedding table ``(num, r)``, ``lora_B`` maps ``r -> dim``."""
@@ -245,6 +317,9 @@ class LoraEmbedding(LoraLayer):
 
     def to_base_layout(self, delta):
         return delta.T  # (dim, num) -> (num, dim)
+
+    def as_matrix(self, weight):
+        return weight.T  # (num, dim) -> (dim, num)
 
 
 class LoraConv(LoraLayer):
@@ -265,6 +340,12 @@ class LoraConv(LoraLayer):
 
     def to_base_layout(self, delta):
         return delta.view(self.base_layer.weight.shape)
+
+    def as_matrix(self, weight):
+        return weight.flatten(1)  # (out, in, *kernel) -> (out, in * prod(kernel))
+
+    def feature_view(self, v):
+        return v.view(-1, *[1] * (self.base_layer.weight.dim() - 2))  # channels: dim -(spatial dims + 1)
 
 
 def _conv1d_type() -> type | None:

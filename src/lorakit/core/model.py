@@ -18,6 +18,7 @@ from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
+from .variants import check_base_kept, check_rows
 
 
 # ----- injection -----------------------------------------------------------------------------------------
@@ -39,14 +40,13 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
+    check_base_kept(model, f"adding adapter {name!r}", config)
     planned = []
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
-        planned.append(_Planned(path, layer, layer.make_adapter(config.rank_for(path), config.scaling(path),
-                                                                   config, path), new_layer))
-        layer.init_adapter(planned[-1].adapter, config.init)
+        planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
     copies = {}
     if config.modules_to_save:
         paths = find_modules_to_save(model, config.modules_to_save)
@@ -69,7 +69,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     for p in planned:
         if p.new_layer:
             _set_submodule(model, p.path, p.layer)
-        p.layer.adapters[name] = p.adapter
+        p.layer.attach(name, p.adapter)
     for path, module in copies.items():
         holder = model.get_submodule(path)
         if not isinstance(holder, SavedModule):
@@ -164,6 +164,8 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     layers, saved = _wrappers(model)
     if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
+    if name is None:
+        check_base_kept(model, "set_adapter(model, None)")
     for layer in layers:
         if layer.merged and name not in layer.merged:
             raise RuntimeError(f"adapter {layer.merged} is merged; unmerge(model) before switching to {name!r}")
@@ -199,7 +201,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         if name not in held:
             continue
-        del held[name]
+        if isinstance(module, LoraLayer):
+            module.release(name)  # restores a base weight the adapter's initialiser replaced
+        else:
+            del held[name]
         if module.active == name:
             module.active = None
         if not len(held):  # the last adapter gone: the original module goes back in place
@@ -226,6 +231,7 @@ def disabled(model: nn.Module):
     for layer in layers:
         if layer.merged:
             raise RuntimeError(f"adapter {layer.merged} is merged into the weights; unmerge(model) first")
+    check_base_kept(model, "disabled(model)")
     for obj in layers + saved:
         obj.disabled = True
     try:
@@ -250,6 +256,7 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     layers, saved = _wrappers(model)
     if any(layer.merged for layer in layers):
         raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
+    check_rows(model, names)
     for layer in layers:
         layer.row_plan = make_row_update(layer, names)
     for m in saved:
@@ -278,7 +285,7 @@ def merge(model: nn.Module, adapter: str | None = None, safe: bool = False) -> N
     layers = [layer for layer in lora_layers(model) if name in layer.adapters and name not in layer.merged]
     if safe:
         for layer in layers:
-            merged = layer.base_weight() + layer.delta_weight(name)
+            merged = layer.merged_weight(name)
             if not torch.isfinite(merged).all():
                 path = next(p for p, m in model.named_modules() if m is layer)
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path}; nothing was changed")
@@ -305,6 +312,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                 module.merge(name)
             elif not merge:
                 module.unmerge()
+            for held in [n for n in module.adapters if n not in module.merged]:
+                module.release(held)  # a base weight replaced by an initialiser (PiSSA...) comes back
             _set_submodule(model, path, module.base_layer)
         elif isinstance(module, SavedModule):
             keep = module.copies[name] if merge and name in module.copies else module.original
@@ -335,6 +344,12 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             raise _unknown(model, a)
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists")
+    check_base_kept(model, "combine_adapters")
+    for layer in lora_layers(model):
+        for a in weights:
+            if a in layer.adapters and not layer.adapters[a].additive:
+                raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
+                                 "not a plain B·A update; only plain LoRA adapters combine")
     configs = [adapter_config(model, a) for a in weights]
     for layer in lora_layers(model):
         parts = [(layer.adapters[a], w) for a, w in weights.items() if a in layer.adapters]

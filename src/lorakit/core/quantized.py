@@ -138,12 +138,13 @@ class QuantError:
     """What one requantization cost: the quantized weight minus the exact fp32 one."""
 
     max_abs: float  # largest weight error
-    relative: float  # ||error||_F / ||B·A·scaling||_F: the share of the update lost to rounding
+    relative: float  # ||error||_F / ||change||_F (change: B·A·scaling for plain LoRA): the share lost to rounding
 
 
 class LoraQuantLinear(LoraLinear):
-    """LoRA on bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``: forward as :class:`LoraLinear`; merge and unmerge
-    dequantize, add or subtract the update in fp32 and requantize (lossy: see :attr:`merge_error`)."""
+    """LoRA on bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``: forward as :class:`LoraLinear`; variants read the
+    dequantized weight (``weight_matrix``); merge and unmerge dequantize, fold the adapter in or out in fp32 and
+    requantize (lossy: see :attr:`merge_error`)."""
 
     def __init__(self, base_layer: nn.Module):
         LoraLayer.__init__(self, base_layer)
@@ -156,27 +157,38 @@ class LoraQuantLinear(LoraLinear):
             _unpack_cpu_layout(self.base_layer)  # e.g. a layer transformers loaded, after an eval forward
         return super().forward(x, *args, **kwargs)
 
-    def base_weight(self) -> Tensor:
+    def weight_matrix(self) -> Tensor:
         return dequantize(self.base_layer)
 
-    def _requantize(self, target: Tensor, delta: Tensor) -> None:
-        set_quantized_weight(self.base_layer, target)
-        error = dequantize(self.base_layer) - target
-        self.merge_error = QuantError(error.abs().max().item(),
-                                      (error.norm() / delta.norm().clamp_min(1e-30)).item())
+    def new_adapter(self, config, module_name):
+        adapter = super().new_adapter(config, module_name)
+        if "base_change" in adapter.__dict__:  # PiSSA, OLoRA, LoftQ: planned, so nothing has changed yet
+            raise ValueError(f"{module_name}: init {config.init!r} replaces the base weight, which is already "
+                             "quantized here; add the adapter to the full-precision model, then lorakit.quantize(model)")
+        return adapter
+
+    def merged_weight(self, name: str) -> Tensor:
+        return self.adapters[name].merged_weight(self, dequantize(self.base_layer))
 
     def merge(self, name: str, safe: bool = False) -> None:
-        delta = self.delta_weight(name).to(self.base_layer.weight.device)
-        merged = self.base_weight() + delta
+        before = dequantize(self.base_layer)
+        merged = self.adapters[name].merged_weight(self, before)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
-        self._requantize(merged, delta)
+        self._requantize(merged, merged - before)
         self.merged.append(name)
 
     def unmerge(self) -> None:
         while self.merged:
-            delta = self.delta_weight(self.merged.pop()).to(self.base_layer.weight.device)
-            self._requantize(self.base_weight() - delta, delta)
+            before = dequantize(self.base_layer)
+            target = self.adapters[self.merged.pop()].unmerged_weight(self, before)
+            self._requantize(target, target - before)
+
+    def _requantize(self, target: Tensor, change: Tensor) -> None:
+        set_quantized_weight(self.base_layer, target)
+        error = dequantize(self.base_layer) - target
+        self.merge_error = QuantError(error.abs().max().item(),
+                                      (error.norm() / change.norm().clamp_min(1e-30)).item())
 
 
 def merge_errors(model: nn.Module) -> dict[str, QuantError]:

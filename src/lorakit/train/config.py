@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..core.layers import Adapter
+from ..core.variants import loraplus_param_groups
 
 Schedule = Literal["cosine", "linear", "constant"]
 @dataclass
@@ -124,14 +124,6 @@ class LinearWarmupSchedule:
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters; with LoRA+ the ``lora_B`` weights of every
-    :class:`~lorakit.core.layers.Adapter` (found by type, not by name) get ``lora_plus_ratio * lr``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters; call lorakit.add_lora(model, config) first")
-    if config.lora_plus_ratio is None:
-        return [{"params": params, "lr": config.lr}]
-    b_ids = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.lora_B.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": config.lr},
-              {"params": [p for p in params if id(p) in b_ids], "lr": config.lr * config.lora_plus_ratio}]
-    return [g for g in groups if g["params"]]
+    """AdamW groups over the trainable parameters: :func:`lorakit.loraplus_param_groups` with
+    ``config.lr`` and ``config.lora_plus_ratio`` (None: one group)."""
+    return loraplus_param_groups(model, config.lr, config.lora_plus_ratio)
