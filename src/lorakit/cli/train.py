@@ -166,9 +166,9 @@ def _train(args: argparse.Namespace, say) -> int:
                                                          else None),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
     )
-    if args.convert_to_lora and lora.init in ("kaiming", "gaussian"):
-        raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight (pissa, olora...), "
-                         f"got {lora.init!r}")
+    if args.convert_to_lora and (lora.init in ("kaiming", "gaussian") or lora.init.startswith("loftq")):
+        raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight by a residual (pissa, "
+                         f"olora...), got {lora.init!r}")
     add_lora(model, lora)
     if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
         quantize(model, **PRESETS[args.quantize])

@@ -50,7 +50,8 @@ class LoraConfig:
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
             paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
-            ``"pissa_niter_<K>"``, ``"olora"``: A and B from the base weight, which is replaced by the
+            ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"`` (QLoRA, see
+            :func:`lorakit.core.quantized.loftq_init`): A and B from the base weight, which is replaced by the
             residual (see :mod:`lorakit.core.variants`; ``save_adapter(..., convert_to_lora=True)`` writes
             the equivalent plain LoRA for the original base). PEFT's ``init_lora_weights`` values are
             accepted (``True`` is ``"kaiming"``).
@@ -159,6 +160,9 @@ class LoraConfig:
                 continue
             d[_TO_PEFT.get(f.name, f.name)] = getattr(self, f.name)
         d["init_lora_weights"] = _PEFT_INIT.get(self.init, self.init)
+        if self.init.startswith("loftq"):  # PEFT's spelling: "loftq" + loftq_config (lorakit's is NF4)
+            d["init_lora_weights"] = "loftq"
+            d["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(self.init.partition("_")[2] or 1)}
         d["fan_in_fan_out"] = False  # save_adapter sets it for Conv1D models; lorakit itself detects Conv1D by type
         d["inference_mode"] = True
         d.update(_PEFT_UNSUPPORTED)
@@ -182,6 +186,12 @@ class LoraConfig:
         init = kwargs.get("init", True)
         if init is True or init is False:
             init = "kaiming"  # A and B come from the file anyway
+        if init == "loftq":
+            loftq = d.get("loftq_config") or {}
+            if loftq.get("loftq_bits", 4) != 4:
+                raise ValueError(f"adapter_config.json: loftq_bits={loftq['loftq_bits']!r}: lorakit's LoftQ is 4-bit")
+            iters = loftq.get("loftq_iter", 1)
+            init = f"loftq_{iters}" if iters != 1 else "loftq"
         try:
             from .variants import parse_init
 

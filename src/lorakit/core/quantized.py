@@ -91,12 +91,14 @@ def set_quantized_weight(layer: nn.Module, weight: Tensor) -> None:
 
 
 def quantized_linear(linear: nn.Module, bits: int, quant_type: str, double_quant: bool,
-                     compute_dtype: torch.dtype | None) -> nn.Module:
-    """A bitsandbytes layer computing what ``linear`` (``nn.Linear`` or GPT-2 ``Conv1D``) computes."""
+                     compute_dtype: torch.dtype | None, weight: Tensor | None = None) -> nn.Module:
+    """A bitsandbytes layer computing what ``linear`` (``nn.Linear`` or GPT-2 ``Conv1D``) computes
+    (``weight``: an ``(out, in)`` weight to use instead of the layer's)."""
     bnb = require_bitsandbytes()
-    weight = linear.weight.detach()
-    if not isinstance(linear, nn.Linear):  # Conv1D stores (in, out)
-        weight = weight.T
+    if weight is None:
+        weight = linear.weight.detach()
+        if not isinstance(linear, nn.Linear):  # Conv1D stores (in, out)
+            weight = weight.T
     out_f, in_f = weight.shape
     bias = linear.bias is not None
     if bits == 4:
@@ -286,25 +288,47 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 # ----- LoftQ ----------------------------------------------------------------------------------------------
-def loftq_pair(weight: Tensor, layer: nn.Module, r: int, scaling: float, iters: int = 1) -> tuple[Tensor, Tensor]:
-    """LoftQ (Li et al., 2023, arXiv 2310.08659, Algorithm 1): quantize ``weight`` into the bitsandbytes
-    ``layer`` so that ``dequant(Q) + scaling * B @ A`` approximates ``weight``, alternating::
+LOFTQ_PRESET = "nf4"  # LoftQ fits the adapter to this quantization: train with --quantize nf4 / quantize() defaults
 
-        Q_t      = quantize(W - s * B_{t-1} @ A_{t-1})          (B_0 A_0 = 0: plain quantization)
-        B_t, A_t = best rank-r fit of (W - dequant(Q_t)) / s      (truncated SVD, sqrt(S) split evenly)
 
-    Leaves ``Q_T`` in ``layer`` and returns ``(A, B)`` in fp32, ``A: (r, in)``, ``B: (out, r)``.
+def loftq_init(layer: LoraLayer, adapter, iters: int):
+    """The ``"loftq"`` / ``"loftq_<K>"`` initialiser (:data:`lorakit.core.variants.INITIALIZERS`).
+
+    LoftQ (Li et al., 2023, arXiv 2310.08659, Algorithm 1) on a full-precision linear layer: the base weight
+    ``W`` becomes ``dequant(Q)`` for an NF4 (double-quantized) ``Q`` chosen together with A and B so that
+    ``dequant(Q) + s·B·A`` is close to ``W``, alternating ``iters`` times::
+
+        Q_t      = quantize(W - s·B_{t-1}·A_{t-1})                (B_0 A_0 = 0: plain quantization)
+        B_t, A_t = best rank-r fit of (W - dequant(Q_t)) / s       (truncated SVD, sqrt(S) split evenly)
+
+    ``lorakit.quantize(model)`` then stores that base in 4 bits (requantizing ``dequant(Q)`` gives ``Q`` back:
+    bit for bit without double quantization, to ~1e-5 with it). Quantization drops information, so the base
+    change is for good: deleting the adapter does not bring ``W`` back, and no plain LoRA for the original
+    base is equivalent (``convert_to_lora`` refuses it). Returns the staged base change.
     """
-    if not (isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1):
-        raise ValueError(f"loftq iterations must be a positive integer, got {iters!r}")
+    from .variants import BaseChange, _base_for_init
+
+    if isinstance(layer, LoraQuantLinear):
+        raise ValueError("init 'loftq' fits the adapter to the full-precision weight, and this base is already "
+                         "quantized: add (or load) the adapter before lorakit.quantize(model)")
+    W, r, s = _base_for_init(layer, adapter)
+    scratch = quantized_linear(nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta"), 4, LOFTQ_PRESET, True,
+                               None, weight=W)
+    A, B = loftq_pair(W, scratch, r, s, iters)
+    adapter.load_pair(A, B)
+    base = layer.base_layer.weight
+    return BaseChange(layer.to_base_layout(dequantize(scratch)).to(base.dtype), None, None)
+
+
+def loftq_pair(weight: Tensor, layer: nn.Module, r: int, scaling: float, iters: int) -> tuple[Tensor, Tensor]:
+    """LoftQ's alternation (see :func:`loftq_init`) with bitsandbytes ``layer`` as the quantizer: leaves ``Q_T``
+    in ``layer`` and returns ``(A, B)`` in fp32, ``A: (r, in)``, ``B: (out, r)``."""
     w = weight.detach().float()
     low_rank = torch.zeros_like(w)
     for _ in range(iters):
         set_quantized_weight(layer, w - low_rank)
-        residual = w - dequantize(layer)
-        U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
-        root = S[:r].sqrt()
-        B = U[:, :r] * root / math.sqrt(scaling)
-        A = root[:, None] * Vh[:r] / math.sqrt(scaling)
+        U, S, Vh = torch.linalg.svd(w - dequantize(layer), full_matrices=False)
+        root = S[:r].sqrt() / math.sqrt(scaling)
+        B, A = U[:, :r] * root, root[:, None] * Vh[:r]
         low_rank = scaling * (B @ A)
     return A, B

@@ -61,8 +61,8 @@ class BaseChange:
     """What a base-changing initialiser did: ``original == new_base + scaling * B0 @ A0`` (in ``(d, k)``)."""
 
     new_base: Tensor  # base layout, base dtype
-    A0: Tensor  # (r, k)
-    B0: Tensor  # (d, r)
+    A0: Tensor | None  # (r, k); None: the change is for good (LoftQ: the base becomes its quantized version)
+    B0: Tensor | None  # (d, r)
 
 
 def _random_init(layer: LoraLayer, adapter: Adapter, arg: str) -> None:
@@ -113,6 +113,12 @@ def _take_out(layer: LoraLayer, adapter: Adapter, W: Tensor, A: Tensor, B: Tenso
     return BaseChange(layer.to_base_layout(residual).to(base.dtype), A0.detach().clone(), B0.detach().clone())
 
 
+def _loftq_init(layer: LoraLayer, adapter: Adapter, iters: int | None) -> BaseChange:
+    from .quantized import loftq_init  # bitsandbytes' quantizer, imported lazily
+
+    return loftq_init(layer, adapter, iters or 1)
+
+
 #: name -> (function, how its argument is read from the name); a name with an argument is ``<name>_<int>``.
 INITIALIZERS: dict[str, Callable[[LoraLayer, Adapter, object], BaseChange | None]] = {
     "kaiming": _random_init,
@@ -120,9 +126,10 @@ INITIALIZERS: dict[str, Callable[[LoraLayer, Adapter, object], BaseChange | None
     "pissa": _pissa_init,  # arg None: full SVD
     "pissa_niter": _pissa_init,
     "olora": _olora_init,
+    "loftq": _loftq_init,  # arg None: one iteration
 }
 #: PEFT ``init_lora_weights`` values lorakit knows but cannot honour (refused by name).
-UNSUPPORTED_INITS = ("loftq", "eva", "corda", "orthogonal")
+UNSUPPORTED_INITS = ("eva", "corda", "orthogonal")
 
 
 def parse_init(init: str) -> tuple[str, object]:
@@ -141,7 +148,8 @@ def parse_init(init: str) -> tuple[str, object]:
     known = sorted(INITIALIZERS)
     if init in UNSUPPORTED_INITS:
         raise ValueError(f"init {init!r} (a PEFT init_lora_weights value) is not supported by lorakit; use one of {known}")
-    raise ValueError(f"init must be one of {known} (pissa_niter as 'pissa_niter_<K>'), got {init!r}")
+    raise ValueError(f"init must be one of {known} (pissa_niter as 'pissa_niter_<K>', loftq also as 'loftq_<K>'), "
+                     f"got {init!r}")
 
 
 def initialize(layer: LoraLayer, adapter: Adapter, init: str) -> None:
@@ -215,6 +223,8 @@ def commit_base(layer: LoraLayer, adapter: Adapter) -> None:
         return
     with torch.no_grad():
         layer.base_layer.weight.copy_(change.new_base)
+    if change.A0 is None:
+        return  # a change for good: nothing to restore or convert, other adapters may share the new base
     adapter.register_buffer("init_A", change.A0, persistent=False)
     adapter.register_buffer("init_B", change.B0, persistent=False)
 
