@@ -317,3 +317,29 @@ def test_loftq_checkpoint_reruns_on_a_full_precision_base_and_is_refused_where_i
         lorakit.LoraConfig.from_peft_dict({**saved, "loftq_config": {"loftq_bits": 2, "loftq_iter": 1}})
     with pytest.raises(ValueError, match="init 'loftq' replaces base weights, which adapters"):
         lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["v"], init="loftq"), adapter="second")
+
+
+def test_dora_on_a_quantized_base_and_residual_inits_refused():
+    quantized = lorakit.quantize(_model())
+    lorakit.add_lora(quantized, lorakit.LoraConfig(r=4, target_modules=["q"], use_dora=True))
+    _randomize_B(quantized)
+    reference = _model()  # the same model with the dequantized weights in fp32
+    with torch.no_grad():
+        for path in ("blocks.0.q", "blocks.1.q"):
+            reference.get_submodule(path).weight.copy_(dequantize(quantized.get_submodule(path).base_layer))
+    lorakit.add_lora(reference, lorakit.LoraConfig(r=4, target_modules=["q"], use_dora=True))
+    reference.load_state_dict({k: v for k, v in quantized.state_dict().items() if ".adapters." in k}, strict=False)
+    x = torch.randn(3, 64)
+    # DoRA reads the dequantized weight: the same numbers as on its fp32 copy (the q layers' own outputs; the
+    # models' other layers differ, 4-bit against fp32)
+    for path in ("blocks.0.q", "blocks.1.q"):
+        assert torch.allclose(quantized.get_submodule(path)(x), reference.get_submodule(path)(x), atol=FP32_TOL)
+    lorakit.merge(quantized)  # DoRA's merged weight, requantized
+    assert len(lorakit.merge_errors(quantized)) == 2
+    lorakit.unmerge(quantized)
+    with pytest.raises(ValueError, match="init 'pissa' replaces the base weight by a residual, which a quantized"):
+        lorakit.add_lora(lorakit.quantize(_model()), lorakit.LoraConfig(r=4, target_modules=["q"], init="pissa"))
+    pissa = lorakit.add_lora(_model(), lorakit.LoraConfig(r=4, target_modules=["q"], init="pissa"))
+    with pytest.raises(ValueError, match=r"blocks\.0\.q: adapter 'default' replaced the base weight by a residual"):
+        lorakit.quantize(pissa)
+    assert type(pissa.blocks[0]["mlp"]) is nn.Linear

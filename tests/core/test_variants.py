@@ -17,7 +17,7 @@ import lorakit
 from lorakit.core.checkpoint import CONFIG_NAME
 from lorakit.core.layers import LoraLayer
 from lorakit.core.variants import DoraAdapter, changed_base
-from tests.conftest import CASES, build, randomize_lora
+from tests.conftest import CASES, build, gpt2, randomize_lora
 
 ATOL = 1e-5
 DORA_CASES = [c for c in CASES if c.name != "gpt2-slices"]
@@ -346,3 +346,29 @@ def test_loraplus_param_groups():
             lorakit.loraplus_param_groups(model, lr, ratio)
     with pytest.raises(ValueError, match="no trainable parameters"):
         lorakit.loraplus_param_groups(nn.Linear(2, 2).requires_grad_(False), 1e-3, 2)
+
+
+def test_pissa_on_gpt2_conv1d_converts_exactly(tmp_path):
+    """Conv1D stores its weight (in, out): the init and the conversion work on the (out, in) form."""
+    torch.manual_seed(0)
+    base = gpt2()
+    ids = torch.randint(1, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=4, alpha=8, init="pissa_niter_2",
+                                                                     target_modules=["c_attn", "c_proj"]))
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=ATOL, rtol=1e-5)
+    randomize_lora(model, seed=1, std=0.05)
+    plain = copy.deepcopy(base)
+    lorakit.load_adapter(plain, lorakit.save_adapter(model, tmp_path, convert_to_lora=True))
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=ATOL, rtol=1e-5)
+
+
+def test_dora_on_a_base_replacing_init_starts_unchanged_and_refuses_conversion(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12))
+    x = torch.randn(3, 10)
+    model = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=3, init="olora", use_dora=True,
+                                                                     target_modules=["0"]))
+    torch.testing.assert_close(model(x), base(x), atol=ATOL, rtol=0)  # m = ||residual + s·B·A|| = ||W0||
+    with pytest.raises(ValueError, match="DoraAdapter is not a plain LoRA update"):
+        lorakit.save_adapter(model, tmp_path / "c", convert_to_lora=True)
+    assert not (tmp_path / "c").exists()

@@ -37,7 +37,8 @@ def describe(path: str | Path) -> dict:
     return {
         "path": str(path),
         "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias",
-                                           "modules_to_save", "use_rslora", "task_type", "base_model_name_or_path")},
+                                           "modules_to_save", "use_rslora", "use_dora", "init_lora_weights", "task_type",
+                                           "base_model_name_or_path")},
         "parameters": sum(t.numel() for t in tensors.values()),
         "lora_parameters": sum(layer["params"] for layer in layers),
         "size_bytes": size,

@@ -188,9 +188,18 @@ class LoraLayer(nn.Module):
         """A tensor in the layout of ``base_layer.weight`` -> its ``(d, k)`` form (inverse of to_base_layout)."""
         return weight
 
+    def base_weight(self) -> Tensor:
+        """The base weight, detached, in its own layout (a quantized base layer dequantizes here)."""
+        return self.base_layer.weight.detach()
+
+    def write_base(self, weight: Tensor) -> None:
+        """Set the base weight from a tensor in its layout (any float dtype; a quantized base requantizes)."""
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight.to(self.base_layer.weight.dtype))
+
     def weight_matrix(self) -> Tensor:
-        """The base weight as a ``(d, k)`` matrix (detached; a quantized base layer dequantizes here)."""
-        return self.as_matrix(self.base_layer.weight.detach())
+        """The base weight as a ``(d, k)`` matrix (detached)."""
+        return self.as_matrix(self.base_weight())
 
     def feature_view(self, v: Tensor) -> Tensor:
         """A per-output-feature vector ``(d,)`` shaped to broadcast against the layer's output."""
@@ -248,8 +257,8 @@ class LoraLayer(nn.Module):
 
     def merged_weight(self, name: str) -> Tensor:
         """The base weight with adapter ``name`` folded in (fp32, base layout); the layer is unchanged."""
-        weight = self.base_layer.weight
-        return self.adapters[name].merged_weight(self, weight.detach().float()).to(weight.device)
+        weight = self.base_weight()
+        return self.adapters[name].merged_weight(self, weight.float()).to(weight.device)
 
     def to_base_layout(self, delta: Tensor) -> Tensor:
         """``(d, k)`` update -> the shape and layout of ``base_layer.weight``."""
@@ -258,21 +267,17 @@ class LoraLayer(nn.Module):
     # ----- merge -----------------------------------------------------------------------------------------
     def merge(self, name: str, safe: bool = False) -> None:
         """Add adapter ``name``'s update into the base weight (computed in fp32, cast back)."""
-        weight = self.base_layer.weight
         merged = self.merged_weight(name)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
-        with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
+        self.write_base(merged)
         self.merged.append(name)
 
     def unmerge(self) -> None:
         """Subtract every merged update, last merged first."""
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            while self.merged:
-                name = self.merged.pop()
-                weight.copy_(self.adapters[name].unmerged_weight(self, weight.float()).to(weight.dtype))
+        while self.merged:
+            name = self.merged.pop()
+            self.write_base(self.adapters[name].unmerged_weight(self, self.base_weight().float()))
 
 
 class LoraLinear(LoraLayer):

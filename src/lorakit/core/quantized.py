@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LoraLayer, LoraLinear, _conv1d_type
+from .variants import changed_base
 
 EXTRA_HINT = "pip install 'lorakit[qlora]'"
 HEAD_NAMES = ("lm_head", "classifier", "score")  # output heads: never quantized (they are trained or tied)
@@ -144,9 +145,10 @@ class QuantError:
 
 
 class LoraQuantLinear(LoraLinear):
-    """LoRA on bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``: forward as :class:`LoraLinear`; variants read the
-    dequantized weight (``weight_matrix``); merge and unmerge dequantize, fold the adapter in or out in fp32 and
-    requantize (lossy: see :attr:`merge_error`)."""
+    """LoRA on bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``: forward as :class:`LoraLinear`; the base weight
+    reads dequantized and writes requantized (``base_weight`` / ``write_base``), so merge and unmerge fold the
+    adapter in or out in fp32 and requantize (lossy: see :attr:`merge_error`), and DoRA reads the dequantized
+    weight."""
 
     def __init__(self, base_layer: nn.Module):
         LoraLayer.__init__(self, base_layer)
@@ -159,38 +161,24 @@ class LoraQuantLinear(LoraLinear):
             _unpack_cpu_layout(self.base_layer)  # e.g. a layer transformers loaded, after an eval forward
         return super().forward(x, *args, **kwargs)
 
-    def weight_matrix(self) -> Tensor:
+    def base_weight(self) -> Tensor:
         return dequantize(self.base_layer)
 
-    def new_adapter(self, config, module_name):
-        adapter = super().new_adapter(config, module_name)
-        if "base_change" in adapter.__dict__:  # PiSSA, OLoRA, LoftQ: planned, so nothing has changed yet
-            raise ValueError(f"{module_name}: init {config.init!r} replaces the base weight, which is already "
-                             "quantized here; add the adapter to the full-precision model, then lorakit.quantize(model)")
-        return adapter
-
-    def merged_weight(self, name: str) -> Tensor:
-        return self.adapters[name].merged_weight(self, dequantize(self.base_layer))
-
-    def merge(self, name: str, safe: bool = False) -> None:
+    def write_base(self, weight: Tensor) -> None:
+        """Requantize ``weight`` into the base (lossy) and record the error it cost in :attr:`merge_error`."""
         before = dequantize(self.base_layer)
-        merged = self.adapters[name].merged_weight(self, before)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
-        self._requantize(merged, merged - before)
-        self.merged.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged:
-            before = dequantize(self.base_layer)
-            target = self.adapters[self.merged.pop()].unmerged_weight(self, before)
-            self._requantize(target, target - before)
-
-    def _requantize(self, target: Tensor, change: Tensor) -> None:
+        target = weight.detach().float().to(before.device)
         set_quantized_weight(self.base_layer, target)
         error = dequantize(self.base_layer) - target
         self.merge_error = QuantError(error.abs().max().item(),
-                                      (error.norm() / change.norm().clamp_min(1e-30)).item())
+                                      (error.norm() / (target - before).norm().clamp_min(1e-30)).item())
+
+    def new_adapter(self, config, module_name):
+        adapter = super().new_adapter(config, module_name)
+        if "base_change" in adapter.__dict__:  # PiSSA, OLoRA: planned, so nothing has changed yet
+            raise ValueError(f"{module_name}: init {config.init!r} replaces the base weight by a residual, which "
+                             "a quantized base cannot hold exactly; add the adapter to the full-precision model")
+        return adapter
 
 
 def merge_errors(model: nn.Module) -> dict[str, QuantError]:
@@ -261,6 +249,11 @@ def _quantize_plan(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Modu
                 raise ValueError(f"{path}: adapter {module.merged} is merged; unmerge(model) before quantize")
             if module.row_plan is not None:
                 raise ValueError(f"{path}: quantize inside per_row_adapters() is not supported")
+            held = [n for n, a in module.adapters.items() if changed_base(a)]
+            if held:
+                raise ValueError(f"{path}: adapter {held[0]!r} replaced the base weight by a residual (init "
+                                 f"{module.adapters[held[0]].config.init!r}), which a quantized base cannot hold "
+                                 "exactly; save_adapter(..., convert_to_lora=True) gives a plain LoRA to use instead")
             plan.append((path, module))
         elif type(module) in linear_types:
             plan.append((path, module))

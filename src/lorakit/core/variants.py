@@ -20,17 +20,23 @@ asks which one it holds. A variant class provides:
   per-row batching, ``combine_adapters`` and plain-LoRA conversion refuse non-additive adapters.
 
 What a variant may read from the layer (never ``if isinstance`` on layer types): ``layer.base_layer``,
-``layer.weight_matrix()`` (the base weight as ``(d, k)``: d outputs, k inputs; quantized layers
-dequantize there), ``layer.as_matrix(w)`` / ``layer.to_base_layout(m)`` (between the base layout and
+``layer.base_weight()`` / ``layer.write_base(w)`` (the base weight in its layout, detached; a quantized
+layer dequantizes / requantizes there), ``layer.weight_matrix()`` (the base weight as ``(d, k)``: d
+outputs, k inputs), ``layer.as_matrix(w)`` / ``layer.to_base_layout(m)`` (between the base layout and
 ``(d, k)``), ``layer.feature_view(v)`` (a ``(d,)`` vector shaped to broadcast against the output).
 
 **Initialisers** set an adapter's A and B when it is built: :data:`INITIALIZERS` maps a name (PEFT's
 ``init_lora_weights`` value; ``"pissa_niter_16"`` is the entry ``"pissa_niter"`` with argument 16) to
 ``fn(layer, adapter, arg) -> BaseChange | None``. An initialiser never writes the model: one that
 changes the base weight (PiSSA, OLoRA, LoftQ) returns a :class:`BaseChange` holding the new base (in the
-base layout, the base's dtype) and the pair ``(A0, B0)`` it took out, so that::
+base layout, any float dtype: ``layer.write_base`` casts, a quantized layer requantizes) and the pair
+``(A0, B0)`` it took out, so that::
 
     original base  ==  new base + scaling · B0 · A0          (exact up to rounding for PiSSA/OLoRA)
+
+Restore and conversion rely on this identity; an initialiser for which it holds only approximately
+(LoftQ: the quantization error remains) returns ``A0 = B0 = None``: its base change is for good (nothing
+to restore, no conversion, no exclusivity) and its docstring says so.
 
 The layer writes the new base when the adapter is attached (``LoraLayer.attach``, at commit time),
 keeps ``A0, B0`` on the adapter (non-persistent buffers), and restores the original base when the
@@ -60,7 +66,7 @@ from .layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, Sli
 class BaseChange:
     """What a base-changing initialiser did: ``original == new_base + scaling * B0 @ A0`` (in ``(d, k)``)."""
 
-    new_base: Tensor  # base layout, base dtype
+    new_base: Tensor  # base layout, any float dtype (LoraLayer.write_base casts or quantizes)
     A0: Tensor | None  # (r, k); None: the change is for good (LoftQ: the base becomes its quantized version)
     B0: Tensor | None  # (d, r)
 
@@ -109,8 +115,7 @@ def _take_out(layer: LoraLayer, adapter: Adapter, W: Tensor, A: Tensor, B: Tenso
     adapter.load_pair(A, B)
     A0, B0 = adapter.plain_pair()  # in the adapter's dtype: the residual is taken out of exactly what runs
     residual = W - adapter.scaling * (B0.float() @ A0.float())
-    base = layer.base_layer.weight
-    return BaseChange(layer.to_base_layout(residual).to(base.dtype), A0.detach().clone(), B0.detach().clone())
+    return BaseChange(layer.to_base_layout(residual), A0.detach().clone(), B0.detach().clone())
 
 
 def _loftq_init(layer: LoraLayer, adapter: Adapter, iters: int | None) -> BaseChange:
@@ -221,8 +226,7 @@ def commit_base(layer: LoraLayer, adapter: Adapter) -> None:
     change = adapter.__dict__.pop("base_change", None)
     if change is None:
         return
-    with torch.no_grad():
-        layer.base_layer.weight.copy_(change.new_base)
+    layer.write_base(change.new_base)
     if change.A0 is None:
         return  # a change for good: nothing to restore or convert, other adapters may share the new base
     adapter.register_buffer("init_A", change.A0, persistent=False)
@@ -233,10 +237,9 @@ def restore_base(layer: LoraLayer, adapter: Adapter) -> None:
     """Undo :func:`commit_base`: the base weight gets ``scaling * B0 @ A0`` back."""
     if not changed_base(adapter):
         return
-    weight = layer.base_layer.weight
+    weight = layer.base_weight().float()
     back = layer.to_base_layout(adapter.scaling * (adapter.init_B.float() @ adapter.init_A.float()))
-    with torch.no_grad():
-        weight.copy_((weight.float() + back.to(weight.device)).to(weight.dtype))
+    layer.write_base(weight + back.to(weight.device))
 
 
 def plain_lora_pair(adapter: Adapter) -> tuple[Tensor, Tensor]:
