@@ -68,7 +68,7 @@ def test_quantize_swaps_linear_layers_but_not_the_head(bits, quant_type, double_
 
 def test_quantize_validates_everything_before_changing_the_model():
     model = _model()
-    for kwargs, message in [({"bits": 3}, "bits must be 4 or 8"), ({"bits": True}, "bits must be 4 or 8"),
+    for kwargs, message in [({"bits": 3}, "bits must be 4 or 8"), ({"bits": True}, "bits must be 4 or 8"), ({"bits": 4.0}, "bits must be 4 or 8"),
                             ({"quant_type": "int4"}, "quant_type must be one of nf4|fp4"),
                             ({"double_quant": "yes"}, "double_quant must be True or False"),
                             ({"compute_dtype": torch.int8}, "compute_dtype must be a floating"),

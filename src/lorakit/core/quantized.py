@@ -204,7 +204,7 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
     ``modules_to_save`` copies. Layers LoRA already wraps get a quantized base under the same adapters.
     Everything is checked before the first layer changes. Returns ``model``.
     """
-    if isinstance(bits, bool) or bits not in (4, 8):
+    if type(bits) is not int or bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {'|'.join(QUANT_TYPES)}, got {quant_type!r}")
