@@ -12,7 +12,7 @@ Reported:
   4-bit codes + per-block absmax (+ their own constants with double quantization) + code table; int8 codes
   + one scale per row), output head and embeddings excluded (never quantized);
 - in a fresh subprocess per base: resident memory of the ready model (RSS after building, quantizing and
-  returning freed memory to the OS, minus the RSS of the interpreter with torch and transformers imported),
+  returning freed memory to the OS, minus the RSS of the interpreter with torch, transformers' LLaMA and bitsandbytes imported),
   and the peak resident memory over the training steps with the same baseline (Linux ``VmHWM``, reset with
   ``/proc/self/clear_refs`` just before the first step): weights + activations + gradients + optimizer state;
 - step time (forward, loss, backward, AdamW step) of every base in ONE process, the bases alternating step by
@@ -84,9 +84,10 @@ def train_step(model, optimizer, ids) -> float:
 
 def memory_worker(mode: str, steps: int) -> dict:
     """In a fresh process: RSS of the ready model and peak RSS over ``steps`` training steps (baseline: the
-    interpreter with torch and transformers imported)."""
+    interpreter with the libraries imported)."""
+    import bitsandbytes  # noqa: F401 (every library imported before the baseline is read, in both processes)
     import torch
-    import transformers  # noqa: F401 (imported before the baseline is read)
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
 
     import lorakit  # noqa: F401
 
