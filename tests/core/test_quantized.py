@@ -106,6 +106,8 @@ def test_lora_on_4bit_base_matches_dequantized_reference_outputs_and_gradients()
     assert torch.allclose(adapter.lora_B.weight.grad, B.grad, atol=FP32_TOL)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    full = lorakit.add_lora(_model(), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    assert lorakit.trainable_parameters(model) == lorakit.trainable_parameters(full)  # 4-bit weights count whole
 
 
 @pytest.mark.parametrize("bits,double_quant", [(4, False), (4, True), (8, False)])

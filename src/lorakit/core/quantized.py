@@ -117,6 +117,12 @@ def quantized_linear(linear: nn.Module, bits: int, quant_type: str, double_quant
     return q
 
 
+def weight_count(p: Tensor) -> int:
+    """How many weights a parameter holds: a 4-bit one packs two (or more) per stored element."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None and not p.dtype.is_floating_point else p.numel()
+
+
 def weight_bytes(layer: nn.Module) -> int:
     """Bytes a (quantized or plain) linear layer's weight takes, quantization constants included."""
     weight = layer.weight
