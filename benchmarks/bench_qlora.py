@@ -36,13 +36,8 @@ CONFIG = dict(vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hid
               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256)
 BATCH, SEQ, THREADS = 2, 128, 2
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lora import _status_kb  # noqa: E402 (the /proc/self/status reader both benchmarks use)
 
 
 def _trim() -> None:
@@ -93,14 +88,14 @@ def memory_worker(mode: str, steps: int) -> dict:
 
     torch.set_num_threads(THREADS)
     _trim()
-    baseline = _status_kib("VmRSS")
+    baseline = _status_kb("VmRSS")
     model, optimizer, ids, linear_bytes = build(mode)
     _trim()
-    ready = _status_kib("VmRSS")
+    ready = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     losses = [train_step(model, optimizer, ids) for _ in range(steps)]
-    peak = _status_kib("VmHWM")
+    peak = _status_kb("VmHWM")
     return {"mode": mode, "linear_weight_bytes": linear_bytes, "ready_mib": (ready - baseline) / 1024,
             "peak_mib": (peak - baseline) / 1024, "step_growth_mib": (peak - ready) / 1024, "losses": losses}
 
