@@ -157,13 +157,16 @@ def test_merge_requantizes_and_reports_the_error_unmerge_comes_back(bits, double
 def test_add_lora_then_quantize_keeps_adapters_and_their_outputs():
     first = _model()
     lorakit.add_lora(first, lorakit.LoraConfig(r=4, target_modules=["q", "v"]))
-    lorakit.add_lora(first, lorakit.LoraConfig(r=2, target_modules=["q"]), adapter="other")
+    lorakit.add_lora(first, lorakit.LoraConfig(r=2, target_modules=["q"], bias="lora_only"), adapter="other")
     _randomize_B(first)
     second = lorakit.quantize(_model())
     lorakit.add_lora(second, lorakit.LoraConfig(r=4, target_modules=["q", "v"]))
-    lorakit.add_lora(second, lorakit.LoraConfig(r=2, target_modules=["q"]), adapter="other")
+    lorakit.add_lora(second, lorakit.LoraConfig(r=2, target_modules=["q"], bias="lora_only"), adapter="other")
     second.load_state_dict({k: v for k, v in first.state_dict().items() if ".adapters." in k}, strict=False)
+    trained = {n for n, p in first.named_parameters() if p.requires_grad}
     lorakit.quantize(first)  # the wrapped bases are quantized under their adapters; mlp layers too
+    assert {n for n, p in first.named_parameters() if p.requires_grad} == trained  # "other" and q's biases
+    assert "blocks.0.q.base_layer.bias" in trained
     assert type(first.blocks[0]["q"]) is LoraQuantLinear and isinstance(first.blocks[0]["mlp"], bnb.nn.Linear4bit)
     assert lorakit.adapter_names(first) == ["default", "other"] and lorakit.active_adapter(first) == "other"
     x = torch.randn(3, 64)
@@ -317,6 +320,9 @@ def test_loftq_checkpoint_reruns_on_a_full_precision_base_and_is_refused_where_i
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="loftq_bits=2: lorakit's LoftQ is 4-bit"):
         lorakit.LoraConfig.from_peft_dict({**saved, "loftq_config": {"loftq_bits": 2, "loftq_iter": 1}})
+    with pytest.raises(ValueError, match=r"blocks\.0\.q: adapter 'default' was fitted by LoftQ to NF4 with double"):
+        lorakit.quantize(model, bits=8)
+    assert type(model.blocks[0]["q"]) is not LoraQuantLinear
     with pytest.raises(ValueError, match="init 'loftq' replaces base weights, which adapters"):
         lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["v"], init="loftq"), adapter="second")
 

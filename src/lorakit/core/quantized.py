@@ -113,7 +113,7 @@ def quantized_linear(linear: nn.Module, bits: int, quant_type: str, double_quant
         q.weight = bnb.nn.Int8Params(weight.to("cpu", torch.float32), requires_grad=False,
                                      has_fp16_weights=False).to(weight.device)
     if bias:
-        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        q.bias = linear.bias  # the same parameter: trained biases (bias="all" / "lora_only") keep training
     return q
 
 
@@ -223,6 +223,13 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
         raise ValueError(f"skip_modules must be a list of module names, got {skip_modules!r}")
     require_bitsandbytes()
     plan = _quantize_plan(model, list(skip_modules or ()))
+    if (bits, quant_type, double_quant) != (4, LOFTQ_PRESET, True):
+        for path, module in plan:
+            fitted = [n for n, a in getattr(module, "adapters", {}).items() if a.config.init.startswith("loftq")]
+            if fitted:
+                raise ValueError(f"{path}: adapter {fitted[0]!r} was fitted by LoftQ to NF4 with double quantization; "
+                                 f"quantize with those settings, not bits={bits}, quant_type={quant_type!r}, "
+                                 f"double_quant={double_quant}")
     # ---- checked: from here on the model changes ----
     for path, module in plan:
         if isinstance(module, LoraLinear):
