@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-save", help="comma list of modules trained in full (default: the classifier head)")
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
     g.add_argument("--init", default="kaiming", help="kaiming, gaussian, or from the base weight (replaced by the "
-                   "residual): pissa, pissa_niter_<K>, olora")
+                   "residual): pissa, pissa_niter_<K>, olora; loftq, loftq_<K> (QLoRA: with --quantize nf4)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r)")
     g.add_argument("--quantize", choices=sorted(PRESETS), help="QLoRA: the frozen base in 4-bit (nf4: QLoRA's "
                    "NF4 + double quantization, fp4) or 8-bit (int8: LLM.int8), by bitsandbytes (lorakit[qlora])")
