@@ -3,6 +3,7 @@
     python benchmarks/bench_dora.py                 # LLaMA-style config, batch 8 x 128, ~4 min on 2 cores
     python benchmarks/bench_dora.py --quick         # small shapes, ~1 min
     python benchmarks/bench_dora.py --device cuda --shape 8 512 --model llama
+    python benchmarks/bench_dora.py --layer 2048 1024 --reps 50   # one adapted layer alone
 
 Variants, all on one randomly initialised base (nothing downloaded), r=8, alpha=16 on q_proj, v_proj
 (LLaMA) or c_attn (GPT-2's Conv1D): ``lora`` (lorakit plain LoRA), ``dora`` (lorakit DoRA), ``peft_dora``
@@ -96,6 +97,45 @@ def cuda_memory(model: nn.Module, ids: torch.Tensor) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def layer_case(dim: int, tokens: int, reps: int, dev: torch.device) -> str:
+    """One adapted Linear(dim, dim) alone: forward + backward of the layer, per variant (less noise than a
+    whole model on a shared machine: many more repetitions fit)."""
+    import peft
+
+    g = torch.Generator().manual_seed(0)
+    base = nn.Sequential(nn.Linear(dim, dim)).to(dev)
+    x = torch.randn(tokens, dim, generator=g).to(dev)
+    layers = {}
+    for v in VARIANTS:
+        dora = "dora" in v
+        torch.manual_seed(1)
+        lk = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=8, alpha=16, target_modules=["0"],
+                                                                      use_dora=dora))
+        with torch.no_grad():
+            lk[0].adapters["default"].lora_B.weight.normal_(0, 0.02)
+        if v.startswith("peft"):
+            twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
+                                                                             use_dora=dora))
+            peft.set_peft_model_state_dict(twin, lorakit.lora_state_dict(lk))
+            lk = twin
+        layers[v] = lk.train()
+    close(layers["dora"](x), layers["peft_dora"](x), "DoRA layer output")
+
+    def fwd_bwd(m):
+        def run():
+            m(x).square().mean().backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    t = alternate({v: fwd_bwd(m) for v, m in layers.items()}, reps, warmup=3)
+    head = f"| Linear({dim}, {dim}), {tokens} tokens, forward + backward | lorakit DoRA | PEFT DoRA | lorakit/PEFT | " \
+           "lorakit DoRA/LoRA | PEFT DoRA/LoRA |"
+    row = (f"| best of {reps} | {fmt_ms(t['dora'])} | {fmt_ms(t['peft_dora'])} | {t['dora'] / t['peft_dora']:.3f} | "
+           f"{t['dora'] / t['lora']:.3f} | {t['peft_dora'] / t['peft_lora']:.3f} |")
+    return "\n".join([head, "|---|---|---|---|---|---|", row])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(SPECS), default="llama")
@@ -104,12 +144,18 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="batch 2 x 64, 2 repetitions")
     p.add_argument("--out", help="also write the Markdown table to this file")
+    p.add_argument("--layer", type=int, nargs=2, metavar=("DIM", "TOKENS"),
+                   help="time one adapted Linear(DIM, DIM) on TOKENS tokens instead of a whole model")
     p.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
     if args._memory_child:
         v, m, b, s = args._memory_child
         return memory_child(v, m, int(b), int(s))
+    if args.layer:
+        print(environment(), flush=True)
+        print("\n" + layer_case(*args.layer, args.reps or 50, torch.device(args.device)))
+        return None
     b, s = args.shape or ((2, 64) if args.quick else (8, 128))
     reps = args.reps or (2 if args.quick else 5)
     dev = torch.device(args.device)

@@ -372,3 +372,12 @@ def test_dora_on_a_base_replacing_init_starts_unchanged_and_refuses_conversion(t
     with pytest.raises(ValueError, match="DoraAdapter is not a plain LoRA update"):
         lorakit.save_adapter(model, tmp_path / "c", convert_to_lora=True)
     assert not (tmp_path / "c").exists()
+
+
+def test_module_apply_still_walks_models_with_adapters():
+    """nn.Module.apply(fn) (transformers' init_weights uses it) reaches every adapter module."""
+    model = lorakit.add_lora(nn.Sequential(nn.Linear(4, 4)), lorakit.LoraConfig(r=2, use_dora=True,
+                                                                              target_modules=["0"]))
+    seen = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert seen.count("DoraAdapter") == 1 and seen.count("Linear") == 3  # base, lora_A, lora_B

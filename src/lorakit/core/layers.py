@@ -76,7 +76,7 @@ class Adapter(nn.Module):
         return torch.addmm(out.reshape(-1, out.shape[-1]), a2d, B.weight.T, alpha=self.scaling).view(out.shape)
 
     # ----- variant seam: forward, merge, checkpoint ---------------------------------------------------------
-    def apply(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         """The layer's output with this adapter: ``out`` is ``layer.base_layer(x)`` (bias included)."""
         return self.add_to(out, _cast(x, self.dtype), inplace)
 
@@ -176,7 +176,7 @@ class LoraLayer(nn.Module):
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
         inplace = self.fresh_output and not _hooked(self.base_layer) and not torch.is_grad_enabled()
-        return adapter.apply(self, out, x, inplace)
+        return adapter.layer_output(self, out, x, inplace)
 
     @property
     def weight(self) -> Tensor:

@@ -258,7 +258,7 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     layers, saved = _wrappers(model)
     if any(layer.merged for layer in layers):
         raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
-    check_rows(model, names)
+    check_rows(model, layers, names)
     for layer in layers:
         layer.row_plan = make_row_update(layer, names)
     for m in saved:

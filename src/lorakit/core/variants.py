@@ -12,7 +12,7 @@ asks which one it holds. A variant class provides:
 - ``wrap(layer, plain) -> Adapter`` (classmethod): build the variant from the plain adapter the layer
   type made (its ``lora_A``, ``lora_B``, dropout, scaling, config are reused as they are) after the
   initialiser ran. Raise ``ValueError`` naming the layer type for what it cannot do (``check_layer``).
-- ``apply(layer, out, x, inplace)``: the layer's output; ``out = layer.base_layer(x)`` (bias included).
+- ``layer_output(layer, out, x, inplace)``: the layer's output; ``out = layer.base_layer(x)`` (bias included).
 - ``merged_weight(layer, w)`` / ``unmerged_weight(layer, w)``: fold in / take out, on the fp32 base
   weight in the base layout; ``unmerged_weight(merged_weight(w)) == w`` to fp32 rounding.
 - ``extra_tensors()``: checkpoint tensors besides A and B, by key suffix after the module path.
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -168,9 +168,10 @@ def initialize(layer: LoraLayer, adapter: Adapter, init: str) -> None:
         adapter.base_change = change  # written by commit_base when attached
 
 
-def base_owner(model: nn.Module) -> str | None:
-    """The adapter of ``model`` whose initialiser replaced base weights, if any (there is at most one)."""
-    for layer in model.modules():
+def base_owner(layers: Iterable[nn.Module]) -> str | None:
+    """The adapter whose initialiser replaced base weights among ``layers`` (a model's modules or its
+    LoRA layers), if any; there is at most one per model."""
+    for layer in layers:
         if isinstance(layer, LoraLayer):
             for name, adapter in layer.adapters.items():
                 if changed_base(adapter):
@@ -185,7 +186,7 @@ def check_base_kept(model: nn.Module, doing: str, config: LoraConfig | None = No
     model: the base model (``disabled``, base rows), and any other adapter, would see the residual.
     ``config``: the config of an adapter about to be added.
     """
-    owner = base_owner(model)
+    owner = base_owner(model.modules())
     if owner is not None:
         raise ValueError(f"{doing}: adapter {owner!r} replaced the base weights (init "
                          f"{_config_of(model, owner).init!r}), so only it can run on this model; "
@@ -202,18 +203,19 @@ def _config_of(model: nn.Module, name: str) -> LoraConfig:
     return next(m.adapters[name].config for m in model.modules() if isinstance(m, LoraLayer) and name in m.adapters)
 
 
-def check_rows(model: nn.Module, names: list[str | None]) -> None:
-    """``per_row_adapters``: refuse base rows or other adapters beside a base-replacing adapter, and
-    non-additive adapters (DoRA), whose update is not the stacked ``B·A`` the per-row path computes."""
-    owner = base_owner(model)
+def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None]) -> None:
+    """``per_row_adapters`` on ``model`` (whose LoRA layers are ``layers``): refuse base rows or other
+    adapters beside a base-replacing adapter, and non-additive adapters (DoRA), whose update is not the
+    stacked ``B·A`` the per-row path computes."""
+    owner = base_owner(layers)
     if owner is not None and any(n != owner for n in names):
         check_base_kept(model, "per_row_adapters with rows of other adapters or of the base model")
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            for name in set(names) & set(layer.adapters):
-                if not layer.adapters[name].additive:
-                    raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
-                                     ", which per-row batching does not support; run it with use_adapter()")
+    used = set(names)
+    for layer in layers:
+        for name in used & set(layer.adapters):
+            if not layer.adapters[name].additive:
+                raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
+                                 ", which per-row batching does not support; run it with use_adapter()")
 
 
 def changed_base(adapter: Adapter) -> bool:
@@ -262,7 +264,7 @@ class DoraAdapter(Adapter):
 
     With ``V = W0 + s·B·A`` as ``(d, k)`` and ``n = ||V||`` per output row (detached, as PEFT does: its
     gradient is not propagated, section 4.3 of the paper), the layer computes ``(m / n) * (W0·x + s·B·A·x) + bias``,
-    i.e. ``out + (m/n - 1) * (out - bias) + (m/n) * s·B·A·x`` from the base output ``out``. ``m`` (``(d,)``,
+    computed from the base output ``out`` as ``(m/n) * (out - bias + s·B·A·x) + bias``. ``m`` (``(d,)``,
     PEFT's ``lora_magnitude_vector``) starts at ``n``, so a fresh adapter leaves the output unchanged.
 
     The row norms come without materialising ``V`` (no ``(d, k)`` temporary per step):
@@ -311,21 +313,24 @@ class DoraAdapter(Adapter):
             sq = W.pow(2).sum(1) + 2 * s * (B * AW.T).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
             return sq.clamp_min(0).sqrt()
 
-    def apply(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         x = x if x.dtype == self.dtype or not x.is_floating_point() else x.to(self.dtype)
-        scale = self.lora_magnitude_vector / self.row_norm(layer.weight_matrix()).to(self.dtype)  # (d,)
+        norm = self.row_norm(layer.weight_matrix()).to(self.dtype)
+        scale = layer.feature_view(self.lora_magnitude_vector / norm)  # (d,), broadcast over the output
         bias = getattr(layer.base_layer, "bias", None)
-        if self.training and not isinstance(self.dropout, nn.Identity):
+        bias = None if bias is None else layer.feature_view(bias)
+        if self.training and not isinstance(self.dropout, nn.Identity):  # as PEFT: base term on the dropped x
             xd = self.dropout(x)
             base = layer.base_layer(xd)
+            base = base if bias is None else base - bias
             lora = self.lora_B(self.lora_A(xd))
-        else:
-            base = out
-            lora = self.lora_B(self.lora_A(x))
-        if bias is not None:
-            base = base - layer.feature_view(bias)
-        scale = layer.feature_view(scale)
-        return out + ((scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
+            return out + ((scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
+        lora = self.lora_B(self.lora_A(x)).to(out.dtype)
+        # (m/n)·(W0·x + s·B·A·x) + bias: autograd keeps one (n, d) tensor (the direction) for the backward,
+        # where PEFT's out + (m/n - 1)·W0·x + (m/n)·s·B·A·x keeps two (W0·x and B·A·x)
+        direction = torch.add(out if bias is None else out - bias, lora, alpha=self.scaling)
+        scale = scale.to(out.dtype)
+        return scale * direction if bias is None else torch.addcmul(bias.to(out.dtype), scale, direction)
 
     def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
         V = layer.as_matrix(weight) + self.delta_matrix()  # (d, k) fp32
