@@ -1,6 +1,7 @@
 """``lorakit train --quantize``: QLoRA end to end on a tiny saved BERT; ``lorakit merge`` of the adapter writes a
 full-precision model; without bitsandbytes a one-line error names the extra."""
 
+import json
 import sys
 
 import pytest
@@ -29,6 +30,8 @@ def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cl
                  "--quantize", "nf4", *FAST]) == 0
     assert "dev after" in capsys.readouterr().out
     assert seen == [{"bits": 4, "quant_type": "nf4"}, ["Linear4bit"]]  # the run's base was 4-bit
+    assert main(["inspect", str(out / "adapter"), "--json"]) == 0
+    assert {layer["rank"] for layer in json.loads(capsys.readouterr().out)["layers"]} == {8}
 
     merged = tmp_path / "merged"
     assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
