@@ -60,7 +60,8 @@ def test_quantize_swaps_linear_layers_but_not_the_head(bits, quant_type, double_
     swapped = [n for n, m in model.named_modules() if isinstance(m, kind)]
     assert len(swapped) == 6 and type(model.lm_head) is nn.Linear
     q_bytes = sum(weight_bytes(model.get_submodule(n)) for n in swapped)
-    assert q_bytes <= (0.3 if bits == 4 else 0.3 + 0.02) * fp32_bytes  # 8-bit: 0.25 + one fp32 scale per row
+    # 4-bit: 0.125 + absmax constants + code table (the issue's goal: <= 0.3); 8-bit: 0.25 + an fp32 scale per row
+    assert q_bytes <= (0.3 if bits == 4 else 0.25 + 1 / 64 + 1e-9) * fp32_bytes
     # the layer computes with dequantize()'s weight: x @ W.T + b
     layer, x = model.blocks[0]["q"], torch.randn(3, 64)
     assert torch.allclose(layer(x), x @ dequantize(layer).T + layer.bias, atol=FP32_TOL if bits == 4 else 0.05)
@@ -68,7 +69,8 @@ def test_quantize_swaps_linear_layers_but_not_the_head(bits, quant_type, double_
 
 def test_quantize_validates_everything_before_changing_the_model():
     model = _model()
-    for kwargs, message in [({"bits": 3}, "bits must be 4 or 8"), ({"bits": True}, "bits must be 4 or 8"), ({"bits": 4.0}, "bits must be 4 or 8"),
+    for kwargs, message in [({"bits": 3}, "bits must be 4 or 8"), ({"bits": True}, "bits must be 4 or 8"),
+                            ({"bits": 4.0}, "bits must be 4 or 8"),
                             ({"quant_type": "int4"}, "quant_type must be one of nf4|fp4"),
                             ({"double_quant": "yes"}, "double_quant must be True or False"),
                             ({"compute_dtype": torch.int8}, "compute_dtype must be a floating"),
