@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from lorakit.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_adapter
 from tests.conftest import CASES, MLP, build, randomize_lora
 
 
@@ -56,7 +56,8 @@ def test_checkpoint_keys_and_config_follow_peft(tmp_path):
     assert cfg["target_modules"] == ["c_attn"]
     assert cfg["rank_pattern"]["transformer.h.0.attn.c_attn"] == 4
     assert cfg["alpha_pattern"]["transformer.h.0.attn.c_attn"] == 8  # same scaling alpha/r as the slices
-    assert len(cfg["lorakit"]["base_fingerprint"]) == 16
+    assert "lorakit" not in cfg  # PEFT's schema only: lorakit's metadata is in the weights file's header
+    assert len(read_adapter(tmp_path)[1]["lorakit"]["base_fingerprint"]) == 16
 
 
 def test_non_default_adapter_goes_to_a_subfolder(tmp_path):
@@ -187,7 +188,9 @@ def test_lorakit_adapter_loads_in_peft_with_same_outputs(name, overrides, tmp_pa
     lorakit.save_adapter(model, tmp_path)
     torch.manual_seed(0)
     base = case.build()
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT reads the config without a warning (no extra keys)
+        peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(case.run(peft_model, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -207,3 +210,75 @@ def test_peft_adapter_loads_in_lorakit_with_same_outputs(name, tmp_path):
     model = case.build()
     lorakit.load_adapter(model, tmp_path)
     torch.testing.assert_close(case.run(model, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+# ----- issue #8: PEFT's schema only (item 11), malformed values (item 14), finite in the model dtype (15) ---
+def test_peft_loads_a_lorakit_checkpoint_without_any_warning(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    randomize_lora(model)
+    expected = model(torch.ones(2, 12))
+    lorakit.save_adapter(model, tmp_path)
+    assert "lorakit" not in json.loads((tmp_path / CONFIG_NAME).read_text())
+    torch.manual_seed(0)
+    base = MLP()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warned "Unexpected keyword arguments ['lorakit']" on every load
+        peft_model = peft.PeftModel.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(peft_model(torch.ones(2, 12)), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_old_checkpoints_with_metadata_in_the_config_still_load(tmp_path):
+    _saved_mlp(tmp_path)
+    meta = read_adapter(tmp_path)[1]["lorakit"]
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**cfg, "lorakit": meta}))  # where lorakit used to put it
+    save_file(load_file(tmp_path / WEIGHTS_NAME), tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
+    assert read_adapter(tmp_path)[1]["lorakit"] == meta
+    torch.manual_seed(99)
+    with pytest.warns(UserWarning, match="different base weights"):  # the old fingerprint is still read
+        lorakit.load_adapter(MLP(), tmp_path)
+
+
+def _edit_config(tmp_path, **changes):
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: _edit_config(p, r=True), "r must be a positive integer, got True"),
+    (lambda p: _edit_config(p, r=1e12), "r must be a positive integer"),
+    (lambda p: _edit_config(p, r=10**12), r"fc1.lora_A.weight has shape \(2, 12\), but adapter_config.json gives "
+                                          "rank 1000000000000"),
+    (lambda p: _edit_config(p, rank_pattern=[1]), "rank_pattern must be a mapping"),
+    (lambda p: _edit_config(p, use_rslora="false"), "use_rslora must be true or false"),
+    (lambda p: _edit_config(p, lorakit="x"), "'lorakit' must be an object, found str"),
+    (lambda p: _edit_config(p, alora_invocation_tokens=[5]), "alora_invocation_tokens=.5. is not supported"),
+    (lambda p: (p / CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000), "JSON nested too deeply"),
+    (lambda p: save_file(load_file(p / WEIGHTS_NAME), p / WEIGHTS_NAME, metadata={"lorakit": "{"}),
+     "header metadata 'lorakit' is not valid JSON"),
+    (lambda p: save_file(load_file(p / WEIGHTS_NAME), p / WEIGHTS_NAME, metadata={"lorakit": '{"id2label": 3}'}),
+     "id2label has an invalid value 3"),
+], ids=["r-bool", "r-float", "r-huge", "rank_pattern-list", "rslora-string", "lorakit-string", "alora", "deep",
+        "header-json", "header-value"])
+def test_malformed_checkpoints_raise_one_line_checkpoint_errors(tmp_path, edit, message):
+    model, _ = _saved_mlp(tmp_path)
+    edit(tmp_path)
+    snapshot = _state(model)
+    with pytest.raises(CheckpointError, match=message) as info:
+        lorakit.load_adapter(model, tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    _assert_unchanged(model, snapshot)
+
+
+def test_finiteness_is_checked_in_the_model_dtype(tmp_path):
+    model, tensors = _saved_mlp(tmp_path)
+    tensors[KEY] = torch.full_like(tensors[KEY], 1e6)  # finite in fp32, inf in fp16 (max 65504)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    lorakit.load_adapter(MLP(), tmp_path)  # fp32 model: fine
+    model = model.half()
+    snapshot = _state(model)
+    with pytest.raises(CheckpointError, match=r"fc2.lora_B.weight has non-finite values \(nan/inf\) in torch.float16"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snapshot)

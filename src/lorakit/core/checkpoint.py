@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import LORAKIT_KEY, LoraConfig
+from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
@@ -103,16 +103,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     config = adapter_config(model, adapter)
     out_dir = Path(path) if adapter == "default" else Path(path) / adapter
     tensors = {k: v.contiguous().cpu().clone() for k, v in lora_state_dict(model, adapter, convert_to_lora).items()}
-    peft = _peft_config(model, config, adapter)
+    peft, meta = _peft_config(model, config, adapter)
     if convert_to_lora:
-        peft = converted_config(model, adapter, peft)
+        peft, meta = converted_config(model, adapter, peft, meta)
+    header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
     _atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
     return out_dir
 
 
-def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
+def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[dict, dict]:
+    """(``adapter_config.json``: PEFT's schema only, lorakit's metadata for the weights file's header).
+
+    The metadata (base fingerprint, fused slices, class names) sits in the safetensors header's
+    ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
+    """
     paths = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
@@ -130,30 +136,30 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> dict:
             d["alpha_pattern"] = {**d["alpha_pattern"], p: config.alpha_for(p) * factor}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    d[LORAKIT_KEY] = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
+    meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
     if names := class_names(model):
-        d[LORAKIT_KEY]["id2label"] = {str(i): name for i, name in enumerate(names)}
-    return d
+        meta["id2label"] = {str(i): name for i, name in enumerate(names)}
+    return d, meta
 
 
-def converted_config(model: nn.Module, adapter: str, peft: dict) -> dict:
-    """``adapter_config.json`` of the plain-LoRA conversion: every rank doubled with the scaling kept
-    (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is dropped (it
-    was taken on the replaced base)."""
+def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
+    """``adapter_config.json`` and metadata of the plain-LoRA conversion: every rank doubled with the scaling
+    kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is dropped
+    (it was taken on the replaced base)."""
     if peft.get("init_lora_weights") == "loftq":
         raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by LoftQ, whose base is the quantized "
                          "weight (not the original minus a low-rank part): no plain LoRA for the original base equals it")
     held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     changed = [changed_base(a) for a in held]
     if not any(changed):
-        return peft
+        return peft, meta
     if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
         raise ValueError(f"convert_to_lora: adapter {adapter!r} replaced the base of only some of its layers")
     f = math.sqrt(2) if peft.get("use_rslora") else 2  # alpha' / g(2r) == alpha / g(r)
-    return {**peft, "init_lora_weights": True, "r": 2 * peft["r"], "lora_alpha": f * peft["lora_alpha"],
-            "rank_pattern": {k: 2 * v for k, v in peft["rank_pattern"].items()},
-            "alpha_pattern": {k: f * v for k, v in peft["alpha_pattern"].items()},
-            LORAKIT_KEY: {**peft[LORAKIT_KEY], "base_fingerprint": None}}
+    return ({**peft, "init_lora_weights": True, "r": 2 * peft["r"], "lora_alpha": f * peft["lora_alpha"],
+             "rank_pattern": {k: 2 * v for k, v in peft["rank_pattern"].items()},
+             "alpha_pattern": {k: f * v for k, v in peft["alpha_pattern"].items()}},
+            {**meta, "base_fingerprint": None})
 
 
 def class_names(model: nn.Module) -> list[str] | None:
@@ -200,7 +206,12 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
 
 # ----- load ---------------------------------------------------------------------------------------------
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, Tensor]]:
-    """Read and check an adapter directory: (config, raw config dict, tensors). Never unpickles."""
+    """Read and check an adapter directory: (config, raw config dict, tensors). Never unpickles.
+
+    The raw dict is ``adapter_config.json`` as read, plus lorakit's validated metadata under ``"lorakit"``
+    (from the weights file's header; checkpoints written before it moved there keep it in the JSON).
+    Every problem is a one-line :class:`CheckpointError` naming the file and what is wrong.
+    """
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file():
@@ -211,40 +222,82 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from None
+        raise CheckpointError(f"{config_file}: not valid JSON: {_one_line(e)}") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_file}: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
     try:
         config = LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: {e}") from None
+        raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_file}: a value is nested too deeply") from None
     try:
+        with safe_open(weights_file, "pt") as f:
+            header = f.metadata() or {}
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights_file}: not a readable safetensors file: {e}") from None
-    return config, raw, tensors
+        raise CheckpointError(f"{weights_file}: not a readable safetensors file: {_one_line(e)}") from None
+    meta = _check_metadata(raw.get(LORAKIT_KEY, {}), f"{config_file}: {LORAKIT_KEY!r}")  # old place, still read
+    if LORAKIT_KEY in header:
+        try:
+            meta = json.loads(header[LORAKIT_KEY])
+        except (json.JSONDecodeError, RecursionError):
+            raise CheckpointError(f"{weights_file}: header metadata {LORAKIT_KEY!r} is not valid JSON") from None
+        meta = _check_metadata(meta, f"{weights_file}: header metadata {LORAKIT_KEY!r}")
+    return config, {**raw, LORAKIT_KEY: meta}, tensors
+
+
+# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config)
+_METADATA = {
+    "base_fingerprint": lambda v: v is None or isinstance(v, str),
+    "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
+    "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
+                                                       for k, x in v.items()),
+}
+
+
+def _check_metadata(meta: object, where: str) -> dict:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} must be an object, found {type(meta).__name__}")
+    for key, value in meta.items():
+        if key not in _METADATA:
+            raise CheckpointError(f"{where}: unknown key {key!r}")
+        if not _METADATA[key](value):
+            raise CheckpointError(f"{where}: {key} has an invalid value {short_repr(value)}")
+    return meta
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> str:
     """Load an adapter checkpoint (lorakit's or PEFT's) into ``model`` as adapter ``adapter``.
 
     ``path`` is the adapter directory, or a directory holding ``<adapter>/``. Layers are injected if
-    they are not there. Everything is validated before the model is touched: on any error the model
-    is exactly as it was. The loaded adapter becomes active. Returns its name.
+    they are not there. Everything is validated before the model is touched: every rank is compared with
+    the file's tensors before anything is allocated, every value is checked finite after the cast to the
+    model's dtype, and on any error the model is exactly as it was. New modules take the train/eval mode
+    of the layers they wrap. The loaded adapter becomes active. Returns its name.
     """
     path = Path(path)
     if not (path / CONFIG_NAME).exists() and adapter and (path / adapter / CONFIG_NAME).exists():
         path = path / adapter
     name = adapter or "default"
     config, raw, tensors = read_adapter(path)
+    weights_file = path / WEIGHTS_NAME
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
+        _check_ranks(config, tensors, find_targets(model, config), weights_file)
         planned, copies = plan_adapter(model, config, name)
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     targets = _load_targets(model, config, planned, copies)
-    weights_file = path / WEIGHTS_NAME
     optional = {k for k in targets if k.endswith(".base_layer.weight")}
     missing = sorted(set(targets) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(targets))
@@ -266,14 +319,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             raise CheckpointError(f"{weights_file}: tensor {key} has shape {found}, expected {expected}")
         if not t.is_floating_point():
             raise CheckpointError(f"{weights_file}: tensor {key} has dtype {t.dtype}, expected a floating dtype")
+        t = t.to(dest.dtype)  # checked in the dtype it will have: a finite 1e6 is inf in fp16
         if not torch.isfinite(t).all():
-            raise CheckpointError(f"{weights_file}: tensor {key} has non-finite values (nan/inf)")
+            raise CheckpointError(f"{weights_file}: tensor {key} has non-finite values (nan/inf) in {dest.dtype}")
         staged.append((dest, t))
-    expected_fp = (raw.get(LORAKIT_KEY) or {}).get("base_fingerprint")
+    expected_fp = raw[LORAKIT_KEY].get("base_fingerprint")
     # ---- validated: from here on the model changes ----
     with torch.no_grad():
         for dest, t in staged:
-            dest.copy_(t.to(dest.dtype))
+            dest.copy_(t)
     commit_adapter(model, name, planned, copies)
     if expected_fp:
         found_fp = base_fingerprint(model, [p.path for p in planned])
@@ -285,6 +339,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
                 stacklevel=2,
             )
     return name
+
+
+def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:
+    """Each target's A in the file has the config's rank: checked before any adapter is allocated (a
+    config saying ``r: 1000000000000`` must not allocate terabytes before the shapes are compared)."""
+    for path in paths:
+        key = next((k for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A") if k in tensors),
+                   None)
+        if key is None:
+            raise CheckpointError(f"{weights_file}: no lora_A tensor for target {path} "
+                                  f"(expected key {PREFIX}{path}.lora_A.weight)")
+        shape, r = tuple(tensors[key].shape), config.rank_for(path)
+        if len(shape) < 2 or shape[0] != r:
+            raise CheckpointError(f"{weights_file}: tensor {key} has shape {shape}, but {CONFIG_NAME} gives "
+                                  f"rank {r} for {path}")
 
 
 def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, bool]]:

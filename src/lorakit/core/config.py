@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -9,25 +10,67 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Bias = Literal["none", "all", "lora_only"]
-Init = str  # a name in core.variants.INITIALIZERS: kaiming, gaussian, pissa, pissa_niter_<K>, olora
 
-# Field names that differ between LoraConfig and PEFT's adapter_config.json.
-_TO_PEFT = {
-    "alpha": "lora_alpha",
-    "dropout": "lora_dropout",
-    "layers": "layers_to_transform",
-    "init": "init_lora_weights",
+# Every key of PEFT's ``adapter_config.json`` (the fields of ``peft.LoraConfig``), classified, one line each:
+#   ("field", name)    understood: read into LoraConfig.<name> (and written back under the PEFT key)
+#   ("harmless", None) known and irrelevant to what lorakit computes (metadata); read and dropped
+#   ("refused", None)  an option lorakit cannot honour: loading fails unless the value is off (None/False/
+#                      empty); never written
+# A key not in this table is refused by name when set. tests/core/test_config.py fails when the installed
+# peft's LoraConfig has a field this table does not classify.
+PEFT_KEYS: dict[str, tuple[str, str | None]] = {
+    "r": ("field", "r"),
+    "lora_alpha": ("field", "alpha"),
+    "lora_dropout": ("field", "dropout"),
+    "target_modules": ("field", "target_modules"),
+    "exclude_modules": ("field", "exclude_modules"),
+    "layers_to_transform": ("field", "layers"),
+    "layers_pattern": ("field", "layers_pattern"),
+    "bias": ("field", "bias"),
+    "modules_to_save": ("field", "modules_to_save"),
+    "init_lora_weights": ("field", "init"),
+    "use_rslora": ("field", "use_rslora"),
+    "rank_pattern": ("field", "rank_pattern"),
+    "alpha_pattern": ("field", "alpha_pattern"),
+    "task_type": ("field", "task_type"),
+    "base_model_name_or_path": ("field", "base_model_name_or_path"),
+    "peft_type": ("harmless", None),  # checked to be "LORA" before anything else
+    "fan_in_fan_out": ("harmless", None),  # lorakit detects Conv1D (weight stored (in, out)) by type
+    "inference_mode": ("harmless", None),
+    "auto_mapping": ("harmless", None),
+    "peft_version": ("harmless", None),
+    "revision": ("harmless", None),
+    "runtime_config": ("harmless", None),  # runtime-only switches (ephemeral GPU offload), no effect on results
+    "megatron_core": ("harmless", None),  # module name used only together with megatron_config
+    "qalora_group_size": ("harmless", None),  # used only together with use_qalora
+    "loftq_config": ("harmless", None),  # initialisation recipe: the trained weights come from the file
+    "eva_config": ("harmless", None),  # initialisation recipe
+    "corda_config": ("harmless", None),  # initialisation recipe
+    "lora_ga_config": ("harmless", None),  # initialisation recipe
+    "lorakit": ("harmless", None),  # lorakit's metadata in checkpoints before it moved to the weights header
+    "use_dora": ("field", "use_dora"),
+    "lora_bias": ("refused", None),
+    "layer_replication": ("refused", None),
+    "target_parameters": ("refused", None),
+    "use_qalora": ("refused", None),
+    "trainable_token_indices": ("refused", None),
+    "alora_invocation_tokens": ("refused", None),
+    "megatron_config": ("refused", None),
+    "velora_config": ("refused", None),
+    "monteclora_config": ("refused", None),
+    "use_bdlora": ("refused", None),
+    "arrow_config": ("refused", None),
+    "kasa_config": ("refused", None),
+    "ensure_weight_tying": ("refused", None),
 }
-_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}
-# PEFT options lorakit cannot honour: loading a config that sets one of them must fail loudly.
-_PEFT_UNSUPPORTED = {
-    "lora_bias": False,
-    "layer_replication": None,
-    "target_parameters": None,
-    "use_qalora": False,
-    "trainable_token_indices": None,
+# Initialisations whose PEFT ``init_lora_weights`` value differs from lorakit's ``init`` name (the others,
+# from core.variants.INITIALIZERS, are written as they are). Loading maps them back (and ``False``, PEFT's
+# "no init", to kaiming: the weights come from the file anyway).
+INITS: dict[str, bool | str] = {
+    "kaiming": True,
+    "gaussian": "gaussian",
 }
-LORAKIT_KEY = "lorakit"  # extra config key (ignored by PEFT): fingerprint, fused slices
+LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
 @dataclass
@@ -64,6 +107,9 @@ class LoraConfig:
             ``{"c_attn": [True, False, True]}`` adapts GPT-2's q and v but not k (loralib's
             ``enable_lora``). Each enabled slice gets its own rank-r pair.
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
+
+    Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
+    or ``use_rslora=1`` (booleans are strict; a bool is not a number) raise ``ValueError`` naming the field.
     """
 
     r: int = 8
@@ -75,7 +121,7 @@ class LoraConfig:
     layers_pattern: str | None = None
     bias: Bias = "none"
     modules_to_save: list[str] | None = None
-    init: Init = "kaiming"
+    init: str = "kaiming"
     use_rslora: bool = False
     use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -89,25 +135,28 @@ class LoraConfig:
             self.alpha = float(self.r)
         if isinstance(self.target_modules, tuple | set):
             self.target_modules = list(self.target_modules)
-        if isinstance(self.layers, int):
+        if _is_int(self.layers):
             self.layers = [self.layers]
         if self.init is True:  # PEFT's init_lora_weights=True
             self.init = "kaiming"
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        _check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
-        _check(_is_pos(self.alpha), f"alpha must be a positive number, got {self.alpha!r}")
+        """Raise ValueError naming the first invalid field. Every field's type is checked strictly: a bool is
+        not a number (``r=True`` is refused) and only ``True``/``False`` are booleans (not ``"false"``, not 1)."""
+        _check(_is_int(self.r) and self.r > 0, f"r must be a positive integer, got {short_repr(self.r)}")
+        _check(_is_pos(self.alpha), f"alpha must be a positive finite number, got {short_repr(self.alpha)}")
         _check(
-            isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
-            f"dropout must be in [0, 1), got {self.dropout!r}",
+            _is_num(self.dropout) and 0.0 <= self.dropout < 1.0,
+            f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
         )
-        _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {self.bias!r}")
+        _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
+        _check(isinstance(self.init, str), f"init must be a string, got {short_repr(self.init)}")
         from .variants import parse_init  # variants builds on layers, which import this module
 
         parse_init(self.init)
-        _check(isinstance(self.use_dora, bool), f"use_dora must be true or false, got {self.use_dora!r}")
+        _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
+        _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -115,25 +164,43 @@ class LoraConfig:
                     try:
                         re.compile(value)
                     except re.error as e:
-                        raise ValueError(f"{name} regex {value!r} is invalid: {e}") from None
+                        raise ValueError(f"{name} regex {short_repr(value)} is invalid: {e}") from None
             elif value is not None:
                 _check(
                     isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
-                    f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {value!r}",
+                    f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
                 )
         if self.layers is not None:
             _check(
-                all(isinstance(i, int) and i >= 0 for i in self.layers),
-                f"layers must be non-negative block indices, got {self.layers!r}",
+                isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
+                f"layers must be a list of non-negative block indices, got {short_repr(self.layers)}",
             )
+        _check(
+            self.layers_pattern is None or (isinstance(self.layers_pattern, str) and self.layers_pattern)
+            or (isinstance(self.layers_pattern, list) and self.layers_pattern
+                and all(isinstance(s, str) and s for s in self.layers_pattern)),
+            f"layers_pattern must be a module name or a list of them, got {short_repr(self.layers_pattern)}",
+        )
+        _check(
+            self.modules_to_save is None or (isinstance(self.modules_to_save, list)
+                                             and all(isinstance(s, str) and s for s in self.modules_to_save)),
+            f"modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}",
+        )
+        for name in ("task_type", "base_model_name_or_path"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), f"{name} must be a string, got {short_repr(value)}")
+        for name in ("rank_pattern", "alpha_pattern", "slices"):
+            value = getattr(self, name)
+            _check(isinstance(value, dict) and all(isinstance(k, str) and k for k in value),
+                   f"{name} must be a mapping of module names to values, got {short_repr(value)}")
         for key, rank in self.rank_pattern.items():
-            _check(isinstance(rank, int) and rank > 0, f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+            _check(_is_int(rank) and rank > 0, f"rank_pattern[{short_repr(key)}] must be a positive int, got {short_repr(rank)}")
         for key, a in self.alpha_pattern.items():
-            _check(_is_pos(a), f"alpha_pattern[{key!r}] must be a positive number, got {a!r}")
+            _check(_is_pos(a), f"alpha_pattern[{short_repr(key)}] must be a positive finite number, got {short_repr(a)}")
         for key, mask in self.slices.items():
             _check(
                 isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask),
-                f"slices[{key!r}] must be a list of >= 2 booleans with at least one True, got {mask!r}",
+                f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
             )
 
     # ----- per-module values ---------------------------------------------------------------------------
@@ -153,55 +220,55 @@ class LoraConfig:
 
     # ----- PEFT serialisation --------------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
-        """The fields of PEFT's ``adapter_config.json`` (``peft_type: "LORA"``)."""
-        d: dict[str, Any] = {"peft_type": "LORA"}
-        for f in dataclasses.fields(self):
-            if f.name == "slices":
-                continue
-            d[_TO_PEFT.get(f.name, f.name)] = getattr(self, f.name)
-        d["init_lora_weights"] = _PEFT_INIT.get(self.init, self.init)
+        """The fields of PEFT's ``adapter_config.json`` (``peft_type: "LORA"``): PEFT's schema only."""
+        d: dict[str, Any] = {"peft_type": "LORA", "fan_in_fan_out": False, "inference_mode": True}
+        for key, (kind, name) in PEFT_KEYS.items():
+            if kind == "field":
+                d[key] = copy.deepcopy(getattr(self, name))
+        d["init_lora_weights"] = INITS.get(self.init, self.init)
         if self.init.startswith("loftq"):  # PEFT's spelling: "loftq" + loftq_config (lorakit's is NF4)
             d["init_lora_weights"] = "loftq"
             d["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(self.init.partition("_")[2] or 1)}
-        d["fan_in_fan_out"] = False  # save_adapter sets it for Conv1D models; lorakit itself detects Conv1D by type
-        d["inference_mode"] = True
-        d.update(_PEFT_UNSUPPORTED)
         return d
 
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> LoraConfig:
-        """Build from an ``adapter_config.json`` dict; unknown keys are ignored, unsupported features refused."""
+        """Build from an ``adapter_config.json`` dict. Every key is looked up in :data:`PEFT_KEYS`: understood
+        keys are read (and type-checked), harmless ones dropped, refused or unknown ones that are set raise."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, found {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"adapter_config.json: peft_type is {d.get('peft_type')!r}, lorakit loads only 'LORA'")
-        for key, neutral in _PEFT_UNSUPPORTED.items():
-            if d.get(key, neutral) not in (neutral, None, False, {}, []):
-                raise ValueError(f"adapter_config.json: {key}={d[key]!r} is not supported by lorakit")
-        from_peft = {v: k for k, v in _TO_PEFT.items()}
-        names = {f.name for f in dataclasses.fields(cls)} - {"slices"}
-        kwargs = {}
+            raise ValueError(f"peft_type is {d.get('peft_type')!r}, lorakit loads only 'LORA'")
+        kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            name = from_peft.get(key, key)
-            if name in names and value is not None:
-                kwargs[name] = value
+            kind, name = PEFT_KEYS.get(key, ("unknown", None))
+            if kind == "field":
+                if value is not None:
+                    kwargs[name] = value
+            elif kind != "harmless" and value not in (None, False, {}, [], ""):
+                what = "is not supported by lorakit" if kind == "refused" else "is a key lorakit does not know"
+                raise ValueError(f"{key}={short_repr(value)} {what}")
         init = kwargs.get("init", True)
         if init is True or init is False:
             init = "kaiming"  # A and B come from the file anyway
         if init == "loftq":
             loftq = d.get("loftq_config") or {}
-            if loftq.get("loftq_bits", 4) != 4:
-                raise ValueError(f"adapter_config.json: loftq_bits={loftq['loftq_bits']!r}: lorakit's LoftQ is 4-bit")
-            iters = loftq.get("loftq_iter", 1)
+            bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+            if bits != 4 or type(bits) is not int:
+                raise ValueError(f"loftq_bits={short_repr(bits)}: lorakit's LoftQ is 4-bit")
             init = f"loftq_{iters}" if iters != 1 else "loftq"
+        from_peft = {value: name for name, value in INITS.items() if isinstance(value, str)}
+        init = from_peft.get(init, init) if isinstance(init, str) else init
         try:
             from .variants import parse_init
 
             parse_init(init)
         except ValueError:
-            raise ValueError(f"adapter_config.json: init_lora_weights={init!r} is not supported by lorakit") from None
+            raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit") from None
         kwargs["init"] = init  # a base-changing init (pissa...) is rerun on the base when loading, as PEFT does
         if isinstance(kwargs.get("target_modules"), list):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"])
-        if kwargs.get("modules_to_save"):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"], key=str)
+        if isinstance(kwargs.get("modules_to_save"), list):
             kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
         if "r" in kwargs and "alpha" not in kwargs:
             kwargs["alpha"] = 8.0  # PEFT's default lora_alpha
@@ -229,8 +296,22 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _is_pos(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and x > 0 and math.isfinite(x)
+    return _is_num(x) and x > 0
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to one short line (values read from files can be huge)."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check(ok: bool, message: str) -> None:

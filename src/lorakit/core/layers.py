@@ -169,9 +169,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:  # disabling wins over everything, per-row adapters included
+            return out
         if self.row_plan is not None:
             return out + self.row_plan(x).to(out.dtype)
-        if self.disabled or self.active is None or self.active in self.merged:
+        if self.active is None or self.active in self.merged:
             return out
         adapter = self.adapters[self.active]
         # a forward hook on the base layer may keep or return a view of ``out``: then never write into it
@@ -182,6 +184,11 @@ class LoraLayer(nn.Module):
     def weight(self) -> Tensor:
         """The base weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base bias (so code that reads ``module.bias`` keeps working); absent where the base has none."""
+        return self.base_layer.bias
 
     # ----- geometry that variants read (plain ``(d, k)`` form: d outputs, k inputs) -------------------------
     def as_matrix(self, weight: Tensor) -> Tensor:
@@ -256,21 +263,19 @@ class LoraLayer(nn.Module):
         return self.to_base_layout(self.adapters[name].delta_matrix())
 
     def merged_weight(self, name: str) -> Tensor:
-        """The base weight with adapter ``name`` folded in (fp32, base layout); the layer is unchanged."""
+        """The base weight with adapter ``name`` folded in (computed in fp32, base layout, cast to the weight's
+        dtype, so a check for finite values sees what would be stored); the layer is unchanged."""
         weight = self.base_weight()
-        return self.adapters[name].merged_weight(self, weight.float()).to(weight.device)
+        return self.adapters[name].merged_weight(self, weight.float()).to(weight.device, weight.dtype)
 
     def to_base_layout(self, delta: Tensor) -> Tensor:
         """``(d, k)`` update -> the shape and layout of ``base_layer.weight``."""
         return delta
 
     # ----- merge -----------------------------------------------------------------------------------------
-    def merge(self, name: str, safe: bool = False) -> None:
-        """Add adapter ``name``'s update into the base weight (computed in fp32, cast back)."""
-        merged = self.merged_weight(name)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
-        self.write_base(merged)
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight (unchecked: ``lorakit.merge`` checks first)."""
+        self.write_base(self.merged_weight(name))
         self.merged.append(name)
 
     def unmerge(self) -> None:

@@ -6,6 +6,9 @@ The adapter name is the only handle: each wrapped layer keeps its adapters in on
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,12 +38,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     """Build adapter ``name`` for ``model`` without touching the model.
 
     Returns the planned layers and the new ``modules_to_save`` copies (path -> module). Nothing is
-    attached until :func:`commit_adapter`, so a caller can fill and validate weights first.
+    attached until :func:`commit_adapter`, so a caller can fill and validate weights first. Every check
+    that :func:`commit_adapter` would need is made here.
     """
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    if name in adapter_names(model):
-        raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
+    _check_new_adapter(model, name, config)
     check_base_kept(model, f"adding adapter {name!r}", config)
     planned = []
     for path in find_targets(model, config):
@@ -65,51 +66,103 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     return planned, copies
 
 
-def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies: dict[str, nn.Module]) -> None:
-    """Attach a planned adapter, make it active and set which parameters train."""
+def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
+    """What every new adapter (added, loaded or combined) must satisfy; raises before anything changes."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    existing = adapter_names(model)
+    if name in existing:
+        raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
+    _check_no_context(model, f"add adapter {name!r}")
+    merged = _merged_names(model)
+    if merged:
+        raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) before adding {name!r}")
+    # The base biases are shared by every adapter: an adapter that trains them would change the others'
+    # outputs, and every checkpoint would hold them (PEFT refuses this too).
+    with_bias = [a for a in existing if adapter_config(model, a).bias != "none"]
+    if existing and (config.bias != "none" or with_bias):
+        owner = f"adapter {with_bias[0]!r} has bias={adapter_config(model, with_bias[0]).bias!r}" if with_bias \
+            else f"bias={config.bias!r}"
+        raise ValueError(f"{owner}, but only a model's single adapter may train the (shared) base biases; "
+                         "use bias='none' for every adapter when there are several")
+
+
+def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies: dict[str, nn.Module],
+                   activate: bool = True) -> None:
+    """Attach a planned adapter (``activate``: make it active and the one that trains).
+
+    New modules take the train/eval mode of the module they sit beside, so an adapter loaded into a
+    model in eval mode runs without dropout.
+    """
     for p in planned:
+        mode = p.layer.base_layer.training
         if p.new_layer:
+            _follow_mode(p.layer, p.layer.base_layer)
             _set_submodule(model, p.path, p.layer)
-        p.layer.attach(name, p.adapter)
+        p.layer.attach(name, p.adapter.train(mode))
     for path, module in copies.items():
         holder = model.get_submodule(path)
         if not isinstance(holder, SavedModule):
             holder = SavedModule(holder)
+            _follow_mode(holder, holder.original)
             _set_submodule(model, path, holder)
-        holder.copies[name] = module
-    config = planned[0].adapter.config
-    set_adapter(model, name)
-    _freeze_base(model, config, name)
+        holder.copies[name] = module.train(holder.original.training)
+    if activate:
+        set_adapter(model, name)
+
+
+def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:
+    """A new wrapper (and its containers) takes the train/eval mode of the module it wraps."""
+    wrapper.training = inner.training
+    for child in wrapper.children():
+        if child is not inner:
+            child.train(inner.training)
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
     """Wrap the layers ``config`` selects with a new adapter, make it active, freeze the rest.
 
     Trainable afterwards: this adapter's A and B, the biases ``config.bias`` names and the copies of
-    ``config.modules_to_save``. Returns ``model`` itself (changed in place).
+    ``config.modules_to_save``. Returns ``model`` itself (changed in place). Only one adapter of a model
+    may train biases (``bias`` other than ``"none"``): the base biases are shared by all adapters.
     """
     planned, copies = plan_adapter(model, config, adapter)
     commit_adapter(model, adapter, planned, copies)
     return model
 
 
-def _freeze_base(model: nn.Module, config: LoraConfig, name: str) -> None:
-    """Only adapter ``name``, the biases ``config.bias`` names and its modules_to_save copies train."""
+def _set_trainable(model: nn.Module, name: str | None) -> None:
+    """Only adapter ``name``, the biases its ``config.bias`` names and its modules_to_save copies train."""
+    config = adapter_config(model, name) if name is not None else None
+    bias = config.bias if config is not None else "none"
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.bias == "all":
+    if bias == "all":
         for module in model.modules():
             if isinstance(getattr(module, "bias", None), nn.Parameter):
                 module.bias.requires_grad_(True)
     for layer in lora_layers(model):
         if name in layer.adapters:
             layer.adapters[name].requires_grad_(True)
-            if config.bias == "lora_only" and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
+            if bias == "lora_only" and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
                 layer.base_layer.bias.requires_grad_(True)
     for saved in _saved_modules(model):
-        saved.original.requires_grad_(False)
         if name in saved.copies:
             saved.copies[name].requires_grad_(True)
+
+
+def _check_no_context(model: nn.Module, action: str) -> None:
+    """Changing adapters or weights inside ``disabled()`` / ``per_row_adapters()`` would run stale plans
+    (new layers outside the context, merged weights under a per-row update): refused."""
+    layers, saved = _wrappers(model)
+    if any(obj.disabled for obj in layers + saved):
+        raise RuntimeError(f"cannot {action} inside disabled(); leave the context first")
+    if any(layer.row_plan is not None for layer in layers) or any(m.row_names is not None for m in saved):
+        raise RuntimeError(f"cannot {action} inside per_row_adapters(); leave the context first")
+
+
+def _merged_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for layer in lora_layers(model) for n in layer.merged))
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -162,18 +215,25 @@ def _unknown(model: nn.Module, adapter: str) -> KeyError:
 
 # ----- switching -------------------------------------------------------------------------------------------
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the adapter every layer runs (``None``: no adapter, the base model)."""
+    """Make ``name`` the adapter every layer runs and the one that trains (``None``: the base model).
+
+    As in PEFT, switching moves ``requires_grad``: afterwards exactly what :func:`add_lora` would leave
+    trainable for ``name`` trains (its A and B, the biases its ``bias`` names, its ``modules_to_save``
+    copies); every other parameter is frozen. With ``None`` nothing trains.
+    """
     layers, saved = _wrappers(model)
     if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
+    merged = _merged_names(model)
+    if merged and name not in merged:
+        raise RuntimeError(f"adapter {merged} is merged; unmerge(model) before switching to {name!r}")
     if name is None:
         check_base_kept(model, "set_adapter(model, None)")
     for layer in layers:
-        if layer.merged and name not in layer.merged:
-            raise RuntimeError(f"adapter {layer.merged} is merged; unmerge(model) before switching to {name!r}")
         layer.active = name if name in layer.adapters else None
     for m in saved:
         m.active = name
+    _set_trainable(model, name)
 
 
 def _wrappers(model: nn.Module) -> tuple[list[LoraLayer], list[SavedModule]]:
@@ -188,12 +248,18 @@ def _wrappers(model: nn.Module) -> tuple[list[LoraLayer], list[SavedModule]]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` everywhere; layers left without adapters go back to their base layer."""
-    if name not in adapter_names(model):
+    """Remove adapter ``name`` everywhere; layers left without adapters go back to their base layer.
+
+    Deleting the active adapter activates the first remaining one (in the order they were added) with a
+    warning, as PEFT does, rather than silently running the base model; with none left, no adapter is active.
+    """
+    names = adapter_names(model)
+    if name not in names:
         raise _unknown(model, name)
-    for layer in list(lora_layers(model)):
-        if name in layer.merged:
-            raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) first")
+    if name in _merged_names(model):
+        raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) first")
+    _check_no_context(model, f"delete adapter {name!r}")
+    was_active = active_adapter(model) == name
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             held, original = module.adapters, module.base_layer
@@ -211,36 +277,61 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             module.active = None
         if not len(held):  # the last adapter gone: the original module goes back in place
             _set_submodule(model, path, original)
+    remaining = [n for n in names if n != name]
+    if was_active and remaining:
+        merged = _merged_names(model)
+        new = next((n for n in remaining if n in merged), remaining[0])  # a merged adapter must stay active
+        warnings.warn(f"deleted the active adapter {name!r}; {new!r} is active now", UserWarning, stacklevel=2)
+        set_adapter(model, new)
 
 
 @contextmanager
 def use_adapter(model: nn.Module, name: str | None):
-    """Run with adapter ``name`` active; the previous choice is restored on exit."""
+    """Run with adapter ``name`` active; the previous choice (and what trains) is restored on exit."""
     layers, saved = _wrappers(model)
     before = [(obj, obj.active) for obj in layers + saved]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     set_adapter(model, name)
     try:
         yield model
     finally:
         for obj, active in before:
             obj.active = active
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @contextmanager
 def disabled(model: nn.Module):
-    """Run the base model: every adapter and ``modules_to_save`` copy is bypassed."""
+    """Run the base model: every adapter and ``modules_to_save`` copy is bypassed, also inside
+    :func:`per_row_adapters` (disabling wins).
+
+    As in PEFT, the adapters' parameters stop requiring grad inside the context (restored on exit).
+    Biases trained with ``bias="all"``/``"lora_only"`` are the base layers' own and stay in effect:
+    then the output is not the original base model's, and a warning says so.
+    """
     layers, saved = _wrappers(model)
-    for layer in layers:
-        if layer.merged:
-            raise RuntimeError(f"adapter {layer.merged} is merged into the weights; unmerge(model) first")
+    if merged := _merged_names(model):
+        raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) first")
     check_base_kept(model, "disabled(model)")
+    for a in adapter_names(model):
+        if (bias := adapter_config(model, a).bias) != "none":
+            warnings.warn(f"adapter {a!r} trained the base biases (bias={bias!r}); disabled() keeps them, so the "
+                          "output is not the original base model's", UserWarning, stacklevel=3)
+    params = [p for obj in layers for p in obj.adapters.parameters()] + [p for m in saved for p in m.copies.parameters()]
+    flags = [(p, p.requires_grad) for p in params]
+    before = [(obj, obj.disabled) for obj in layers + saved]  # nested contexts restore the outer state
     for obj in layers + saved:
         obj.disabled = True
+    for p in params:
+        p.requires_grad_(False)
     try:
         yield model
     finally:
-        for obj in layers + saved:
-            obj.disabled = False
+        for obj, state in before:
+            obj.disabled = state
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -248,7 +339,9 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     """Row ``i`` of the batch runs adapter ``names[i]`` (``None``: the base model), in one forward.
 
     Linear-like and embedding layers use stacked adapter weights gathered per row (one batched matmul
-    pair per layer whatever the number of adapters); dropout is not applied.
+    pair per layer whatever the number of adapters); dropout is not applied. Inside :func:`disabled`
+    every row runs the base model. ``modules_to_save`` copies run on their rows along the batch's first
+    dimension, so they must return one tensor with the batch first: recurrent modules are refused.
     """
     names = list(names)
     known = set(adapter_names(model))
@@ -256,43 +349,57 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     if unknown:
         raise KeyError(f"per_row_adapters: no adapter named {unknown}; the model has {sorted(known)}")
     layers, saved = _wrappers(model)
-    if any(layer.merged for layer in layers):
+    if _merged_names(model):
         raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
+    for m in saved:
+        if isinstance(m.original, nn.RNNBase) and any(n in m.copies for n in names):
+            raise ValueError(f"per_row_adapters cannot split the rows of modules_to_save module "
+                             f"{type(m.original).__name__} (a recurrent module returns a tuple, batch not first)")
     check_rows(model, layers, names)
-    for layer in layers:
-        layer.row_plan = make_row_update(layer, names)
+    plans = [make_row_update(layer, names) for layer in layers]
+    before = [(layer, layer.row_plan) for layer in layers], [(m, m.row_names) for m in saved]
+    for layer, plan in zip(layers, plans, strict=True):
+        layer.row_plan = plan
     for m in saved:
         m.row_names = names
     try:
         yield model
-    finally:
-        for layer in layers:
-            layer.row_plan = None
-        for m in saved:
-            m.row_names = None
+    finally:  # nested contexts restore the outer rows
+        for layer, plan in before[0]:
+            layer.row_plan = plan
+        for m, row_names in before[1]:
+            m.row_names = row_names
 
 
 # ----- merge -------------------------------------------------------------------------------------------
-def merge(model: nn.Module, adapter: str | None = None, safe: bool = False) -> None:
+def merge(model: nn.Module, adapter: str | None = None, safe: bool = True) -> None:
     """Add ``adapter``'s update (default: the active one) into the base weights.
 
     The merged model gives the unmerged output with no added latency; :func:`unmerge` undoes it.
-    ``safe=True`` first checks every merged weight is finite and changes nothing if one is not.
+    ``safe=True`` (the default; PEFT's ``safe_merge`` defaults to off) first checks that every merged
+    weight is finite in the model's dtype and changes nothing if one is not; ``safe=False`` skips that
+    pass (half the work).
     """
     name = adapter if adapter is not None else active_adapter(model)
     if name is None:
         raise ValueError("no active adapter to merge; pass adapter=")
     if name not in adapter_names(model):
         raise _unknown(model, name)
+    _check_no_context(model, "merge")
     layers = [layer for layer in lora_layers(model) if name in layer.adapters and name not in layer.merged]
     if safe:
-        for layer in layers:
-            merged = layer.merged_weight(name)
-            if not torch.isfinite(merged).all():
-                path = next(p for p, m in model.named_modules() if m is layer)
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path}; nothing was changed")
+        _check_finite_merge(model, layers, name)
     for layer in layers:
         layer.merge(name)
+
+
+def _check_finite_merge(model: nn.Module, layers: list[LoraLayer], name: str) -> None:
+    """Raise if merging ``name`` into any of ``layers`` gives a non-finite weight (after the cast)."""
+    for layer in layers:
+        if not torch.isfinite(layer.merged_weight(name)).all():
+            path = next(p for p, m in model.named_modules() if m is layer)
+            raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path} "
+                             f"({layer.base_layer.weight.dtype}); nothing was changed")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -306,8 +413,13 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
     ``merge=True`` first merges the active adapter and keeps the active ``modules_to_save`` copies;
     ``merge=False`` gives the base model back (merged updates are subtracted, originals restored).
+    A merge whose weights would not be finite in the model's dtype is refused with the model unchanged.
     """
+    _check_no_context(model, "unload")
     name = active_adapter(model)
+    if merge:  # validate first: a non-finite merged weight is refused with the model unchanged
+        _check_finite_merge(model, [m for m in lora_layers(model) if name in m.adapters and name not in m.merged],
+                            name)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             if merge and name in module.adapters and name not in module.merged:
@@ -336,16 +448,22 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
       ranks; PEFT's "linear": cross terms make it an approximation of the weighted sum).
     - ``"svd"``:    the best rank-``rank`` approximation (truncated SVD) of ``sum_i w_i s_i B_i A_i``;
       ``rank`` defaults to the largest input rank; exact when it covers the sum of ranks.
+
+    Everything is computed and checked before the model changes. A ``modules_to_save`` copy trained by
+    one of the adapters goes with the new adapter; two adapters that both train the same module cannot
+    be combined (a full module has no weighted sum), as in PEFT. The new adapter is not activated.
     """
     if how not in ("linear", "cat", "svd"):
         raise ValueError(f"how must be linear|cat|svd, got {how!r}")
-    if not weights:
+    if not isinstance(weights, dict) or not weights:
         raise ValueError("combine_adapters needs at least one adapter weight")
-    for a in weights:
+    for a, w in weights.items():
         if a not in adapter_names(model):
             raise _unknown(model, a)
-    if name in adapter_names(model):
-        raise ValueError(f"adapter {name!r} already exists")
+        if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
+            raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
     check_base_kept(model, "combine_adapters")
     for layer in lora_layers(model):
         for a in weights:
@@ -353,18 +471,40 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
                 raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
                                  "not a plain B·A update; only plain LoRA adapters combine")
     configs = [adapter_config(model, a) for a in weights]
-    for layer in lora_layers(model):
+    keep = list(dict.fromkeys(k for c in configs for k in c.modules_to_save or []))
+    config = configs[0].replace(use_rslora=False, slices={}, rank_pattern={}, alpha_pattern={}, bias="none",
+                                modules_to_save=keep or None)
+    _check_new_adapter(model, name, config)
+    planned = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
         parts = [(layer.adapters[a], w) for a, w in weights.items() if a in layer.adapters]
         if not parts:
             continue
-        A, B = _combined_pair(parts, how, rank)
-        path = next(p for p, m in model.named_modules() if m is layer)
-        config = configs[0].replace(r=A.shape[0], alpha=float(A.shape[0]), use_rslora=False, slices={},
-                                    rank_pattern={}, alpha_pattern={})
-        adapter = layer.make_adapter(A.shape[0], 1.0, config, path)
+        try:
+            A, B = _combined_pair(parts, how, rank)
+        except ValueError as e:
+            raise ValueError(f"combine_adapters at {path}: {e}") from None
+        adapter = layer.make_adapter(A.shape[0], 1.0, config.replace(r=A.shape[0], alpha=float(A.shape[0])), path)
         adapter.load_pair(A, B)
-        adapter.requires_grad_(False)
-        layer.adapters[name] = adapter
+        if not all(torch.isfinite(p).all() for p in adapter.parameters()):  # in the adapter's dtype
+            raise ValueError(f"combine_adapters: the combined adapter is not finite at {path} ({adapter.dtype})")
+        planned.append(_Planned(path, layer, adapter, new_layer=False))
+    copies = {}
+    for path, saved in model.named_modules():
+        if isinstance(saved, SavedModule):
+            owners = [a for a in weights if a in saved.copies]
+            if len(owners) > 1:
+                raise ValueError(f"combine_adapters: adapters {owners} both train modules_to_save {path!r}; "
+                                 "a fully trained module cannot be combined")
+            if owners:
+                copies[path] = copy.deepcopy(saved.copies[owners[0]])
+    commit_adapter(model, name, planned, copies, activate=False)
+    for p in planned:
+        p.adapter.requires_grad_(False)  # it trains once set active
+    for module in copies.values():
+        module.requires_grad_(False)
 
 
 def _combined_pair(parts: list[tuple[Adapter, float]], how: str, rank: int | None):

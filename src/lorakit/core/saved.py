@@ -36,7 +36,7 @@ class SavedModule(nn.Module):
         return self.copies[self.active]
 
     def forward(self, x: Tensor, *args, **kwargs):
-        if self.row_names is None:
+        if self.row_names is None or self.disabled:
             return self.current()(x, *args, **kwargs)
         if len(self.row_names) != x.shape[0]:
             raise ValueError(f"per_row_adapters got {len(self.row_names)} names for a batch of {x.shape[0]} rows")
@@ -45,6 +45,9 @@ class SavedModule(nn.Module):
             rows = torch.tensor([i for i, n in enumerate(self.row_names) if n == name], device=x.device)
             module = self.copies[name] if name in self.copies else self.original
             part = module(x[rows], *args, **kwargs)
+            if not isinstance(part, Tensor):
+                raise TypeError(f"per_row_adapters: modules_to_save module {type(module).__name__} returned "
+                                f"{type(part).__name__}; only modules returning one tensor can run per row")
             if out is None:
                 out = part.new_empty(x.shape[0], *part.shape[1:])
             out[rows] = part

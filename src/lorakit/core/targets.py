@@ -59,9 +59,11 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _block_index(path: str, layers_pattern: str | None) -> int | None:
+def _block_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
     if layers_pattern:
-        m = re.search(rf"(?:^|\.){re.escape(layers_pattern)}\.(\d+)(?:\.|$)", path)
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        alternatives = "|".join(re.escape(n) for n in names)
+        m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", path)
     else:
         m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
     return int(m.group(1)) if m else None
@@ -102,6 +104,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.layers is not None and _block_index(path, config.layers_pattern) not in config.layers:
             continue
         found.append(path)
+    if isinstance(spec, list):
+        _check_listed_names(model, spec)
     if not found:
         raise ValueError(
             f"no module matches target_modules={spec!r}"
@@ -109,6 +113,28 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             + f". Linear-like modules of this model: {describe_linear_modules(model)}"
         )
     return found
+
+
+def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
+    """A listed name that matches modules, none of them adaptable, is an error naming it (PEFT-like lists
+    may name modules a model lacks: those pass)."""
+    from .saved import SavedModule
+
+    adaptable = [path for path, _ in adaptable_modules(model)]
+    wrapped = [p for p, m in model.named_modules() if isinstance(m, LoraLayer | SavedModule)]
+    for key in spec:
+        if any(_selected(path, [key]) for path in adaptable):
+            continue
+        others = [(p, m) for p, m in model.named_modules()
+                  if p and _selected(p, [key]) and not any(p.startswith(w + ".") for w in wrapped)]
+        if any(isinstance(m, SavedModule) for _, m in others):
+            raise ValueError(f"target_modules entry {key!r} names a module another adapter trains in full "
+                             "(modules_to_save); a module is either adapted or trained in full, not both")
+        if others:
+            kinds = sorted({type(m).__name__ for _, m in others})
+            raise ValueError(f"target_modules entry {key!r} matches only modules lorakit cannot adapt "
+                             f"({', '.join(kinds)}: {others[0][0]!r}); adaptable types are Linear, Embedding, "
+                             "Conv1d/2d/3d and GPT-2's Conv1D")
 
 
 def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
