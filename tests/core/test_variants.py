@@ -307,7 +307,7 @@ def test_base_replacing_adapter_is_exclusive_and_gives_the_base_back():
 
 
 def test_init_names_bad_values_and_peft_config_round_trip():
-    assert lorakit.LoraConfig(init=True).init == "kaiming"
+    assert lorakit.LoraConfig.from_peft_dict({"init_lora_weights": True}).init == "kaiming"  # PEFT's True
     for bad, match in ((False, "init must be"), ("pissa_niter_0", ">= 1"), ("pissa_niter_x", "init must be"),
                        ("eva", "not supported by lorakit"), ("olora_3", "init must be"), (None, "init must be"),
                        ("", "init must be")):

@@ -137,8 +137,6 @@ class LoraConfig:
             self.target_modules = list(self.target_modules)
         if _is_int(self.layers):
             self.layers = [self.layers]
-        if self.init is True:  # PEFT's init_lora_weights=True
-            self.init = "kaiming"
         self.validate()
 
     def validate(self) -> None:
