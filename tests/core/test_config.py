@@ -23,7 +23,7 @@ def test_every_field_of_the_installed_peft_lora_config_is_classified():
 @pytest.mark.parametrize("key, value", [
     ("alora_invocation_tokens", [1, 2]), ("arrow_config", {"top_k": 2}), ("use_bdlora", {"a": 1}),
     ("kasa_config", {"x": 1}), ("velora_config", {"x": 1}), ("monteclora_config", {"x": 1}),
-    ("ensure_weight_tying", True), ("megatron_config", {"x": 1}),
+    ("ensure_weight_tying", True), ("megatron_config", {"x": 1}), ("use_qalora", True),
     ("a_key_from_a_future_peft", 3),
 ])
 def test_options_lorakit_cannot_honour_are_refused_by_name(key, value):

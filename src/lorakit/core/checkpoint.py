@@ -143,9 +143,9 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
 
 
 def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
-    """``adapter_config.json`` and metadata of the plain-LoRA conversion: every rank doubled with the scaling
-    kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is dropped
-    (it was taken on the replaced base)."""
+    """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
+    scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
+    dropped (it was taken on the replaced base)."""
     if peft.get("init_lora_weights") == "loftq":
         raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by LoftQ, whose base is the quantized "
                          "weight (not the original minus a low-rank part): no plain LoRA for the original base equals it")

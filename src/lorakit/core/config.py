@@ -30,6 +30,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "modules_to_save": ("field", "modules_to_save"),
     "init_lora_weights": ("field", "init"),
     "use_rslora": ("field", "use_rslora"),
+    "use_dora": ("field", "use_dora"),
     "rank_pattern": ("field", "rank_pattern"),
     "alpha_pattern": ("field", "alpha_pattern"),
     "task_type": ("field", "task_type"),
@@ -48,7 +49,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "corda_config": ("harmless", None),  # initialisation recipe
     "lora_ga_config": ("harmless", None),  # initialisation recipe
     "lorakit": ("harmless", None),  # lorakit's metadata in checkpoints before it moved to the weights header
-    "use_dora": ("field", "use_dora"),
     "lora_bias": ("refused", None),
     "layer_replication": ("refused", None),
     "target_parameters": ("refused", None),
@@ -63,9 +63,8 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
-# Initialisations whose PEFT ``init_lora_weights`` value differs from lorakit's ``init`` name (the others,
-# from core.variants.INITIALIZERS, are written as they are). Loading maps them back (and ``False``, PEFT's
-# "no init", to kaiming: the weights come from the file anyway).
+# Initialisations, one line each: lorakit's ``init`` name -> PEFT's ``init_lora_weights`` value. Loading maps
+# PEFT's value back (and ``False``, PEFT's "no init", to kaiming: the weights come from the file anyway).
 INITS: dict[str, bool | str] = {
     "kaiming": True,
     "gaussian": "gaussian",
@@ -96,8 +95,8 @@ class LoraConfig:
             ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"`` (QLoRA, see
             :func:`lorakit.core.quantized.loftq_init`): A and B from the base weight, which is replaced by the
             residual (see :mod:`lorakit.core.variants`; ``save_adapter(..., convert_to_lora=True)`` writes
-            the equivalent plain LoRA for the original base). PEFT's ``init_lora_weights`` values are
-            accepted (``True`` is ``"kaiming"``).
+            the equivalent plain LoRA for the original base). ``from_peft_dict`` maps PEFT's
+            ``init_lora_weights`` values (``True`` is ``"kaiming"``).
         use_dora: DoRA (arXiv 2402.09353): a learned magnitude per output feature times the normalised
             direction of ``W0 + s·B·A`` (PEFT's ``use_dora``).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv 2312.03732).
@@ -149,10 +148,9 @@ class LoraConfig:
             f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
         )
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
-        _check(isinstance(self.init, str), f"init must be a string, got {short_repr(self.init)}")
         from .variants import parse_init  # variants builds on layers, which import this module
 
-        parse_init(self.init)
+        parse_init(self.init)  # INITS' names, pissa, pissa_niter_<K>, olora (core.variants.INITIALIZERS)
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
         _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
         for name in ("target_modules", "exclude_modules"):
@@ -223,7 +221,7 @@ class LoraConfig:
         for key, (kind, name) in PEFT_KEYS.items():
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
-        d["init_lora_weights"] = INITS.get(self.init, self.init)
+        d["init_lora_weights"] = INITS.get(self.init, self.init)  # pissa, olora...: PEFT's own names
         if self.init.startswith("loftq"):  # PEFT's spelling: "loftq" + loftq_config (lorakit's is NF4)
             d["init_lora_weights"] = "loftq"
             d["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(self.init.partition("_")[2] or 1)}
@@ -247,23 +245,23 @@ class LoraConfig:
                 what = "is not supported by lorakit" if kind == "refused" else "is a key lorakit does not know"
                 raise ValueError(f"{key}={short_repr(value)} {what}")
         init = kwargs.get("init", True)
-        if init is True or init is False:
-            init = "kaiming"  # A and B come from the file anyway
-        if init == "loftq":
+        if not isinstance(init, bool | str):
+            raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit")
+        from_peft = {value: name for name, value in INITS.items() if isinstance(value, str)}
+        init = "kaiming" if isinstance(init, bool) else from_peft.get(init, init)  # False: weights from the file
+        if init == "loftq":  # PEFT's LoftQ recipe lives in loftq_config
             loftq = d.get("loftq_config") or {}
             bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
-            if bits != 4 or type(bits) is not int:
+            if type(bits) is not int or bits != 4:
                 raise ValueError(f"loftq_bits={short_repr(bits)}: lorakit's LoftQ is 4-bit")
             init = f"loftq_{iters}" if iters != 1 else "loftq"
-        from_peft = {value: name for name, value in INITS.items() if isinstance(value, str)}
-        init = from_peft.get(init, init) if isinstance(init, str) else init
-        try:
-            from .variants import parse_init
+        from .variants import parse_init
 
+        try:
             parse_init(init)
         except ValueError:
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit") from None
-        kwargs["init"] = init  # a base-changing init (pissa...) is rerun on the base when loading, as PEFT does
+        kwargs["init"] = init  # a base-replacing init (pissa...) is rerun on the base when loading, as PEFT does
         if isinstance(kwargs.get("target_modules"), list):
             kwargs["target_modules"] = sorted(kwargs["target_modules"], key=str)
         if isinstance(kwargs.get("modules_to_save"), list):

@@ -263,8 +263,8 @@ class LoraLayer(nn.Module):
         return self.to_base_layout(self.adapters[name].delta_matrix())
 
     def merged_weight(self, name: str) -> Tensor:
-        """The base weight with adapter ``name`` folded in (computed in fp32, base layout, cast to the weight's
-        dtype, so a check for finite values sees what would be stored); the layer is unchanged."""
+        """The base weight with adapter ``name`` folded in: computed in fp32 (by the adapter, so a variant
+        decides how), cast to the weight's dtype; the layer is unchanged."""
         weight = self.base_weight()
         return self.adapters[name].merged_weight(self, weight.float()).to(weight.device, weight.dtype)
 
@@ -274,7 +274,7 @@ class LoraLayer(nn.Module):
 
     # ----- merge -----------------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weight (unchecked: ``lorakit.merge`` checks first)."""
+        """Fold adapter ``name`` into the base weight (unchecked: see ``lorakit.merge``)."""
         self.write_base(self.merged_weight(name))
         self.merged.append(name)
 

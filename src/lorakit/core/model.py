@@ -42,7 +42,6 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     that :func:`commit_adapter` would need is made here.
     """
     _check_new_adapter(model, name, config)
-    check_base_kept(model, f"adding adapter {name!r}", config)
     planned = []
     for path in find_targets(model, config):
         module = model.get_submodule(path)
@@ -85,6 +84,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
             else f"bias={config.bias!r}"
         raise ValueError(f"{owner}, but only a model's single adapter may train the (shared) base biases; "
                          "use bias='none' for every adapter when there are several")
+    check_base_kept(model, f"adding adapter {name!r}", config)  # PiSSA & co. replace shared base weights
 
 
 def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies: dict[str, nn.Module],
@@ -224,11 +224,11 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     layers, saved = _wrappers(model)
     if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
+    if name is None:
+        check_base_kept(model, "set_adapter(model, None)")
     merged = _merged_names(model)
     if merged and name not in merged:
         raise RuntimeError(f"adapter {merged} is merged; unmerge(model) before switching to {name!r}")
-    if name is None:
-        check_base_kept(model, "set_adapter(model, None)")
     for layer in layers:
         layer.active = name if name in layer.adapters else None
     for m in saved:
@@ -464,7 +464,6 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
-    check_base_kept(model, "combine_adapters")
     for layer in lora_layers(model):
         for a in weights:
             if a in layer.adapters and not layer.adapters[a].additive:
@@ -473,7 +472,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
     configs = [adapter_config(model, a) for a in weights]
     keep = list(dict.fromkeys(k for c in configs for k in c.modules_to_save or []))
     config = configs[0].replace(use_rslora=False, slices={}, rank_pattern={}, alpha_pattern={}, bias="none",
-                                modules_to_save=keep or None)
+                                modules_to_save=keep or None, use_dora=False, init="kaiming")
     _check_new_adapter(model, name, config)
     planned = []
     for path, layer in model.named_modules():

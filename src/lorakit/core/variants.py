@@ -147,8 +147,8 @@ def parse_init(init: str) -> tuple[str, object]:
     m = re.fullmatch(r"([a-z_]+)_(\d+)", init) if isinstance(init, str) else None
     if m and m.group(1) in INITIALIZERS and m.group(1) not in ("kaiming", "gaussian", "pissa", "olora"):
         k = int(m.group(2))
-        if k < 1:
-            raise ValueError(f"init {init!r}: the iteration count must be >= 1")
+        if not 1 <= k <= 1000:
+            raise ValueError(f"init {init!r}: the iteration count must be 1..1000 (PiSSA's paper uses 4 to 16)")
         return m.group(1), k
     known = sorted(INITIALIZERS)
     if init in UNSUPPORTED_INITS:
@@ -316,7 +316,7 @@ class DoraAdapter(Adapter):
     def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         x = x if x.dtype == self.dtype or not x.is_floating_point() else x.to(self.dtype)
         norm = self.row_norm(layer.weight_matrix()).to(self.dtype)
-        scale = layer.feature_view(self.lora_magnitude_vector / norm)  # (d,), broadcast over the output
+        scale = layer.feature_view(_factor(self.lora_magnitude_vector, norm))  # (d,), broadcast over the output
         bias = getattr(layer.base_layer, "bias", None)
         bias = None if bias is None else layer.feature_view(bias)
         if self.training and not isinstance(self.dropout, nn.Identity):  # as PEFT: base term on the dropped x
@@ -334,18 +334,24 @@ class DoraAdapter(Adapter):
 
     def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
         V = layer.as_matrix(weight) + self.delta_matrix()  # (d, k) fp32
-        self._merge_norm = V.norm(dim=1)  # kept for the exact inverse
-        return layer.to_base_layout((self.lora_magnitude_vector.detach().float() / self._merge_norm)[:, None] * V)
+        self._merge_factor = _factor(self.lora_magnitude_vector.detach().float(), V.norm(dim=1))  # for the inverse
+        return layer.to_base_layout(self._merge_factor[:, None] * V)
 
     def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        norm = self.__dict__.pop("_merge_norm", None)
-        if norm is None:
+        factor = self.__dict__.pop("_merge_factor", None)
+        if factor is None:
             raise RuntimeError("DoRA unmerge without a matching merge")
-        V = layer.as_matrix(weight) * (norm / self.lora_magnitude_vector.detach().float())[:, None]
-        return layer.to_base_layout(V - self.delta_matrix())
+        return layer.to_base_layout(layer.as_matrix(weight) / factor[:, None] - self.delta_matrix())
 
     def extra_tensors(self) -> dict[str, Tensor]:
         return {"lora_magnitude_vector": self.lora_magnitude_vector.view(self.file_shape)}
+
+
+def _factor(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """``m / n`` per output row; 1 where ``n == 0`` (a zero row has no direction: the row runs as plain LoRA
+    instead of giving 0/0, which PEFT does)."""
+    zero = norm == 0
+    return torch.where(zero, torch.ones_like(magnitude), magnitude / torch.where(zero, torch.ones_like(norm), norm))
 
 
 #: adapter variants, tried in order; the first whose ``wanted(config)`` is true wraps the plain adapter.
