@@ -141,3 +141,12 @@ def build(case: Case, seed: int = 0, dtype=torch.float32, **overrides) -> nn.Mod
     torch.manual_seed(seed)
     model = case.build().to(dtype)
     return lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, **{**case.config, **overrides}))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (as the subprocess runs use; no contention on a shared 2-core machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

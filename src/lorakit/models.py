@@ -35,7 +35,11 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     _check_exists(model)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load the tokenizer of {model!r}: {(str(e).strip().splitlines() or [''])[0]}") \
+            from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers have no pad token
     return tokenizer
@@ -82,11 +86,57 @@ def head_module_names(model: nn.Module) -> list[str]:
 
 
 def _check_exists(model: str) -> None:
-    """A local path must exist; anything shaped like a hub id (``name`` or ``org/name``) goes to transformers."""
-    if Path(model).expanduser().exists():
+    """Fail fast, in one line, on a model transformers would load only after retries or with a page of text:
+    a local directory needs a ``config.json`` whose ``model_type`` transformers knows; a hub id (``name`` or
+    ``org/name``) must be in the local Hugging Face cache or, unless offline, answer one quick hub query."""
+    path = Path(model).expanduser()
+    if path.exists():
+        _check_local(path)
         return
     if model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
         raise ModelError(f"model path {model!r} does not exist")
+    _check_hub(model)
+
+
+def _check_local(path: Path) -> None:
+    import json
+
+    config = path / "config.json"
+    if not path.is_dir():
+        raise ModelError(f"model path {path} is a file; pass a model directory (with config.json) or a hub id")
+    if not config.is_file():
+        raise ModelError(f"model directory {path} has no config.json (not a transformers model directory)")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        raise ModelError(f"{config}: not a JSON object") from None
+    from transformers import CONFIG_MAPPING
+
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise ModelError(f"{config}: model_type {model_type!r} is not known to transformers {transformers.__version__}")
+
+
+def _check_hub(repo_id: str) -> None:
+    import os
+
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: transformers loads it from there
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    where = f"{repo_id!r} is not a local directory and not in the Hugging Face cache"
+    if offline:
+        raise ModelError(f"model {where} (offline mode: HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise ModelError(f"model {where}, and the Hugging Face hub has no such model (or it is private)") from None
+    except Exception as e:  # noqa: BLE001 (no network, DNS, proxy, gated...: any of them means we cannot load it)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"model {where}, and the hub cannot be asked ({reason})") from None
 
 
 def num_labels_in(tensors: dict) -> int | None:

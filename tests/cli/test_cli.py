@@ -228,3 +228,65 @@ def test_bad_input_exit_2_one_line_nothing_written(bert_dir, cls_data, tmp_path,
     (tmp_path / "bad-model" / "config.json").write_text(json.dumps(config | {"intermediate_size": 41}))
     _bad(["--model", str(tmp_path / "bad-model"), "--data", str(cls_data)], tmp_path, capsys,
          "layer.0.intermediate.dense.bias has shape (37,) in the checkpoint, the model expects (41,)")
+
+
+def test_run_directory_lifecycle(bert_dir, cls_data, tmp_path, capsys, monkeypatch, one_thread):
+    """A second train into a run's directory is refused; --resume falls back past a damaged checkpoint with a
+    one-line notice and --max-steps extends the run; eval --output is written atomically; --overwrite
+    replaces the run's outputs and nothing else."""
+    out = tmp_path / "run"
+    common = ["--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST, "--plot", "false"]
+    assert main(["train", *common, "--max-steps", "2", "--save-every", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "--max-steps", "2"]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+
+    torch.save({"state": {}, "param_groups": [{"params": [shutil.Error]}]}, out / "checkpoint" / "optimizer.pt")
+    assert main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("lorakit: warning: resume: ") for line in err), err
+    assert any(f"{out / 'checkpoint' / 'optimizer.pt'}: not a readable checkpoint file" in line
+               and "falling back to the previous checkpoint" in line for line in err), err
+    assert not any("weights_only" in line for line in err)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # train 1 kept; train 2 and the eval at 2 redone from step 1 (now without eval)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["state"]["global_step"] == 3
+
+    import lorakit.train.state
+
+    written = []
+    real = lorakit.train.state.write_text_atomic
+    monkeypatch.setattr(lorakit.train.state, "write_text_atomic", lambda p, t: written.append(p) or real(p, t))
+    report = tmp_path / "reports" / "eval.json"
+    assert main(["eval", str(out / "adapter"), "--output", str(report)]) == 0
+    assert written == [report] and set(json.loads(report.read_text())["metrics"]) == {"accuracy", "f1", "mcc"}
+
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", *common, "--max-steps", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "best", "checkpoint", "metrics.jsonl", "notes.txt",
+                                                     "run_args.json"]  # no checkpoint.old/.damaged of the last run
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+
+
+def test_eval_and_generate_malformed_adapter_config_one_line(gpt2_dir, e2e_data, tmp_path, capsys):
+    """The core's checkpoint errors reach eval and generate as one line naming the file (merge and inspect:
+    tests/cli/test_bad_checkpoints.py)."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["c_attn"], base_model_name_or_path=str(gpt2_dir),
+                                               task_type="CAUSAL_LM"))
+    good = json.loads((lorakit.save_adapter(model, tmp_path / "a") / "adapter_config.json").read_text())
+    capsys.readouterr()  # transformers' loading bar above
+    for change, message in [({"rank_pattern": [1]}, "rank_pattern must be a mapping"),
+                            ({"r": True}, "r must be a positive integer, got True"),
+                            ({"r": 10**12}, "gives rank 1000000000000")]:
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(good | change))
+        for argv in (["eval", str(tmp_path / "a"), "--data", str(e2e_data), "--task", "sft"],
+                     ["generate", "--adapter", str(tmp_path / "a"), "--prompt", "hi"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("lorakit: error: ") and err.count("\n") == 1 and message in err, err
+            assert str(tmp_path / "a") in err

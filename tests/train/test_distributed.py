@@ -59,7 +59,8 @@ def test_only_rank0_writes(runs, engine):
     records = [json.loads(x) for x in (runs / engine / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == sorted(set(steps)) == [5, 10, 15, 20]
-    assert sorted(p.name for p in (runs / engine).iterdir()) == ["adapter", "best", "checkpoint", "metrics.jsonl"]
+    assert sorted(p.name for p in (runs / engine).iterdir()) == ["adapter", "best", "checkpoint", "checkpoint.old",
+                                                                 "metrics.jsonl"]
     state = json.loads((runs / engine / "checkpoint" / "trainer_state.json").read_text())
     assert state["config"]["world_size"] == 2
 

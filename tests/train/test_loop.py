@@ -50,7 +50,8 @@ def test_trains_and_writes_outputs(tmp_path):
     for name in ("adapter", "best", "checkpoint/adapter"):
         assert (tmp_path / name / "adapter_model.safetensors").is_file()
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
-    assert not list(tmp_path.glob("checkpoint.*"))  # no temp / old dirs left behind
+    assert not list(tmp_path.glob("checkpoint.tmp-*"))  # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint", "checkpoint.old"]  # + fallback
     # only trainable parameters moved; the saved adapter reproduces the trained model
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     torch.manual_seed(0)  # the base weights build() made

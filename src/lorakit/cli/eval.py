@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import UsageError, check_output_file, positive_int
+
 HELP = "Evaluate an adapter on a dataset: classification metrics, perplexity, or E2E generation metrics."
 
 
@@ -16,11 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the data of the `lorakit train` run the adapter came from")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--task", choices=["classification", "sft", "e2e"], help="default: from the adapter's task_type")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples (E2E: the first N MRs)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="E2E: generation length")
-    p.add_argument("--num-beams", type=int, default=10, help="E2E: beam size (the paper: 10)")
+    p.add_argument("--max-length", type=positive_int, default=512)
+    p.add_argument("--max-examples", type=positive_int, help="evaluate only the first N examples (E2E: the first N MRs)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="E2E: generation length")
+    p.add_argument("--num-beams", type=positive_int, default=10, help="E2E: beam size (the paper: 10)")
     p.add_argument("--output", help="also write the metrics (and E2E hypotheses) to this JSON file")
 
 
@@ -29,8 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_with_adapter
     from ..train.data import read_records, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
+    from ..train.state import write_text_atomic
     from ..train.tasks import group_references, load_task_data
 
+    if args.output:
+        check_output_file(args.output, "--output")  # before the evaluation runs, not after
     splits = resolve_splits(args.data or _training_data(Path(args.adapter)))
     path = splits.get("dev") or splits.get("test") or splits.get("train")
     model, tokenizer, task = load_with_adapter(args.adapter, args.model)
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     for k, v in metrics.items():
         print(f"{k:<12} {v:.4f}")
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        out = Path(args.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(result, indent=2))
     return 0
 
 
@@ -69,4 +76,11 @@ def _training_data(adapter: Path) -> str:
     run_args = adapter.resolve().parent / RUN_ARGS
     if not run_args.is_file():
         raise FileNotFoundError(f"pass --data: {adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)")
-    return json.loads(run_args.read_text()).get("data") or str(default_data_dir())
+    try:
+        values = json.loads(run_args.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UsageError(f"{run_args}: not valid JSON ({type(e).__name__}); pass --data") from None
+    data = values.get("data") if isinstance(values, dict) else None
+    if data is not None and not isinstance(data, str):
+        raise UsageError(f"{run_args}: 'data' must be a path, got {data!r}; pass --data")
+    return data or str(default_data_dir())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 
+from .options import positive_float, positive_int
+
 HELP = "Generate text with a causal LM and one or more adapters (optionally a different adapter per prompt)."
 
 
@@ -15,10 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--row-adapters", metavar="NAME,NAME,...",
                    help="adapter for each prompt, in order ('none' = base model); default: the last adapter for all")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--num-beams", type=positive_int, default=1)
     p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
 

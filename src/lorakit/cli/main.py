@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import eval as eval_cmd
@@ -15,6 +16,9 @@ from . import generate as generate_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import train as train_cmd
+from .options import OneLineParser, UsageError, file_values
+
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main", "parse"]
 
 COMMANDS = {
     "train": train_cmd,
@@ -25,12 +29,8 @@ COMMANDS = {
 }
 
 
-class UsageError(ValueError):
-    """Bad command-line or config input (exit code 2)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters for PyTorch / transformers models.")
+    parser = OneLineParser(prog="lorakit", description="LoRA adapters for PyTorch / transformers models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP,
@@ -41,45 +41,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Flags, over ``--config`` YAML values (each checked as if typed as a flag). ``args._given`` holds the
+    options given as flags on the command line."""
     args = parser.parse_args(argv)
-    if not getattr(args, "config", None):
-        return args
-    import yaml
-
-    path = Path(args.config)
-    if not path.is_file():
-        raise UsageError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"config file {path} must hold a mapping of option: value")
     sub = args._parser
-    known = {a.dest for a in sub._actions}
-    defaults = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "help"):
-            raise UsageError(f"config file {path}: unknown option {key!r}")
-        defaults[dest] = value
-    sub.set_defaults(**defaults)  # flags given on the command line still win
-    return parser.parse_args(argv)
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+            raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        sub.set_defaults(**file_values(sub, values, f"config file {path}", skip=("run", "_parser")))
+        args = parser.parse_args(argv)  # flags given on the command line still win
+    # parse the flags again over placeholders: argparse replaces exactly the ones given (append actions copy)
+    unset = {dest: [] if isinstance(getattr(args, dest), list) else object() for dest in vars(args)}
+    flags = sub.parse_args(argv[argv.index(args.command) + 1:], argparse.Namespace(**unset))
+    args._given = {k for k, v in vars(flags).items() if v is not unset.get(k)}
+    return args
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip().splitlines() or [category.__name__]
+    print(f"lorakit: warning: {text[0]}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        args = _apply_yaml(parser, argv)
-        return args.run(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            args = parse(parser, argv)
+            return args.run(args) or 0
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"lorakit: error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, ImportError, RecursionError) as e:  # bad input: one line, exit 2
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"lorakit: error: {(message.strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2
 
 

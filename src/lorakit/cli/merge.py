@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.model import unload
 from ..models import load_with_adapter
+from .options import check_output_dir
 
 HELP = "Merge an adapter into its base model and save a plain transformers model (no lorakit needed to load it)."
 
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
     model, tokenizer, _ = load_with_adapter(args.adapter, args.model)

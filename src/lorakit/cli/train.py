@@ -17,9 +17,26 @@ from ..core.config import LoraConfig
 from ..core.quantized import PRESETS
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
+from ..train.state import write_text_atomic
+from .options import (
+    UsageError,
+    check_output_dir,
+    file_values,
+    finite_float,
+    nullable,
+    positive_float,
+    positive_int,
+    str2bool,
+)
 
 HELP = "Train a LoRA adapter (no arguments: the offline SST-2 demo on the packaged MiniLM)."
 RUN_ARGS = "run_args.json"
+# What a run writes into its output directory: --overwrite removes these (and nothing else).
+RUN_OUTPUTS = ("adapter", "best", "checkpoint", "checkpoint.old", "checkpoint.damaged", "checkpoint.tmp-*",
+               "metrics.jsonl", "training_curves.png", "tensorboard", RUN_ARGS)
+# Options a --resume may change (the rest come from the run's run_args.json): its length and its reporting.
+RESUMABLE = ("max_steps", "epochs", "save_every", "log_every", "eval_every", "progress", "plot", "tensorboard",
+             "device")
 
 # The demo's settings (fit 2 CPU cores in a few minutes); every one can be overridden by a flag.
 TRAIN_DEFAULTS = {
@@ -53,23 +70,18 @@ def _field_help(cls: type) -> dict[str, str]:
     return helps
 
 
-def _arg_type(annotation) -> tuple[type, bool]:
-    """(scalar type, whether it is a bool flag) for a dataclass field annotation."""
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing) | {"Schedule": str})
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or \
-        typing.get_origin(hint) is typing.Union else [hint]
-    base = args[0]
+def _arg_spec(hint) -> dict:
+    """argparse ``type`` (and ``choices``) for a dataclass field's type hint: bools parse true/false, a
+    ``Literal`` gives the choices, an optional field also accepts ``none``."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    base, spec = options[0], {}
     if typing.get_origin(base) is typing.Literal:
+        spec["choices"] = typing.get_args(base)
         base = str
-    return base, base is bool
-
-
-def _str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    kind = {bool: str2bool, float: finite_float}.get(base, base)
+    spec["type"] = nullable(kind) if union and type(None) in typing.get_args(hint) else kind
+    return spec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,14 +89,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="model directory or hub id (default: the packaged pretrained MiniLM-L6)")
     g.add_argument("--data", help="data file, or a directory with train/dev files (default: packaged SST-2 slice)")
     g.add_argument("--task", choices=sorted(TASK_TYPES), default="classification", help="what to train")
-    g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
-    g.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
-    g.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--max-length", type=positive_int, default=128, help="truncate examples to this many tokens")
+    g.add_argument("--max-train-examples", type=positive_int, help="use only the first N training examples")
+    g.add_argument("--max-eval-examples", type=positive_int, help="evaluate on only the first N dev examples")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (with "
+                   f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE[:2])}: extend it)")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --output-dir")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=int, default=8, help="rank")
-    g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator (update x alpha/r)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    g.add_argument("--r", type=positive_int, default=8, help="rank")
+    g.add_argument("--alpha", type=positive_float, default=16.0, help="scaling numerator (update x alpha/r)")
+    g.add_argument("--dropout", type=finite_float, default=0.1, help="dropout on the LoRA input")
     g.add_argument("--target-modules", help="comma list of module names, a regex, or all-linear "
                    "(default: the architecture's query,value)")
     g.add_argument("--exclude-modules", help="comma list of module names never adapted")
@@ -99,12 +113,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--convert-to-lora", action="store_true", help="with --init pissa/olora: also write adapter-lora/, "
                    "the equivalent plain LoRA (rank 2r) for the original base")
     g = p.add_argument_group("training")
-    helps = _field_help(TrainConfig)
+    helps, hints = _field_help(TrainConfig), typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        kind, is_bool = _arg_type(f.type)
         default = TRAIN_DEFAULTS.get(f.name, f.default)
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default, metavar=f.name.upper(),
-                       type=_str2bool if is_bool else kind, help=helps.get(f.name, ""))
+                       help=helps.get(f.name, ""), **_arg_spec(hints[f.name]))
 
 
 def _names(value: str | list | None) -> list[str] | str | None:
@@ -117,18 +130,116 @@ def _names(value: str | list | None) -> list[str] | str | None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
-        saved = Path(args.resume) / RUN_ARGS
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume {args.resume}: no {RUN_ARGS} there (not a lorakit train output dir)")
-        values = json.loads(saved.read_text())
-        args = argparse.Namespace(**{**vars(args), **values, "resume": args.resume, "output_dir": args.resume})
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
+        args = _resumed_args(args)
+    main = _is_main()  # under torchrun only rank 0 prints
 
     def say(*a):
         if main:
             print(*a, flush=True)
 
     return _train(args, say)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The run's saved options (``run_args.json``, checked like a config file), plus the options a resume may
+    change (:data:`RESUMABLE`) when given as flags; any other flag is refused by name."""
+    saved = Path(args.resume) / RUN_ARGS
+    if not saved.is_file():
+        raise UsageError(f"--resume {args.resume}: no {RUN_ARGS} there (not a lorakit train output dir)")
+    if args.overwrite:
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one of them")
+    given = getattr(args, "_given", set()) - {"resume"}
+    if args.output_dir in given and Path(args.output_dir).resolve() == Path(args.resume).resolve():
+        given -= {"output_dir"}
+    refused = sorted(given - set(RESUMABLE))
+    if refused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in refused)
+        raise UsageError(f"--resume continues the run with the options in {saved}; {flags} cannot change "
+                         f"(only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} can)")
+    try:
+        values = json.loads(saved.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UsageError(f"{saved}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if isinstance(values, dict):
+        values.pop("command", None)  # written by older versions: harmless
+    values = file_values(args._parser, values, str(saved), skip=("run", "_parser", "resume", "overwrite"))
+    return argparse.Namespace(**{**vars(args), **values, **{k: getattr(args, k) for k in given},
+                                 "resume": args.resume, "output_dir": args.resume})
+
+
+def _check_run(args: argparse.Namespace) -> TrainConfig:
+    """Everything about the run that can be checked before the model and data load, writing nothing: every
+    option's type and range (TrainConfig's fields), the output directory, the device, the optional packages
+    asked for, the metric's name, and what a resume needs. Returns the run's TrainConfig."""
+    from ..train.evaluate import CLASSIFICATION_METRICS, PERPLEXITY_METRICS
+    from ..train.loop import check_environment
+    from ..train.state import checkpoint_candidates
+
+    names = CLASSIFICATION_METRICS if args.task == "classification" else PERPLEXITY_METRICS
+    if args.metric is not None and args.metric not in names:
+        raise UsageError(f"--metric {args.metric!r}: the {args.task} evaluation reports {', '.join(names)}")
+    greater = args.greater_is_better if args.metric is not None else args.task == "classification"
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+                         | {"metric": args.metric or names[0], "greater_is_better": greater})
+    _check_lora_options(args)
+    out = check_output_dir(config.output_dir, "--output-dir")
+    check_environment(config)
+    if args.resume:
+        found = checkpoint_candidates(out)
+        if not found:
+            raise UsageError(f"--resume {out}: no complete training checkpoint there (was save_every set?)")
+        state = _first_readable_state(found)
+        if "max_steps" in getattr(args, "_given", ()) and config.max_steps is not None:
+            if state.stopped_early:
+                raise UsageError(f"--max-steps: the run in {out} stopped early at step {state.global_step} "
+                                 "(early_stopping_patience); it cannot be extended")
+            if config.max_steps <= state.global_step:
+                raise UsageError(f"--max-steps {config.max_steps}: the run in {out} is already at step "
+                                 f"{state.global_step}; give a larger value to extend it")
+    elif not args.overwrite and _is_main() and out.is_dir() and any(out.iterdir()):  # rank 0 decides (it writes)
+        raise UsageError(f"--output-dir {out} is not empty; pass --resume {out} to continue that run or "
+                         "--overwrite to replace its outputs")
+    return config
+
+
+def _check_lora_options(args: argparse.Namespace) -> None:
+    """LoraConfig checks (types, ranges) every option named like one of its fields, before the model loads: a
+    LoRA flag added later is checked with no code here. The real config is built after the model loads."""
+    lists = ("target_modules", "exclude_modules", "modules_to_save")
+    LoraConfig(**{f.name: _names(value) if f.name in lists else value for f in dataclasses.fields(LoraConfig)
+                  if (value := getattr(args, f.name, None)) is not None})
+
+
+def _first_readable_state(checkpoints: list[Path]):
+    """The state of the checkpoint a resume will start from (the newest readable one; the loop falls back the
+    same way)."""
+    from ..train.state import CheckpointError, read_state
+
+    for i, path in enumerate(checkpoints):
+        try:
+            return read_state(path)[0]
+        except CheckpointError:
+            if i + 1 == len(checkpoints):
+                raise
+
+
+def _prepare_output(out: Path, args: argparse.Namespace) -> None:
+    """The run's first write: (--overwrite) the previous run's outputs removed, then ``run_args.json``."""
+    import shutil
+
+    if args.resume or not _is_main():
+        return
+    if args.overwrite and out.is_dir():
+        for pattern in RUN_OUTPUTS:
+            for old in out.glob(pattern):
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_run_args(out / RUN_ARGS, args)
 
 
 def _train(args: argparse.Namespace, say) -> int:
@@ -138,10 +249,11 @@ def _train(args: argparse.Namespace, say) -> int:
     from ..models import default_model_path, load_model, load_tokenizer
     from ..train.data import collate, default_data_dir, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
-    from ..train.loop import train
+    from ..train.loop import batches_per_epoch, train
     from ..train.tasks import load_task_data
 
     t0 = time.perf_counter()
+    train_cfg = _check_run(args)  # nothing is written before every check passed
     torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
     model_path = args.model or default_model_path()
     splits = resolve_splits(args.data or default_data_dir())
@@ -172,6 +284,7 @@ def _train(args: argparse.Namespace, say) -> int:
     add_lora(model, lora)
     if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
         quantize(model, **PRESETS[args.quantize])
+    batches_per_epoch(len(train_examples), train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     trainable, total = trainable_parameters(model)
     say(f"model        {model_path}")
     say(f"data         {splits['train']} ({len(train_examples)} train"
@@ -182,18 +295,11 @@ def _train(args: argparse.Namespace, say) -> int:
     if args.task == "classification":
         def evaluate(m):
             return evaluate_classification(m, dev_examples, pad)
-        metric, greater = "accuracy", True
     else:
         def evaluate(m):
             return evaluate_perplexity(m, dev_examples, pad)
-        metric, greater = "loss", False
-    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-                            | {"metric": args.metric or metric, "greater_is_better": greater if args.metric is None
-                               else args.greater_is_better})
     out = Path(train_cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        _write_run_args(out / RUN_ARGS, args)
+    _prepare_output(out, args)
     before = evaluate(model) if dev_examples and not args.resume else None
     if before:
         say(f"dev before   {_fmt(before)}")
@@ -222,10 +328,9 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def _write_run_args(path: Path, args: argparse.Namespace) -> None:
     """The run's options, local paths made absolute so ``--resume`` and ``eval`` work from any directory."""
-    values = {k: v for k, v in vars(args).items() if k not in ("run", "_parser", "config", "resume")}
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("run", "_parser", "_given", "command", "config", "resume", "overwrite")}
     for key in ("model", "data"):
         if values.get(key) and Path(values[key]).expanduser().exists():
             values[key] = str(Path(values[key]).expanduser().resolve())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(values, indent=2, default=str))

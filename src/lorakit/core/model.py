@@ -20,6 +20,7 @@ from ..ops.per_row import make_row_update
 from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
 from .quantized import weight_count
+from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
 from .variants import check_base_kept, check_rows
@@ -109,6 +110,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
         holder.copies[name] = module.train(holder.original.training)
     if activate:
         set_adapter(model, name)
+    guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from ..core.variants import loraplus_param_groups
@@ -79,20 +83,62 @@ class TrainConfig:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"scheduler must be 'cosine', 'linear' or 'constant', got {self.scheduler!r}")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_type(f.name, getattr(self, f.name), hints[f.name])
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("need lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= warmup_ratio < 1")
         if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
             raise ValueError(f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+
+
+def check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise ValueError unless ``value`` has the annotated type: booleans strictly (``"false"`` and 1 are not
+    booleans, ``True`` is not an int), floats finite, ``Literal`` values among the allowed ones."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if any(_matches(value, t) for t in options):
+        return
+    if any(t is float for t in options) and isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    allowed = " or ".join(_type_name(t) for t in options)
+    raise ValueError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+
+
+def _matches(value: Any, t: Any) -> bool:
+    if t is type(None):
+        return value is None
+    if typing.get_origin(t) is Literal:
+        return isinstance(value, str) and value in typing.get_args(t)
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, t)
+
+
+def _type_name(t: Any) -> str:
+    if t is type(None):
+        return "None"
+    if typing.get_origin(t) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(t)))
+    return {bool: "true/false", int: "an integer", float: "a number"}.get(t, getattr(t, "__name__", str(t)))
 
 
 @dataclass

@@ -197,6 +197,10 @@ def load_trainable(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         raise ValueError(f"checkpoint does not match the model's trainable parameters: missing {missing[:5]}, "
                          f"unexpected {extra[:5]}")
+    wrong = [n for n, p in params.items() if tensors[n].shape != p.shape]  # copy_ would broadcast or fail half-way
+    if wrong:
+        raise ValueError(f"checkpoint tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the model's "
+                         f"{tuple(params[wrong[0]].shape)}")
     with torch.no_grad():
         for n, p in params.items():
             t = tensors[n]

@@ -14,6 +14,9 @@ from .metrics import accuracy, e2e_metrics, f1, mcc
 
 # The LoRA paper's decoding for E2E (GPT-2): beam search, beam 10, length penalty 0.9, no-repeat 4-grams.
 E2E_DECODING = {"num_beams": 10, "length_penalty": 0.9, "no_repeat_ngram_size": 4}
+# The keys of the dicts that evaluate_classification / evaluate_perplexity return, first the one that picks `best/`.
+CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")
+PERPLEXITY_METRICS = ("loss", "perplexity")
 
 
 def _length_sorted_batches(examples: Sequence[Mapping[str, Any]], batch_size: int):
@@ -44,8 +47,8 @@ def evaluate_classification(model: nn.Module, examples: Sequence[Mapping[str, An
     model.train(was_training)
     labels = [ex["labels"] for ex in examples]
     binary = max(labels + preds) <= 1
-    return {"accuracy": accuracy(preds, labels), "f1": f1(preds, labels, average="binary" if binary else "macro"),
-            "mcc": mcc(preds, labels)}
+    values = (accuracy(preds, labels), f1(preds, labels, average="binary" if binary else "macro"), mcc(preds, labels))
+    return dict(zip(CLASSIFICATION_METRICS, values, strict=True))
 
 
 @torch.no_grad()
@@ -69,13 +72,25 @@ def evaluate_perplexity(model: nn.Module, examples: Sequence[Mapping[str, Any]],
     if n_tokens == 0:
         raise ValueError("no loss tokens in the evaluation data")
     loss = total / n_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return dict(zip(PERPLEXITY_METRICS, (loss, math.exp(min(loss, 700.0))), strict=True))
 
 
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 64,
                    batch_size: int = 8, **decoding: Any) -> list[str]:
-    """Decode a continuation of each prompt (token ids); left-padded batches; returns the new text only."""
+    """Decode a continuation of each prompt (token ids); left-padded batches; returns the new text only.
+
+    Checked first: every prompt has a token, and the longest prompt plus ``max_new_tokens`` fits the model's
+    positions (``n_positions`` / ``max_position_embeddings`` of its config), ValueError otherwise."""
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: there is nothing to continue")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    longest = max((len(p) for p in prompts), default=0)
+    if isinstance(limit, int) and longest + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's {limit} "
+                         "positions: shorten the prompt or lower max_new_tokens")
     model.eval()
     device = _device(model)
     pad = tokenizer.pad_token_id

@@ -29,13 +29,55 @@ from ..core.model import active_adapter
 from . import distributed as D
 from .config import LinearWarmupSchedule, TrainConfig, TrainResult, param_groups
 from .plots import plot_curves, read_metrics
-from .state import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .state import (
+    CheckpointError,
+    TrainState,
+    capture_rng,
+    checkpoint_candidates,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    set_aside,
+    write_text_atomic,
+)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
-# Config fields that shape the trajectory: a resume that changes one of them cannot continue exactly.
+# Config fields that shape the trajectory: a resume that changes one of them cannot continue exactly. (The run's
+# length, epochs / max_steps, may change: a resume can extend a run.)
 _TRAJECTORY = ("lr", "lora_plus_ratio", "weight_decay", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio",
-               "scheduler", "max_grad_norm", "seed", "shuffle", "drop_last", "group_by_length", "bf16", "epochs", "max_steps")
+               "scheduler", "max_grad_norm", "seed", "shuffle", "drop_last", "group_by_length", "bf16")
+
+
+def check_environment(config: TrainConfig) -> None:
+    """What :func:`train` needs beyond its arguments, checked before anything is written: the device exists,
+    and the optional packages that ``tensorboard`` / ``plot`` / ``progress`` ask for are installed."""
+    if config.device is not None:
+        device = torch.device(config.device)
+        backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+        if device.type != "cpu" and not (backend is not None and hasattr(backend, "is_available")
+                                         and backend.is_available()):
+            raise ValueError(f"device {config.device!r} is not available on this machine")
+        if device.index is not None and device.type != "cpu" and device.index >= backend.device_count():
+            raise ValueError(f"device {config.device!r}: this machine has {backend.device_count()} {device.type} "
+                             "device(s)")
+    import importlib.util
+
+    for flag, package in (("tensorboard", "tensorboard"), ("plot", "matplotlib"), ("progress", "tqdm")):
+        if getattr(config, flag) and importlib.util.find_spec(package) is None:
+            raise ImportError(f"{flag}=True needs the {package} package: pip install {package}")
+
+
+def batches_per_epoch(num_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    """Global micro-batches per epoch (a ragged last batch is kept if every rank gets at least one example);
+    ValueError when the examples make no batch."""
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the world size {world_size}")
+    tail = num_examples % config.batch_size
+    n = num_examples // config.batch_size + int(tail >= world_size and not config.drop_last)
+    if n == 0:
+        raise ValueError(f"{num_examples} examples make no batch of {config.batch_size} (drop_last={config.drop_last})")
+    return n
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -114,14 +156,11 @@ class _Run:
 
     def _run(self, resume_from) -> TrainResult:
         cfg, info = self.cfg, self.info
-        if cfg.batch_size % info.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {info.world_size}")
+        check_environment(cfg)
         n = len(self.data)
-        tail = n % cfg.batch_size  # a ragged last batch is kept if every rank gets at least one example
-        self.n_batches = n // cfg.batch_size + int(tail >= info.world_size and not cfg.drop_last)
+        self.n_batches = batches_per_epoch(n, cfg, info.world_size)
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} examples make no batch of {cfg.batch_size} (drop_last={cfg.drop_last})")
+        self.damaged: Path | None = None  # a checkpoint found damaged on resume, set aside at the next save
         self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.lengths = [_length(self.data[i], i) for i in range(n)] if cfg.group_by_length else None
@@ -152,12 +191,31 @@ class _Run:
         return TrainResult(s.global_step, s.best_metric, s.best_step, s.stopped_early, self.out, final)
 
     def _load(self, resume_from):
-        ckpt = load_checkpoint(self.cfg.output_dir if resume_from is True else resume_from)
+        root = self.cfg.output_dir if resume_from is True else resume_from
+        candidates = checkpoint_candidates(root)
+        if not candidates:
+            raise FileNotFoundError(f"no complete training checkpoint in {root}")
+        for i, path in enumerate(candidates):
+            try:
+                ckpt = load_checkpoint(path)
+                self._check_fits(ckpt)
+                break
+            except CheckpointError as e:
+                if i + 1 == len(candidates):
+                    raise
+                warnings.warn(f"resume: {e}; falling back to the previous checkpoint {candidates[i + 1]}",
+                              UserWarning, stacklevel=4)
+                self.damaged = path
         saved = ckpt.config.get("train", {})
         changed = [k for k in _TRAJECTORY if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
             warnings.warn(f"resume: {changed} differ from the checkpoint's config; the run will not continue "
                           "exactly", UserWarning, stacklevel=4)
+        before = saved.get("max_steps") or saved.get("epochs", 0) * self.steps_per_epoch
+        stretched = self.cfg.scheduler != "constant" or (self.cfg.warmup_ratio and not self.cfg.warmup_steps)
+        if before and before != self.total and stretched:
+            warnings.warn(f"resume: the run now ends at step {self.total} instead of {before}; the learning-rate "
+                          "schedule is stretched to the new length", UserWarning, stacklevel=4)
         D.load_trainable(self.model, ckpt.trainable)
         if D.is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -180,6 +238,33 @@ class _Run:
             _seed_all(self.cfg.seed + self.info.rank + ckpt.state.global_step)
         self.state = ckpt.state
         return ckpt
+
+    def _check_fits(self, ckpt) -> None:
+        """The checkpoint's tensors and optimizer state fit this model and optimizer (checked before any is
+        loaded, so a checkpoint that does not fit leaves both untouched)."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        file = ckpt.path / "trainable.safetensors"
+        if set(params) != set(ckpt.trainable):
+            missing, extra = sorted(set(params) - set(ckpt.trainable)), sorted(set(ckpt.trainable) - set(params))
+            raise CheckpointError(f"{file}: does not match the model's trainable parameters: missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]}")
+        for name, p in params.items():
+            t = ckpt.trainable[name]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise CheckpointError(f"{file}: {name} is {t.dtype} {tuple(t.shape)}, the model has {p.dtype} "
+                                      f"{tuple(p.shape)}")
+        if D.is_sharded(self.model):
+            return  # FSDP's full optimizer state is keyed by name; set_optimizer_state_dict checks it
+        file, saved = ckpt.path / "optimizer.pt", ckpt.optimizer["param_groups"]
+        mine = self.optimizer.param_groups
+        if len(saved) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(saved, mine, strict=True)):
+            raise CheckpointError(f"{file}: its parameter groups do not match this model's trainable parameters")
+        by_id = {i: p for a, b in zip(saved, mine, strict=True) for i, p in zip(a["params"], b["params"], strict=True)}
+        for i, entry in ckpt.optimizer["state"].items():
+            p = by_id.get(i)
+            if p is None or not isinstance(entry, dict) or any(
+                    isinstance(v, Tensor) and v.dim() and v.shape != p.shape for v in entry.values()):
+                raise CheckpointError(f"{file}: the state of parameter {i} does not fit this model")
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -260,7 +345,7 @@ class _Run:
         path = self.out / METRICS_FILE
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= resumed_step] if (
             resumed_step is not None and path.exists()) else []
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records past the checkpoint
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # drop records past the checkpoint
         self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in _close_logs)
 
     def _close_logs(self) -> None:
@@ -310,7 +395,8 @@ class _Run:
         if name not in metrics:
             raise KeyError(f"metric {name!r} is not among evaluate()'s results {sorted(metrics)}")
         value = metrics[name]
-        better = s.best_metric is None or (value > s.best_metric if cfg.greater_is_better else value < s.best_metric)
+        better = not math.isnan(value) and (s.best_metric is None or (
+            value > s.best_metric if cfg.greater_is_better else value < s.best_metric))  # NaN is never the best
         if better:
             s.best_metric, s.best_step, s.bad_evals = value, s.global_step, 0
             self._save_adapter(self.out / "best")
@@ -338,6 +424,9 @@ class _Run:
         rng = D.gather_objects(capture_rng(), info)
         with D.full_params(self.model):  # collective under FSDP; inside, parameters are plain tensors
             if info.is_main:
+                if self.damaged is not None and self.damaged.exists():
+                    set_aside(self.damaged)  # so this save keeps the good checkpoint we resumed from
+                    self.damaged = None
                 run = {"train": asdict(self.cfg), "num_examples": len(self.data), "world_size": info.world_size}
                 save_checkpoint(self.out, state=self.state, trainable=D.trainable_full(self.model), optimizer=optim,
                                 scheduler=self.scheduler.state_dict(), rng=rng, epoch_generator=self.epoch_start,

@@ -8,13 +8,15 @@ from pathlib import Path
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (a torn last line from a kill is skipped)."""
+    """The records (JSON objects) of a ``metrics.jsonl`` file; a torn last line from a kill is skipped."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 

@@ -11,10 +11,13 @@
 - ``trainer_state.json``: step, data position, best metric, early-stopping counter, scheduler state,
   the :class:`~lorakit.train.loop.TrainConfig`. Written last: its presence marks a complete checkpoint.
 
-A save writes ``checkpoint.tmp-<pid>/``, fsyncs it, moves the previous ``checkpoint/`` aside to
-``checkpoint.old/``, renames the new one into place and deletes the old one. At every instant one
-complete checkpoint exists: :func:`find_checkpoint` falls back to ``checkpoint.old/`` when a kill
-landed between the two renames. Nothing is ever unpickled.
+A save writes ``checkpoint.tmp-<pid>/``, fsyncs it, reads every file back and compares the tensors
+(a write that does not verify never replaces anything), then moves ``checkpoint/`` to ``checkpoint.old/``
+and renames the new one into place. ``checkpoint.old/`` (the previous good checkpoint) is kept: at every
+instant one complete checkpoint exists (a kill between the two renames leaves ``checkpoint.old/``), and a
+resume falls back to it when ``checkpoint/`` turns out damaged (see :func:`checkpoint_candidates`).
+Reading never unpickles; every problem raises :class:`~lorakit.core.checkpoint.CheckpointError` naming the
+file.
 """
 
 from __future__ import annotations
@@ -23,18 +26,24 @@ import json
 import os
 import random
 import shutil
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from ..core.checkpoint import CheckpointError
+from .config import check_type
 
 CHECKPOINT = "checkpoint"
 _OLD = "checkpoint.old"
 _TMP_PREFIX = "checkpoint.tmp-"
+DAMAGED = "checkpoint.damaged"
 STATE_FILE = "trainer_state.json"
 
 
@@ -135,19 +144,57 @@ def save_checkpoint(
     doc = {"state": asdict(state), "scheduler": scheduler, "config": config}
     (tmp / STATE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
     _fsync_tree(tmp)
+    _verify(tmp, tensors)
     _swap_in(tmp, final, old)
     return final
 
 
+def _verify(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Every file of the checkpoint at ``path`` reads back, and its tensors are the ones written."""
+    back = load_checkpoint(path)
+    if set(back.trainable) != set(tensors) or not all(torch.equal(back.trainable[k], t) for k, t in tensors.items()):
+        raise CheckpointError(f"{path / 'trainable.safetensors'}: read back different tensors than were written")
+
+
 def _swap_in(tmp: Path, final: Path, old: Path) -> None:
-    """Replace ``final`` by ``tmp`` so that a complete checkpoint exists at every instant."""
+    """Replace ``final`` by ``tmp``, keeping ``final`` as ``old`` (the fallback): a complete checkpoint
+    exists at every instant."""
     if final.exists():
         if old.exists():
-            shutil.rmtree(old)  # ``final`` is complete, so ``old`` is stale
+            shutil.rmtree(old)  # ``final`` is complete, so ``old`` is no longer needed
         os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Move a damaged checkpoint directory to ``checkpoint.damaged/`` beside it (replacing an older one), so
+    the next save keeps the good ``checkpoint.old/``; returns the new path."""
+    path = Path(path)
+    target = path.parent / DAMAGED
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(path, target)
+    return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same directory and a rename: a reader (or a kill)
+    sees the old file or the new one, never a truncated one."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _fsync_tree(path: Path) -> None:
@@ -168,32 +215,86 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ----- load ----------------------------------------------------------------------------------------------
-def find_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint under ``output_dir`` (``checkpoint/``, else a surviving ``checkpoint.old/``)."""
+def checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under ``output_dir``, newest first: ``checkpoint/``, then ``checkpoint.old/``
+    (the previous one, kept as a fallback). ``output_dir`` may also be a checkpoint directory itself."""
     root = Path(output_dir)
-    for candidate in (root / CHECKPOINT, root / _OLD):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
+    if (root / STATE_FILE).is_file():
+        return [root]
+    return [c for c in (root / CHECKPOINT, root / _OLD) if (c / STATE_FILE).is_file()]
+
+
+def find_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``output_dir`` (``checkpoint/``, else ``checkpoint.old/``)."""
+    found = checkpoint_candidates(output_dir)
+    return found[0] if found else None
+
+
+def read_state(path: str | os.PathLike) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    """``(state, scheduler, config)`` from a checkpoint directory's ``trainer_state.json``, checked."""
+    file = Path(path) / STATE_FILE
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file}: not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict) or not isinstance(doc.get("scheduler"),
+                                                                                               dict):
+        raise CheckpointError(f"{file}: expected an object with 'state' and 'scheduler' objects")
+    known = {f for f in TrainState.__dataclass_fields__}
+    unknown = sorted(set(doc["state"]) - known)
+    if unknown:
+        raise CheckpointError(f"{file}: unknown state keys {unknown}")
+    hints = typing.get_type_hints(TrainState)
+    try:
+        for key, value in doc["state"].items():
+            check_type(key, value, hints[key])
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    state = TrainState(**doc["state"])
+    if min(state.global_step, state.epoch, state.epoch_step, state.bad_evals) < 0 or not isinstance(
+            doc["scheduler"].get("last_epoch"), int):
+        raise CheckpointError(f"{file}: negative counters or no scheduler position")
+    config = doc.get("config", {})
+    return state, doc["scheduler"], config if isinstance(config, dict) else {}
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint directory (or an ``output_dir`` holding one). Never unpickles."""
+    """Read and check a checkpoint directory (or the newest in an ``output_dir``). Never unpickles; a
+    missing, truncated or malformed file raises :class:`CheckpointError` naming it."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         found = find_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"no complete training checkpoint in {path}")
         path = found
-    doc = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    return Checkpoint(
-        path=path,
-        state=TrainState(**doc["state"]),
-        trainable=load_file(path / "trainable.safetensors"),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
-        scheduler=doc["scheduler"],
-        rng=rng["ranks"],
-        epoch_generator=rng["epoch_generator"],
-        config=doc.get("config", {}),
-    )
+    state, scheduler, config = read_state(path)
+    file = path / "trainable.safetensors"
+    try:
+        trainable = load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__})") from None
+    optimizer = _torch_file(path / "optimizer.pt")
+    if not (isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
+        raise CheckpointError(f"{path / 'optimizer.pt'}: not an optimizer state dict (state, param_groups)")
+    rng = _torch_file(path / "rng.pt")
+    ranks, generator = rng.get("ranks"), rng.get("epoch_generator")
+    if not (isinstance(ranks, list) and ranks and all(isinstance(r, dict) and isinstance(r.get("torch"), Tensor)
+                                                       and isinstance(r.get("python"), dict) for r in ranks)
+            and isinstance(generator, Tensor) and generator.dtype == torch.uint8):
+        raise CheckpointError(f"{path / 'rng.pt'}: not a lorakit RNG state (ranks, epoch_generator)")
+    return Checkpoint(path=path, state=state, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+                      rng=ranks, epoch_generator=generator, config=config)
+
+
+def _torch_file(file: Path) -> dict[str, Any]:
+    """A ``torch.save``d dict, read with ``weights_only=True``. torch's own message is not passed on: for a
+    file it cannot read safely it suggests ``weights_only=False``, which must never be done with it."""
+    try:
+        value = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 (any failure means the same: the file is damaged)
+        raise CheckpointError(f"{file}: not a readable checkpoint file ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a dict, found {type(value).__name__}")
+    return value
