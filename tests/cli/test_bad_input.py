@@ -95,7 +95,7 @@ def test_yaml_values_typed_like_flags(tmp_path, capsys):
     (["--weight-decay", "-1"], "weight_decay >= 0"),
     (["--alpha", "nan"], "argument --alpha: expected a finite number"),
     (["--r", "0"], "argument --r: expected an integer >= 1"),
-    (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+    (["--dropout", "1.5"], "dropout must be a number in [0, 1), got 1.5"),
     (["--target-modules", ","], "target_modules must be a non-empty list"),
     (["--batch-size", "1.5"], "argument --batch-size: invalid int value: '1.5'"),
     (["--scheduler", "sine"], "argument --scheduler: invalid choice: 'sine'"),
