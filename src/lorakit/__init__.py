@@ -26,6 +26,7 @@ from .core.model import (
     unmerge,
     use_adapter,
 )
+from .core.quantized import merge_errors, quantize
 from .core.variants import loraplus_param_groups
 
 __version__ = "0.1.0"
@@ -49,6 +50,8 @@ __all__ = [
     "lora_state_dict",
     "save_adapter",
     "load_adapter",
+    "quantize",
+    "merge_errors",
     "loraplus_param_groups",
     "AdaLoraConfig",
     "AdaLoraAllocator",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.adalora import AdaLoraConfig
 from ..core.config import LoraConfig
+from ..core.quantized import PRESETS
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
 from ..train.state import write_text_atomic
@@ -105,8 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-save", help="comma list of modules trained in full (default: the classifier head)")
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
     g.add_argument("--init", default="kaiming", help="kaiming, gaussian, or from the base weight (replaced by the "
-                   "residual): pissa, pissa_niter_<K>, olora")
+                   "residual): pissa, pissa_niter_<K>, olora; loftq, loftq_<K> (QLoRA: with --quantize nf4)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    g.add_argument("--quantize", choices=sorted(PRESETS), help="QLoRA: the frozen base in 4-bit (nf4: QLoRA's "
+                   "NF4 + double quantization, fp4) or 8-bit (int8: LLM.int8), by bitsandbytes (lorakit[qlora])")
     g.add_argument("--use-dora", action="store_true", help="DoRA: learned magnitude x normalised direction")
     g.add_argument("--convert-to-lora", action="store_true", help="with --init pissa/olora: also write adapter-lora/, "
                    "the equivalent plain LoRA (rank 2r) for the original base")
@@ -252,7 +255,7 @@ def _prepare_output(out: Path, args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace, say) -> int:
     import torch
 
-    from .. import add_lora, save_adapter, trainable_parameters
+    from .. import add_lora, quantize, save_adapter, trainable_parameters
     from ..models import default_model_path, load_model, load_tokenizer
     from ..train.data import collate, default_data_dir, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
@@ -286,10 +289,12 @@ def _train(args: argparse.Namespace, say) -> int:
                                                          else None),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
     )
-    if args.convert_to_lora and lora.init in ("kaiming", "gaussian"):
-        raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight (pissa, olora...), "
-                         f"got {lora.init!r}")
+    if args.convert_to_lora and (lora.init in ("kaiming", "gaussian") or lora.init.startswith("loftq")):
+        raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight by a residual (pissa, "
+                         f"olora...), got {lora.init!r}")
     add_lora(model, lora)
+    if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
+        quantize(model, **PRESETS[args.quantize])
     batches_per_epoch(len(train_examples), train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     trainable, total = trainable_parameters(model)
     say(f"model        {model_path}")

@@ -154,6 +154,9 @@ def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> 
     """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
     scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
     dropped (it was taken on the replaced base)."""
+    if peft.get("init_lora_weights") == "loftq":
+        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by LoftQ, whose base is the quantized "
+                         "weight (not the original minus a low-rank part): no plain LoRA for the original base equals it")
     held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     changed = [changed_base(a) for a in held]
     if not any(changed):

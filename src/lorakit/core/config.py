@@ -92,7 +92,8 @@ class LoraConfig:
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
             paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
-            ``"pissa_niter_<K>"``, ``"olora"``: A and B from the base weight, which is replaced by the
+            ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"`` (QLoRA, see
+            :func:`lorakit.core.quantized.loftq_init`): A and B from the base weight, which is replaced by the
             residual (see :mod:`lorakit.core.variants`; ``save_adapter(..., convert_to_lora=True)`` writes
             the equivalent plain LoRA for the original base). ``from_peft_dict`` maps PEFT's
             ``init_lora_weights`` values (``True`` is ``"kaiming"``).
@@ -221,6 +222,9 @@ class LoraConfig:
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
         d["init_lora_weights"] = INITS.get(self.init, self.init)  # pissa, olora...: PEFT's own names
+        if self.init.startswith("loftq"):  # PEFT's spelling: "loftq" + loftq_config (lorakit's is NF4)
+            d["init_lora_weights"] = "loftq"
+            d["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(self.init.partition("_")[2] or 1)}
         return d
 
     @classmethod
@@ -245,6 +249,12 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit")
         from_peft = {value: name for name, value in INITS.items() if isinstance(value, str)}
         init = "kaiming" if isinstance(init, bool) else from_peft.get(init, init)  # False: weights from the file
+        if init == "loftq":  # PEFT's LoftQ recipe lives in loftq_config
+            loftq = d.get("loftq_config") or {}
+            bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+            if type(bits) is not int or bits != 4:
+                raise ValueError(f"loftq_bits={short_repr(bits)}: lorakit's LoftQ is 4-bit")
+            init = f"loftq_{iters}" if iters != 1 else "loftq"
         from .variants import parse_init
 
         try:

@@ -368,7 +368,10 @@ def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
     """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable)."""
     if isinstance(module, LoraLayer):
         return None
+    from .quantized import LoraQuantLinear, quantized_base_types  # bitsandbytes' layers subclass nn.Linear
+
     table: list[tuple[type, type[LoraLayer]]] = [
+        *((t, LoraQuantLinear) for t in quantized_base_types()),
         (nn.Linear, LoraLinear),
         (nn.Embedding, LoraEmbedding),
         (nn.Conv1d, LoraConv),
@@ -385,7 +388,8 @@ def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return lora_layer_type(module) is LoraLinear
+    layer_type = lora_layer_type(module)
+    return layer_type is not None and issubclass(layer_type, LoraLinear)
 
 
 def _factory_kwargs(weight: Tensor) -> dict:

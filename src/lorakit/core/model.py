@@ -19,6 +19,7 @@ from torch import nn
 from ..ops.per_row import make_row_update
 from .config import LoraConfig
 from .layers import Adapter, LoraLayer, lora_layer_type
+from .quantized import weight_count
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
@@ -203,10 +204,11 @@ def adapter_config(model: nn.Module, adapter: str = "default") -> LoraConfig:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once, a packed 4-bit weight as the
+    weights it holds."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values())
+    trainable = sum(weight_count(p) for p in seen.values() if p.requires_grad)
+    return trainable, sum(weight_count(p) for p in seen.values())
 
 
 def _unknown(model: nn.Module, adapter: str) -> KeyError:

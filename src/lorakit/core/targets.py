@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLayer, LoraLinear, lora_layer_type
+from .layers import LoraLayer, LoraLinear, is_linear_like, lora_layer_type
 
 # The paper's choice (query and value projections) for common transformers architectures.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -47,7 +47,7 @@ def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, LoraLinear) or lora_layer_type(module) is LoraLinear
+    return isinstance(module, LoraLinear) or is_linear_like(module)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:

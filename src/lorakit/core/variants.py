@@ -35,7 +35,8 @@ base layout, any float dtype: ``layer.write_base`` casts, a quantized layer requ
     original base  ==  new base + scaling · B0 · A0          (exact up to rounding for PiSSA/OLoRA)
 
 Restore and conversion rely on this identity; an initialiser for which it holds only approximately
-(LoftQ: the quantization error remains) must say so in its docstring.
+(LoftQ: the quantization error remains) returns ``A0 = B0 = None``: its base change is for good (nothing
+to restore, no conversion, no exclusivity) and its docstring says so.
 
 The layer writes the new base when the adapter is attached (``LoraLayer.attach``, at commit time),
 keeps ``A0, B0`` on the adapter (non-persistent buffers), and restores the original base when the
@@ -66,8 +67,8 @@ class BaseChange:
     """What a base-changing initialiser did: ``original == new_base + scaling * B0 @ A0`` (in ``(d, k)``)."""
 
     new_base: Tensor  # base layout, any float dtype (LoraLayer.write_base casts or quantizes)
-    A0: Tensor  # (r, k)
-    B0: Tensor  # (d, r)
+    A0: Tensor | None  # (r, k); None: the change is for good (LoftQ: the base becomes its quantized version)
+    B0: Tensor | None  # (d, r)
 
 
 def _random_init(layer: LoraLayer, adapter: Adapter, arg: str) -> None:
@@ -117,6 +118,12 @@ def _take_out(layer: LoraLayer, adapter: Adapter, W: Tensor, A: Tensor, B: Tenso
     return BaseChange(layer.to_base_layout(residual), A0.detach().clone(), B0.detach().clone())
 
 
+def _loftq_init(layer: LoraLayer, adapter: Adapter, iters: int | None) -> BaseChange:
+    from .quantized import loftq_init  # bitsandbytes' quantizer, imported lazily
+
+    return loftq_init(layer, adapter, iters or 1)
+
+
 #: name -> (function, how its argument is read from the name); a name with an argument is ``<name>_<int>``.
 INITIALIZERS: dict[str, Callable[[LoraLayer, Adapter, object], BaseChange | None]] = {
     "kaiming": _random_init,
@@ -124,9 +131,10 @@ INITIALIZERS: dict[str, Callable[[LoraLayer, Adapter, object], BaseChange | None
     "pissa": _pissa_init,  # arg None: full SVD
     "pissa_niter": _pissa_init,
     "olora": _olora_init,
+    "loftq": _loftq_init,  # arg None: one iteration
 }
 #: PEFT ``init_lora_weights`` values lorakit knows but cannot honour (refused by name).
-UNSUPPORTED_INITS = ("loftq", "eva", "corda", "orthogonal")
+UNSUPPORTED_INITS = ("eva", "corda", "orthogonal")
 
 
 def parse_init(init: str) -> tuple[str, object]:
@@ -145,7 +153,8 @@ def parse_init(init: str) -> tuple[str, object]:
     known = sorted(INITIALIZERS)
     if init in UNSUPPORTED_INITS:
         raise ValueError(f"init {init!r} (a PEFT init_lora_weights value) is not supported by lorakit; use one of {known}")
-    raise ValueError(f"init must be one of {known} (pissa_niter as 'pissa_niter_<K>'), got {init!r}")
+    raise ValueError(f"init must be one of {known} (pissa_niter as 'pissa_niter_<K>', loftq also as 'loftq_<K>'), "
+                     f"got {init!r}")
 
 
 def initialize(layer: LoraLayer, adapter: Adapter, init: str) -> None:
@@ -220,6 +229,8 @@ def commit_base(layer: LoraLayer, adapter: Adapter) -> None:
     if change is None:
         return
     layer.write_base(change.new_base)
+    if change.A0 is None:
+        return  # a change for good: nothing to restore or convert, other adapters may share the new base
     adapter.register_buffer("init_A", change.A0, persistent=False)
     adapter.register_buffer("init_B", change.B0, persistent=False)
 

@@ -1,0 +1,59 @@
+"""``lorakit train --quantize``: QLoRA end to end on a tiny saved BERT; ``lorakit merge`` of the adapter writes a
+full-precision model; without bitsandbytes a one-line error names the extra."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli.main import main
+from tests.cli.test_cli import FAST, bert_dir, cls_data  # noqa: F401 (fixtures)
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cls_data, tmp_path, capsys,  # noqa: F811
+                                                                     monkeypatch):
+    seen = []
+
+    def spy(model, **kwargs):
+        seen.append(kwargs)
+        result = lorakit.core.quantized.quantize(model, **kwargs)
+        seen.append(sorted({type(m).__name__ for m in model.modules() if "bitsandbytes" in type(m).__module__}))
+        return result
+
+    monkeypatch.setattr(lorakit, "quantize", spy)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out),
+                 "--quantize", "nf4", *FAST]) == 0
+    assert "dev after" in capsys.readouterr().out
+    assert seen == [{"bits": 4, "quant_type": "nf4"}, ["Linear4bit"]]  # the run's base was 4-bit
+    assert main(["inspect", str(out / "adapter"), "--json"]) == 0
+    assert {layer["rank"] for layer in json.loads(capsys.readouterr().out)["layers"]} == {8}
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakit.models import load_with_adapter
+
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    assert not any("bitsandbytes" in type(m).__module__ or "lorakit" in type(m).__module__ for m in plain.modules())
+    adapted, _, _ = load_with_adapter(out / "adapter")  # the fp32 base + the adapter trained on its 4-bit copy
+    batch = AutoTokenizer.from_pretrained(merged)(["good movie .", "awful movie ."], return_tensors="pt", padding=True)
+    with torch.no_grad():  # fp32 merge: summation order only
+        torch.testing.assert_close(plain(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_train_quantize_without_bitsandbytes_names_the_extra(bert_dir, cls_data, tmp_path, capsys,  # noqa: F811
+                                                            monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out),
+                 "--quantize", "int8", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lorakit: error: 4/8-bit bases need bitsandbytes: pip install 'lorakit[qlora]'"
+    assert not out.exists()
