@@ -185,7 +185,7 @@ class _Run:
         self.n_batches = batches_per_epoch(n, cfg, info.world_size)
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
         self.damaged: Path | None = None  # a checkpoint found damaged on resume, set aside at the next save
-        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.total = total_steps(n, cfg, info.world_size)  # the same count AdaLoRA's schedule was planned with
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.lengths = [_length(self.data[i], i) for i in range(n)] if cfg.group_by_length else None
         self.adapter = active_adapter(self.model) or "default"
