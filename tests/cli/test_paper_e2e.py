@@ -42,8 +42,8 @@ def test_e2e_pipeline_on_real_data(tmp_path, capsys):
                  "--output-dir", str(out)]) == 0
     assert "24 train" in capsys.readouterr().out
     report = tmp_path / "eval.json"
-    assert main(["eval", str(out / "adapter"), "--task", "e2e", "--num-beams", "3", "--max-new-tokens", "6",
-                 "--output", str(report)]) == 0  # --data: the run's (no --task: eval would read e2e as sft)
+    assert main(["eval", str(out / "adapter"), "--num-beams", "3", "--max-new-tokens", "6",
+                 "--output", str(report)]) == 0  # --data and --task e2e: the run's (its type alone says CAUSAL_LM)
     result = json.loads(report.read_text())
     assert set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
     assert len(result["hypotheses"]) == 2  # one generation per distinct MR

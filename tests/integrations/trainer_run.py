@@ -34,3 +34,8 @@ def run(out: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parents[2]))
     run(sys.argv[1])
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # accelerate started the group; an undestroyed gloo group can abort at exit
+        dist.barrier()
+        dist.destroy_process_group()

@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="evaluation file, or a directory (its dev/validation split is used); default: "
                    "the data of the `lorakit train` run the adapter came from")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--task", choices=["classification", "sft", "e2e"], help="default: from the adapter's task_type")
+    p.add_argument("--task", choices=["classification", "sft", "e2e"],
+                   help="default: the task of the `lorakit train` run the adapter came from, else from the "
+                   "adapter's task_type")
     p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--max-examples", type=positive_int, help="evaluate only the first N examples (E2E: the first N MRs)")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -28,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.checkpoint import class_names
-    from ..models import load_with_adapter
+    from ..models import TASK_TYPES, load_with_adapter
     from ..train.data import read_records, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.state import write_text_atomic
@@ -36,9 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output_file(args.output, "--output")  # before the evaluation runs, not after
-    splits = resolve_splits(args.data or _training_data(Path(args.adapter)))
+    run_args = _run_args(Path(args.adapter), required=not args.data)
+    splits = resolve_splits(args.data or _training_data(run_args))
     path = splits.get("dev") or splits.get("test") or splits.get("train")
     model, tokenizer, task = load_with_adapter(args.adapter, args.model)
+    trained_as = run_args.get("task")
+    if not args.task and isinstance(trained_as, str) and TASK_TYPES.get(trained_as) == TASK_TYPES[task]:
+        task = trained_as  # e2e and sft adapters are both CAUSAL_LM: the run says which
     task = args.task or task
     result: dict = {}
     if task == "e2e":
@@ -66,21 +72,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_data(adapter: Path) -> str:
-    """The ``--data`` of the ``lorakit train`` run whose output directory holds ``adapter``."""
-    from ..train.data import default_data_dir
+def _run_args(adapter: Path, required: bool) -> dict:
+    """The options of the ``lorakit train`` run whose output directory holds ``adapter`` ({} if none and not
+    ``required``: then ``--data`` was given)."""
     from .train import RUN_ARGS
 
     if not adapter.is_dir():
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
-    run_args = adapter.resolve().parent / RUN_ARGS
-    if not run_args.is_file():
-        raise FileNotFoundError(f"pass --data: {adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)")
+    path = adapter.resolve().parent / RUN_ARGS
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"pass --data: {adapter} is not in a lorakit train output dir "
+                                    f"(no {RUN_ARGS} beside it)")
+        return {}
     try:
-        values = json.loads(run_args.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise UsageError(f"{run_args}: not valid JSON ({type(e).__name__}); pass --data") from None
-    data = values.get("data") if isinstance(values, dict) else None
+        if not required:
+            return {}
+        raise UsageError(f"{path}: not valid JSON ({type(e).__name__}); pass --data") from None
+    if not isinstance(values, dict):
+        if not required:
+            return {}
+        raise UsageError(f"{path}: not a JSON object of options; pass --data")
+    return {**values, "_path": str(path)}
+
+
+def _training_data(run_args: dict) -> str:
+    """The ``--data`` of the ``lorakit train`` run (the packaged default when it used that)."""
+    from ..train.data import default_data_dir
+
+    data = run_args.get("data")
     if data is not None and not isinstance(data, str):
-        raise UsageError(f"{run_args}: 'data' must be a path, got {data!r}; pass --data")
+        raise UsageError(f"{run_args['_path']}: 'data' must be a path, got {data!r}; pass --data")
     return data or str(default_data_dir())
