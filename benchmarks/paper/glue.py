@@ -112,6 +112,7 @@ def run_one(spec: dict, seed: int, budget: dict, workdir: Path) -> dict:
     from lorakit.train.data import collate, resolve_splits
     from lorakit.train.evaluate import evaluate_classification
     from lorakit.train.loop import train
+    from lorakit.train.metrics import accuracy, f1, mcc
     from lorakit.train.tasks import load_task_data
 
     t0 = time.perf_counter()
@@ -146,8 +147,12 @@ def run_one(spec: dict, seed: int, budget: dict, workdir: Path) -> dict:
     pad = tok.pad_token_id
     result = train(model, examples, lambda b: collate(b, pad), cfg,
                    evaluate=lambda m: evaluate_classification(m, dev, pad))
+    labels = [ex["labels"] for ex in dev]
+    top = max(set(labels), key=labels.count)  # the dev set's majority class, predicted for every example
+    majority = {"accuracy": accuracy([top] * len(labels), labels), "f1": f1([top] * len(labels), labels),
+                "mcc": mcc([top] * len(labels), labels)}
     return {"trainable": trainable, "trainable_without_head": trainable - head_params, "total": total,
-            "metrics": result.final_metrics, "metric": metric, "steps": result.global_step,
+            "metrics": result.final_metrics, "majority": majority, "metric": metric, "steps": result.global_step,
             "train_examples": len(examples), "dev_examples": len(dev), "epochs": budget["epochs"],
             "batch_size": budget["batch_size"], "max_length": budget["max_length"], "lr": LR[spec["method"]],
             "seconds": round(time.perf_counter() - t0, 1),

@@ -83,6 +83,11 @@ def quality(runs: list[dict]) -> list[str]:
         n = _without_head(sel[0])
         lines.append(f"| {label} | {n:,} | " + " | ".join(_cell([r for r in sel if r["spec"]["task"] == t])
                                                          for t in tasks) + " |")
+    cells = []
+    for t in tasks:  # what always answering the dev set's majority class scores (recorded with each run)
+        maj = [r["majority"][r["metric"]] for r in runs if r["spec"]["task"] == t and "majority" in r]
+        cells.append(f"{maj[0]:.3f}" if maj else "–")
+    lines.append("| *majority class (dev)* | – | " + " | ".join(cells) + " |")
     return lines
 
 
