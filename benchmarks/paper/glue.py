@@ -10,8 +10,8 @@
 Each task trains on its own budget (``budgets.py``: training examples, epochs, dev examples, max_length);
 the command line can override it. Every run appends one JSON line to ``benchmarks/paper/results/glue.jsonl``
 (task, method, seed, budget, trainable parameters, dev metrics, seconds), so an interrupted sweep keeps what it
-finished and a rerun skips the runs already recorded (same spec, seed and budget). Runs go seed by seed: seed 0 of every experiment first, so a partial
-sweep still fills every table once.
+finished and a rerun skips the runs already recorded (same spec, seed and budget). Runs go seed by seed: seed 0
+of every experiment first, so a partial sweep still fills every table once.
 
 Training is ``lorakit.train.loop.train`` (the loop of ``lorakit train``) with the same data code; the
 baselines set ``requires_grad`` on the model directly. Because ``train`` writes an adapter at the end, the

@@ -47,7 +47,7 @@ def setting(runs: list[dict], superseded: list[dict]) -> list[str]:
             f"(all {n_train:,})" if used == n_train else f"(a fixed random subset of {n_train:,})") +
             f", {b['epochs']} epochs" + (f" = {', '.join(map(str, steps))} steps" if steps else "") +
             ", dev: " + (f"all {n_dev:,}" if b["max_eval"] >= n_dev else f"the first {b['max_eval']} of {n_dev}") +
-            f", max_length {b['max_length']}" + (" (truncates 12% of RTE's pairs)" if task == "rte" else ""))
+            f", max_length {b['max_length']}" + (" (truncates 12% of RTE's training pairs)" if task == "rte" and b["max_length"] == 128 else ""))
     counts: dict[tuple, int] = {}
     for r in superseded:
         b = budget_of(r)
