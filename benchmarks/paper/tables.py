@@ -59,8 +59,9 @@ def setting(runs: list[dict], superseded: list[dict]) -> list[str]:
     return lines
 
 
-def _cell(recs: list[dict]) -> str:
-    vals = [r["metrics"][r["metric"]] for r in recs if r.get("metrics")]
+def _cell(recs: list[dict], metric: str | None = None) -> str:
+    """Median and values of ``metric`` (default: each run's task metric) over ``recs``."""
+    vals = [r["metrics"][metric or r["metric"]] for r in recs if r.get("metrics")]
     if not vals:
         return "–"
     med = statistics.median(vals)
@@ -71,9 +72,11 @@ def _match(rec: dict, **kw) -> bool:
     return all(rec["spec"].get(k) == v for k, v in kw.items())
 
 
-def quality(runs: list[dict]) -> list[str]:
+def quality(runs: list[dict], metric: str | None = None) -> list[str]:
+    """Methods x tasks: each task's metric, or ``metric`` (e.g. "mcc") on every task."""
     tasks = [t for t in TASK_NAMES if any(r["spec"]["task"] == t for r in runs)]
-    lines = ["| method | trainable (w/o head) | " + " | ".join(TASK_NAMES[t] for t in tasks) + " |",
+    names = [f"{TASK_NAMES[t].split()[0]} ({metric.upper()})" if metric else TASK_NAMES[t] for t in tasks]
+    lines = ["| method | trainable (w/o head) | " + " | ".join(names) + " |",
              "|---|---:|" + "---:|" * len(tasks)]
     for method, label in METHODS:
         sel = [r for r in runs if r["spec"]["method"] == method and (method != "lora" or (
@@ -81,11 +84,11 @@ def quality(runs: list[dict]) -> list[str]:
         if not sel:
             continue
         n = _without_head(sel[0])
-        lines.append(f"| {label} | {n:,} | " + " | ".join(_cell([r for r in sel if r["spec"]["task"] == t])
+        lines.append(f"| {label} | {n:,} | " + " | ".join(_cell([r for r in sel if r["spec"]["task"] == t], metric)
                                                          for t in tasks) + " |")
     cells = []
     for t in tasks:  # what always answering the dev set's majority class scores (recorded with each run)
-        maj = [r["majority"][r["metric"]] for r in runs if r["spec"]["task"] == t and "majority" in r]
+        maj = [r["majority"][metric or r["metric"]] for r in runs if r["spec"]["task"] == t and "majority" in r]
         cells.append(f"{maj[0]:.3f}" if maj else "–")
     lines.append("| *majority class (dev)* | – | " + " | ".join(cells) + " |")
     return lines
@@ -171,7 +174,7 @@ def main() -> int:
     machines = sorted({" ".join(r["machine"].split()) for r in runs})
     text = TEMPLATE.format(
         setting="\n".join(setting(runs, superseded)), machine="; ".join(machines), n_runs=len(runs),
-        minutes=seconds / 60, quality="\n".join(quality(runs)),
+        minutes=seconds / 60, quality="\n".join(quality(runs)), quality_mcc="\n".join(quality(runs, "mcc")),
         rank="\n".join(rank(runs)), matrices="\n".join(matrices(runs)), params="\n".join(params()),
         latency="\n".join(latency()), analysis="\n".join(analysis()))
     out = HERE / "README.md"
@@ -209,6 +212,11 @@ SST-2 uses lorakit's packaged whole-sentence slice of GLUE's SST-2 (see the top-
 are GLUE's files from `../shared/data`.
 
 {quality}
+
+The same runs' Matthews correlation on every task (recorded with each run): 0 for any constant answer, so it
+shows which runs left the majority class where accuracy or F1 near the majority's value cannot.
+
+{quality_mcc}
 
 ## Rank ablation (Table 6 analog): LoRA on query,value of SST-2, alpha = 16 for every r
 
