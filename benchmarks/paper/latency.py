@@ -16,6 +16,7 @@ have warmed the process). Writes ``benchmarks/paper/results/latency.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=["1x128", "1x32"], help="BATCHxSEQ or BATCHxSEQ:REPS")
     p.add_argument("--reps", type=int, default=5, help="repetitions of a shape that names none")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--update", action="store_true",
+                   help="keep the other shapes' rows of the results file (same threads and machine), replace these")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base, lora, adapter = build_models()
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"base": base, "lora-merged": lora, "lora-unmerged": lora, "adapter": adapter}
     rows = []
     machine = f"{platform.machine()} {platform.processor()} torch {torch.__version__}".strip()
+    if args.update and RESULTS.exists():
+        old = json.loads(RESULTS.read_text())
+        if old.get("machine") == machine and old.get("threads") == args.threads:
+            rows = old["rows"]
     for shape in args.shapes:
         dims, _, reps = shape.partition(":")
         b, s = (int(v) for v in dims.split("x"))
@@ -91,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                "overhead_pct": {k: 100 * (v / best["base"] - 1) for k, v in best.items()},
                "median_ms": {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}, "merged_max_diff": diff,
                "reps": reps}
-        rows.append(row)
+        same = [i for i, r in enumerate(rows) if (r["batch"], r["seq"]) == (b, s)]
+        if same:  # --update: this shape's new row in the old one's place
+            rows[same[0]] = row
+        else:
+            rows.append(row)
         write_json(RESULTS, {"rows": rows, "threads": torch.get_num_threads(), "machine": machine})  # so far
         print(f"batch {b} seq {s}: " + "  ".join(f"{k} {row['ms'][k]:.0f} ms ({row['overhead_pct'][k]:+.1f}%)"
                                                  for k in names), flush=True)
