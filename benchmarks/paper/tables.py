@@ -140,8 +140,9 @@ def latency() -> list[str]:
             f"{row['ms'][k]:.0f} ms ({row['overhead_pct'][k]:+.1f}%)" for k in names) + " |")
     lines.append("")
     reps = {(r["batch"], r["seq"]): r.get("reps", data.get("reps")) for r in data["rows"]}
-    lines.append("Best of " + ", ".join(f"{n} ({b} x {s})" for (b, s), n in reps.items()) +
-                 f" repetitions in rotating order, {data['threads']} torch thread(s), "
+    lines.append("The best of each shape's timed repetitions (" + ", ".join(f"{b} x {s}: {n}" for (b, s), n in
+                                                                          reps.items()) +
+                 f"), the variants in rotating order, {data['threads']} torch thread(s), "
                  f"{' '.join(data['machine'].split())}; merged vs unmerged logits differ by at most "
                  f"{max(r['merged_max_diff'] for r in data['rows']):.1e}.")
     return lines
@@ -250,8 +251,14 @@ python benchmarks/paper/params.py
 ## Inference latency of one forward pass, GPT-2 medium config (Table 1 analog), CPU
 
 ```bash
-python benchmarks/paper/latency.py --threads 1
+python benchmarks/paper/latency.py --shapes 1x128:5 16x128:1 32x128:1 16x256:1 --threads 1
+python benchmarks/paper/latency.py --update --shapes 16x128:3 --threads 1   # 16 x 128 again, 3 repetitions
 ```
+
+`lora-merged` is the base model's computation (the update folded into the weights), so its distance from
+`base` is this machine's noise at that shape. The paper's 32 x 512 (Table 1's first column) was left out: at
+least 128 times the work of 1 x 128, about 3 minutes per forward pass here, so a single repetition of the four
+variants (12 minutes) could not resolve the few percent the paper reports there.
 
 {latency}
 
