@@ -1,7 +1,9 @@
 """The ``lorakit`` command line on tiny saved models: train, eval, merge, inspect, generate, bad input."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -91,7 +93,13 @@ def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_pat
     assert info["config"]["modules_to_save"] == ["classifier"]
 
     merged = tmp_path / "merged"
-    assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o755  # not a private temp dir's 0700
+    assert stat.S_IMODE((out / "run_args.json").stat().st_mode) == 0o666 & ~umask  # written atomically, not 0600
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit.models import load_with_adapter

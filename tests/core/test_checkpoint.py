@@ -1,6 +1,8 @@
 """Checkpoints: round trips, PEFT's format both ways, atomic writes, and every bad checkpoint refused."""
 
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -85,6 +87,17 @@ def test_write_is_atomic_when_the_save_crashes(tmp_path, monkeypatch):
         lorakit.save_adapter(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left
+
+
+def test_saved_files_get_the_umask_permissions_not_private_temp_ones(tmp_path):
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]))
+    old = os.umask(0o022)
+    try:
+        lorakit.save_adapter(model, tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
+        CONFIG_NAME: 0o644, WEIGHTS_NAME: 0o644}  # a serving user in the group can read them (mkstemp: 0600)
 
 
 def _saved_mlp(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
+from ..core.checkpoint import temp_name
 from ..core.model import unload
 from ..models import load_with_adapter
 from .options import check_output_dir
@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_with_adapter(args.adapter, args.model)
     merged = unload(model, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(temp_name(out))
+    tmp.mkdir()  # 0777 less the umask, as the merged model's directory should be (mkdtemp's is 0700)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

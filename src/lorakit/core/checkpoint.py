@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -109,8 +109,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         peft, meta = converted_config(model, adapter, peft, meta)
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
-    _atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
     return out_dir
 
 
@@ -181,17 +181,27 @@ def class_names(model: nn.Module) -> list[str] | None:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+def atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    """Write ``target`` by ``write(tmp)`` on a temp file beside it, fsync and rename: a reader (or a kill) sees
+    the old file or the new one, never a truncated one. The file gets the permissions any new file gets
+    (0666 less the umask), not a private temp file's 0600."""
+    tmp = temp_name(target)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, read without changing the process's umask
         write(tmp)
+        os.chmod(tmp, mode)  # ``write`` may have replaced the file (safetensors does, with 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_name(target: Path) -> str:
+    """A fresh hidden name beside ``target`` for its temp file or directory."""
+    return str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
 
 
 def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
