@@ -6,11 +6,15 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
+from lorakit.core.checkpoint import CheckpointError, read_adapter
 from lorakit.core.layers import LoraLinear
 from lorakit.core.quantized import (
+    PRESETS,
     LoraQuantLinear,
     dequantize,
     quantized_linear,
@@ -241,6 +245,21 @@ def test_save_on_quantized_base_load_on_full_precision_and_quantized(tmp_path):
             assert torch.equal(fp.delta_weight("default"), q.delta_weight("default"))
     lorakit.unload(full, merge=True)
     assert type(full.blocks[0]["q"]) is nn.Linear and full.blocks[0]["q"].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("preset", ["nf4", "fp4", "int8", None])
+def test_the_checkpoint_records_the_base_quantization(tmp_path, preset):
+    model = _model()
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q"]))
+    if preset:
+        lorakit.quantize(model, **PRESETS[preset])
+    lorakit.save_adapter(model, tmp_path)
+    assert read_adapter(tmp_path)[1]["lorakit"].get("quantization") == preset  # QLoRA: rebuilt on load
+    header = json.loads(safe_open(tmp_path / "adapter_model.safetensors", "pt").metadata()["lorakit"])
+    save_file(load_file(tmp_path / "adapter_model.safetensors"), tmp_path / "adapter_model.safetensors",
+              metadata={"lorakit": json.dumps({**header, "quantization": "nf5"})})
+    with pytest.raises(CheckpointError, match="quantization has an invalid value 'nf5'"):
+        read_adapter(tmp_path)
 
 
 def test_set_quantized_weight_keeps_the_layer_settings():

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import UsageError, check_output_file, positive_int
+from .options import UsageError, add_base_quantize, check_output_file, positive_int
 
 HELP = "Evaluate an adapter on a dataset: classification metrics, perplexity, or E2E generation metrics."
 
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="E2E: generation length")
     p.add_argument("--num-beams", type=positive_int, default=10, help="E2E: beam size (the paper: 10)")
     p.add_argument("--output", help="also write the metrics (and E2E hypotheses) to this JSON file")
+    add_base_quantize(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     run_args = _run_args(Path(args.adapter), required=not args.data)
     splits = resolve_splits(args.data or _training_data(run_args))
     path = splits.get("dev") or splits.get("test") or splits.get("train")
-    model, tokenizer, task = load_with_adapter(args.adapter, args.model)
+    model, tokenizer, task = load_with_adapter(args.adapter, args.model, quantize=args.quantize or "auto")
     trained_as = run_args.get("task")
     if not args.task and isinstance(trained_as, str) and TASK_TYPES.get(trained_as) == TASK_TYPES[task]:
         task = trained_as  # e2e and sft adapters are both CAUSAL_LM: the run says which

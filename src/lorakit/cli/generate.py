@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 
-from .options import positive_float, positive_int
+from .options import add_base_quantize, positive_float, positive_int
 
 HELP = "Generate text with a causal LM and one or more adapters (optionally a different adapter per prompt)."
 
@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_base_quantize(p)
 
 
 def _parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -40,19 +41,24 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.checkpoint import load_adapter, read_adapter
+    from ..core.config import LORAKIT_KEY
     from ..core.model import per_row_adapters
-    from ..models import load_model, load_tokenizer
+    from ..models import base_quantization_for, load_model, load_tokenizer, quantize_base
     from ..train.evaluate import generate_texts
 
     adapters = _parse_adapters(args.adapter)
     base = args.model or (read_adapter(adapters[0][1])[0].base_model_name_or_path if adapters else None)
     if not base:
         raise ValueError("pass --model (or an --adapter whose config names its base model)")
+    recorded = {path: read_adapter(path)[1][LORAKIT_KEY].get("quantization")
+                for _, path in (adapters if not args.quantize else ())}
+    quantization = base_quantization_for(recorded, args.quantize or "auto")
     torch.manual_seed(args.seed)
     model = load_model(base, "sft").eval()
     tokenizer = load_tokenizer(base)
     for name, path in adapters:
         load_adapter(model, path, adapter=name)
+    quantize_base(model, quantization)
     names = [n for n, _ in adapters]
     if args.row_adapters:
         rows = [None if n.strip().lower() == "none" else n.strip() for n in args.row_adapters.split(",")]

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
-    model, tokenizer, _ = load_with_adapter(args.adapter, args.model)
+    model, tokenizer, _ = load_with_adapter(args.adapter, args.model, quantize=None)  # full precision, always
     merged = unload(model, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(temp_name(out))

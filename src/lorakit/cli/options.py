@@ -159,3 +159,13 @@ def _check_writable(path: Path, option: str, shown: Path | None = None) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise UsageError(f"{option} {shown}: {parent} is not writable")
             return
+
+
+# ----- options several subcommands share ----------------------------------------------------------------------
+def add_base_quantize(p: argparse.ArgumentParser) -> None:
+    """``--quantize`` for the commands that load a base under a trained adapter (eval, generate)."""
+    from ..core.quantized import PRESETS
+
+    p.add_argument("--quantize", choices=[*sorted(PRESETS), "none"],
+                   help="the base's 4/8-bit form (bitsandbytes); default: the one the adapter was trained on "
+                   "(QLoRA adapters record it), else full precision; none: full precision")

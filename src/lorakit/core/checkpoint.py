@@ -30,6 +30,7 @@ from .adalora import SVDAdapter, peft_adalora_to_lora, svd_adapters
 from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
+from .quantized import PRESETS, base_quantization
 from .saved import SavedModule
 from .targets import find_targets
 from .variants import changed_base, plain_lora_pair
@@ -145,6 +146,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
+    if quantization := base_quantization([model.get_submodule(p) for p in paths]):
+        meta["quantization"] = quantization  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
     return d, meta
@@ -280,6 +283,7 @@ _METADATA = {
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
     "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
                                                        for k, x in v.items()),
+    "quantization": lambda v: isinstance(v, str) and v in PRESETS,  # a QLoRA adapter's base: a key of core.quantized.PRESETS
 }
 
 

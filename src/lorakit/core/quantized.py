@@ -199,6 +199,22 @@ QUANT_TYPES = ("nf4", "fp4")
 PRESETS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"}, "int8": {"bits": 8}}
 
 
+def base_quantization(layers: list[nn.Module]) -> str | None:
+    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers (``None``: full precision).
+
+    Saved with an adapter, so loading it can rebuild the base the adapter was trained on.
+    """
+    found = set()
+    for layer in layers:
+        base = getattr(layer, "base_layer", None)
+        if isinstance(base, quantized_base_types()):
+            found.add(getattr(base.weight, "quant_type", None) if type(base).__name__ == "Linear4bit" else "int8")
+    if len(found) > 1 or not found <= PRESETS.keys():
+        raise ValueError(f"the adapted layers have mixed or unknown 4/8-bit bases ({sorted(map(str, found))}); "
+                         f"lorakit records one of {sorted(PRESETS)}")
+    return found.pop() if found else None
+
+
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
              compute_dtype: torch.dtype | None = None, skip_modules: list[str] | None = None) -> nn.Module:
     """Swap the frozen linear layers of ``model`` for bitsandbytes' in place: QLoRA's base.
