@@ -118,8 +118,16 @@ class _Tok:
         return ""
 
 
+def _forwards(engine) -> dict[str, tuple[float, float]]:
+    """(forwards, rows) so far per phase, from the engine's Prometheus batch-size histogram."""
+    get = engine.metrics.registry.get_sample_value
+    return {phase: (get("lorakit_batch_size_count", {"phase": phase}) or 0,
+                    get("lorakit_batch_size_sum", {"phase": phase}) or 0) for phase in ("prefill", "decode")}
+
+
 def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict:
-    """Submit one request per entry of ``adapters`` at once; tokens/s, p50/p99 latency (ms)."""
+    """Submit one request per entry of ``adapters`` at once; tokens/s, p50/p99 latency (ms), and how the
+    engine batched them (forwards and mean rows per forward, prefill and decode)."""
     import threading
 
     from lorakit.serve.engine import GenJob
@@ -128,6 +136,7 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
     errors: list[str] = []
     all_done = threading.Event()
     g = torch.Generator().manual_seed(0)
+    before = _forwards(engine)
     t0 = time.perf_counter()
     for i, name in enumerate(adapters):
         def emit(ev, i=i):
@@ -144,8 +153,13 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
     lat = sorted((t - t0) * 1000 for t in done_at.values())
+    after = _forwards(engine)
+    batching = {}
+    for phase in after:
+        n, rows = (after[phase][0] - before[phase][0]), (after[phase][1] - before[phase][1])
+        batching[phase] = f"{n:.0f} x {rows / max(n, 1):.1f} rows"
     return {"tok/s": round(len(adapters) * max_tokens / wall, 1), "p50 ms": round(lat[len(lat) // 2]),
-            "p99 ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))])}
+            "p99 ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))]), **batching}
 
 
 def case_serve(reps: int, counts=(1, 8, 32, 128, 1000), requests: int = 128, batch: int = 32) -> dict:
@@ -158,11 +172,14 @@ def case_serve(reps: int, counts=(1, 8, 32, 128, 1000), requests: int = 128, bat
 
 
 def _serve_at(n: int, reps: int, requests: int, batch: int) -> dict:
+    t0 = time.perf_counter()
     model = llama(256, 4)
     names = add_adapters(model, n)
+    t_added = time.perf_counter()
     mixed = [names[i % n] for i in range(requests)]
     single = [names[0]] * requests
     batched, swapping = engine_with(model, names, batch), engine_with(model, names, 1)
+    t_setup = time.perf_counter()
     batched.start()
     swapping.start()
     try:
@@ -175,7 +192,12 @@ def _serve_at(n: int, reps: int, requests: int, batch: int) -> dict:
                 res[k].append(runs[k]())
         best = {k: max(v, key=lambda r: r["tok/s"]) for k, v in res.items()}
         best["mixed / single"] = round(best["mixed"]["tok/s"] / best["single"]["tok/s"], 3)
+        # the same ratio round by round (each round runs both, minutes apart at most): its spread is the noise
+        best["mixed / single by round"] = [round(m["tok/s"] / s["tok/s"], 2)
+                                           for m, s in zip(res["mixed"], res["single"], strict=True)]
         best["mixed / swap"] = round(best["mixed"]["tok/s"] / best["swap"]["tok/s"], 1)
+        best["set-up s"] = {"add_lora": round(t_added - t0, 1), "pools": round(t_setup - t_added, 1)}
+        best["runs s"] = round(time.perf_counter() - t_setup, 1)
         return best
     finally:
         batched.stop()
