@@ -1,8 +1,9 @@
 """``lorakit serve`` and its adapter pool, side by side on CPU (one process, rotating repetitions).
 
     python benchmarks/bench_serve.py --case compose          # per_row_adapters vs the resident pool (~1 min)
-    python benchmarks/bench_serve.py --case serve            # HTTP throughput / latency, mixed vs one vs swap
+    python benchmarks/bench_serve.py --case serve            # engine throughput / latency: mixed vs one adapter vs swap
     python benchmarks/bench_serve.py --case decode_ratio     # per-row / one shared adapter at small models
+    python benchmarks/bench_serve.py --case setup            # seconds to add and pool 128 ... 1,000 adapters
 
 Models are random-init LLaMA configs (nothing is downloaded). Every timing is the best (``compose``,
 ``decode_ratio``) of ``--reps`` repetitions in rotating order, so drift in machine speed hits all variants
@@ -217,6 +218,26 @@ def _serve_at(n: int, reps: int, requests: int, batch: int) -> dict:
         swapping.stop()
 
 
+# ----- setup: adding n adapters to the model and stacking them in the pool ----------------------------------
+def case_setup(reps: int, counts=(128, 256, 512, 1000)) -> dict:
+    """Seconds to add ``n`` adapters with ``add_lora`` (4-layer 256-wide LLaMA, r=8 on q,k,v,o) and to stack
+    them into an :class:`AdapterPool`; one repetition (it is long at 1,000)."""
+    from lorakit.ops.pool import AdapterPool
+
+    out = {}
+    for n in counts:
+        model = llama(256, 4)
+        t0 = time.perf_counter()
+        names = add_adapters(model, n)
+        t1 = time.perf_counter()
+        pool = AdapterPool(model, slots=n)
+        for name in names:
+            pool.add(name)
+        out[n] = {"add_lora s": round(t1 - t0, 1), "pool.add s": round(time.perf_counter() - t1, 1)}
+        print(n, out[n], flush=True)
+    return out
+
+
 # ----- decode ratio: per-row / one shared adapter at small models ------------------------------------------
 def case_decode_ratio(reps: int) -> dict:
     """One decode step (KV cache of 32 tokens) with a distinct adapter per row (pool) vs one shared adapter."""
@@ -259,16 +280,16 @@ def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", action="append", choices=["compose", "serve", "decode_ratio"])
+    p.add_argument("--case", action="append", choices=["compose", "serve", "decode_ratio", "setup"])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
-    p.add_argument("--counts", default="1,8,32,128,1000", help="serve: numbers of resident adapters")
+    p.add_argument("--counts", help="serve, setup: numbers of adapters (default 1,8,32,128,1000 and 128,256,512,1000)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
     for case in args.case or ["compose", "decode_ratio", "serve"]:
-        extra = {"counts": [int(c) for c in args.counts.split(",")]} if case == "serve" else {}
+        extra = {"counts": [int(c) for c in args.counts.split(",")]} if args.counts and case in ("serve", "setup") else {}
         results[case] = CASES[case](args.reps, **extra)
         print(json.dumps({case: results[case]}, indent=1), flush=True)
     if args.out:
@@ -276,7 +297,7 @@ def main(argv=None) -> int:
     return 0
 
 
-CASES = {"compose": case_compose, "serve": case_serve, "decode_ratio": case_decode_ratio}
+CASES = {"compose": case_compose, "serve": case_serve, "decode_ratio": case_decode_ratio, "setup": case_setup}
 
 if __name__ == "__main__":
     sys.exit(main())
