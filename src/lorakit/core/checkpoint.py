@@ -236,7 +236,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
+        inside = sorted(p.parent.name + "/" for p in path.glob(f"*/{CONFIG_NAME}")) if path.is_dir() else []
+        hint = f" (adapters in its subfolders: {', '.join(inside[:5])})" if inside else ""
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}{hint}")
     if not weights_file.is_file():
         extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}{extra}")
