@@ -300,10 +300,11 @@ def test_eval_and_generate_malformed_adapter_config_one_line(gpt2_dir, e2e_data,
             assert str(tmp_path / "a") in err
 
 
-def test_train_slices_adapts_q_and_v_of_gpt2_c_attn_as_in_the_paper(gpt2_dir, e2e_data, tmp_path, capsys):
+def test_train_slices_and_label_smoothing_as_in_the_papers_gpt2_runs(gpt2_dir, e2e_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", str(gpt2_dir), "--data", str(e2e_data), "--task", "e2e", "--target-modules",
-                 "c_attn", "--slices", "c_attn=1,0,1", "--r", "4", "--output-dir", str(out), *FAST]) == 0
+                 "c_attn", "--slices", "c_attn=1,0,1", "--r", "4", "--label-smoothing", "0.1",  # the paper's GPT-2 setting
+                 "--output-dir", str(out), *FAST]) == 0
     capsys.readouterr()
     from lorakit.core.checkpoint import read_adapter
 
@@ -311,7 +312,8 @@ def test_train_slices_adapts_q_and_v_of_gpt2_c_attn_as_in_the_paper(gpt2_dir, e2
     assert raw["lorakit"]["slices"] == {"c_attn": [True, False, True]}
     b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]  # saved as plain LoRA of rank 2r
     assert b.shape == (96, 8) and b[32:64].abs().sum() == 0  # k's rows (32..63 of q|k|v) get no update
-    assert json.loads((out / "run_args.json").read_text())["slices"] == ["c_attn=1,0,1"]  # --resume re-reads it
+    saved = json.loads((out / "run_args.json").read_text())  # what --resume re-reads
+    assert saved["slices"] == ["c_attn=1,0,1"] and saved["label_smoothing"] == 0.1
     for bad, message in [("c_attn=1,2", "expected MODULE=MASK"), ("c_attn", "expected MODULE=MASK"),
                          ("c_attn=0,0", "at least one 1")]:
         assert main(["train", "--model", str(gpt2_dir), "--slices", bad, "--output-dir", str(tmp_path / "x")]) == 2

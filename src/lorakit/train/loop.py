@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..core.checkpoint import save_adapter
 from ..core.model import active_adapter
@@ -127,11 +128,34 @@ def train(
         evaluate: ``evaluate(model) -> {name: value}``, called in eval mode under ``no_grad`` (on every rank;
             rank 0's values count).
         loss_fn: ``loss_fn(outputs, batch) -> scalar``; None uses ``outputs.loss`` (transformers models given
-            ``labels``).
+            ``labels``), or with ``config.label_smoothing`` the smoothed cross-entropy of ``outputs.logits``.
         resume_from: a checkpoint directory, or True for ``config.output_dir``: continue that run exactly.
         step_hook: a :class:`StepHook` run with every step, e.g. ``lorakit.AdaLoraAllocator``.
     """
+    if config.label_smoothing:
+        if loss_fn is not None:
+            raise ValueError("config.label_smoothing smooths the model's own loss; with loss_fn= smooth inside it")
+        shift = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        loss_fn = label_smoothed_loss(config.label_smoothing, shift_tokens=shift)
     return _Run(model, train_data, collate, config, evaluate, loss_fn, step_hook).run(resume_from)
+
+
+def label_smoothed_loss(epsilon: float, shift_tokens: bool = True) -> Callable[[Any, Any], Tensor]:
+    """``loss_fn(outputs, batch)``: mean cross-entropy of ``outputs.logits`` against ``batch["labels"]`` with
+    label smoothing ``epsilon``, labels ``-100`` ignored, in fp32 — what transformers' own loss computes, smoothed.
+
+    Logits ``(B, C)`` (classification) or ``(B, T, V)`` (tokens; ``shift_tokens``: position t predicts label
+    t+1, as in causal LMs; off for encoder-decoders, whose labels are already aligned).
+    """
+    def loss(outputs: Any, batch: Any) -> Tensor:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+        labels = batch["labels"]
+        if logits.dim() == 3 and shift_tokens:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().to(logits.device),
+                               ignore_index=-100, label_smoothing=epsilon)
+
+    return loss
 
 
 class StepHook(Protocol):
