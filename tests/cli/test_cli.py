@@ -300,7 +300,8 @@ def test_eval_and_generate_malformed_adapter_config_one_line(gpt2_dir, e2e_data,
             assert str(tmp_path / "a") in err
 
 
-def test_train_slices_and_label_smoothing_as_in_the_papers_gpt2_runs(gpt2_dir, e2e_data, tmp_path, capsys):
+def test_train_slices_and_label_smoothing_as_in_the_papers_gpt2_runs(gpt2_dir, e2e_data, tmp_path, capsys,
+                                                                     monkeypatch):
     out = tmp_path / "run"
     assert main(["train", "--model", str(gpt2_dir), "--data", str(e2e_data), "--task", "e2e", "--target-modules",
                  "c_attn", "--slices", "c_attn=1,0,1", "--r", "4", "--label-smoothing", "0.1",  # the paper's GPT-2 setting
@@ -322,3 +323,19 @@ def test_train_slices_and_label_smoothing_as_in_the_papers_gpt2_runs(gpt2_dir, e
                  "--output-dir", str(tmp_path / "x")]) == 2
     assert "--slices names 'c_attn' twice" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+    import lorakit.train.evaluate
+    from lorakit.train.tasks import e2e_prompt_ids
+
+    seen = []
+    real = lorakit.train.evaluate.generate_texts
+    monkeypatch.setattr(lorakit.train.evaluate, "generate_texts",
+                        lambda m, tok, prompts, *a, **k: seen.append(prompts) or real(m, tok, prompts, *a, **k))
+    mr = "name : The Vaults | Type : pub"
+    for extra in ([], ["--prompt-format", "raw"]):
+        assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", mr, "--max-new-tokens", "2",
+                     *extra]) == 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    assert seen == [[e2e_prompt_ids(mr, tok)], [tok(mr)["input_ids"]]]  # default: the run's task (e2e), as trained

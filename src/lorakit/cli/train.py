@@ -384,3 +384,26 @@ def _write_run_args(path: Path, args: argparse.Namespace) -> None:
         if values.get(key) and Path(values[key]).expanduser().exists():
             values[key] = str(Path(values[key]).expanduser().resolve())
     write_text_atomic(path, json.dumps(values, indent=2, default=str))
+
+
+def read_run_args(adapter: Path, instead: str | None = None) -> dict:
+    """The options of the ``lorakit train`` run whose output directory holds ``adapter`` (``"_path"``: the file).
+
+    Without such a readable file: ``{}``, or, when the caller needs it, an error saying to pass ``instead``.
+    """
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+    path = adapter.resolve().parent / RUN_ARGS
+    problem = None if path.is_file() else f"{adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)"
+    values: object = None
+    if problem is None:
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            problem = None if isinstance(values, dict) else f"{path}: not a JSON object of options"
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            problem = f"{path}: not valid JSON ({type(e).__name__})"
+    if problem is None:
+        return {**values, "_path": str(path)}
+    if instead is None:
+        return {}
+    raise UsageError(f"pass {instead}: {problem}")
