@@ -13,7 +13,8 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import Adapter
 from lorakit.train.config import LinearWarmupSchedule, TrainConfig, param_groups
-from lorakit.train.loop import group_by_length, label_smoothed_loss, train
+from lorakit.train.loop import group_by_length, train
+from lorakit.train.losses import label_smoothed_loss
 from tests.train.tiny_run import TinyNet, build, collate, make_data
 
 

@@ -25,12 +25,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..core.checkpoint import save_adapter
 from ..core.model import active_adapter
 from . import distributed as D
 from .config import LinearWarmupSchedule, TrainConfig, TrainResult, param_groups
+from .losses import label_smoothed_loss
 from .plots import plot_curves, read_metrics
 from .state import (
     CheckpointError,
@@ -138,24 +138,6 @@ def train(
         shift = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         loss_fn = label_smoothed_loss(config.label_smoothing, shift_tokens=shift)
     return _Run(model, train_data, collate, config, evaluate, loss_fn, step_hook).run(resume_from)
-
-
-def label_smoothed_loss(epsilon: float, shift_tokens: bool = True) -> Callable[[Any, Any], Tensor]:
-    """``loss_fn(outputs, batch)``: mean cross-entropy of ``outputs.logits`` against ``batch["labels"]`` with
-    label smoothing ``epsilon``, labels ``-100`` ignored, in fp32 — what transformers' own loss computes, smoothed.
-
-    Logits ``(B, C)`` (classification) or ``(B, T, V)`` (tokens; ``shift_tokens``: position t predicts label
-    t+1, as in causal LMs; off for encoder-decoders, whose labels are already aligned).
-    """
-    def loss(outputs: Any, batch: Any) -> Tensor:
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
-        labels = batch["labels"]
-        if logits.dim() == 3 and shift_tokens:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().to(logits.device),
-                               ignore_index=-100, label_smoothing=epsilon)
-
-    return loss
 
 
 class StepHook(Protocol):
