@@ -160,8 +160,13 @@ def test_a_folder_above_the_adapters_names_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^no adapter_config.json in .*run \(adapters in its subfolders: "
                                                 r"adapter/, best/\)$"):
         read_adapter(tmp_path / "run")  # a `lorakit train` output dir, or a folder of PEFT's named adapters
+    (tmp_path / "run" / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"^no adapter_config.json in \S+$"):
+        read_adapter(tmp_path / "run" / "empty")
+    with pytest.raises(FileNotFoundError, match=r"^adapter directory \S+missing does not exist$"):
         read_adapter(tmp_path / "run" / "missing")
+    with pytest.raises(FileNotFoundError, match=r"^adapter directory \S+config.json is a file$"):
+        read_adapter(tmp_path / "run" / "adapter" / "adapter_config.json")
 
 
 def test_target_mismatch_is_refused_and_model_untouched(tmp_path):

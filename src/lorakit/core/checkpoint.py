@@ -235,6 +235,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     """
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {path} {'is a file' if path.exists() else 'does not exist'}")
     if not config_file.is_file():
         inside = sorted(p.parent.name + "/" for p in path.glob(f"*/{CONFIG_NAME}")) if path.is_dir() else []
         hint = f" (adapters in its subfolders: {', '.join(inside[:5])})" if inside else ""
