@@ -391,8 +391,9 @@ def read_run_args(adapter: Path, instead: str | None = None) -> dict:
 
     Without such a readable file: ``{}``, or, when the caller needs it, an error saying to pass ``instead``.
     """
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+    from ..core.checkpoint import check_adapter_dir
+
+    check_adapter_dir(adapter)  # an adapter first: a run's output dir given for its adapter/ is named as such
     path = adapter.resolve().parent / RUN_ARGS
     problem = None if path.is_file() else f"{adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)"
     values: object = None
