@@ -19,7 +19,7 @@ from torch import nn
 from ..ops.per_row import make_row_update
 from .config import LoraConfig, module_matches
 from .layers import Adapter, LoraLayer, lora_layer_type
-from .quantized import weight_count
+from .quantized import keep_trainable_layout, weight_count
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets
@@ -115,6 +115,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     if activate:
         set_adapter(model, name)
     guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
+    keep_trainable_layout(model)  # 4-bit layers repacked for CPU inference have no backward
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:

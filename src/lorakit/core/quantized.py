@@ -75,6 +75,22 @@ def _unpack_cpu_layout(layer: nn.Module) -> None:
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Every bitsandbytes 4-bit layer of ``model`` gets the standard layout back and keeps it.
+
+    Called when an adapter is attached: gradients flow back through *every* quantized layer, adapted or not,
+    and a repacked one has no backward (bitsandbytes only warns; the adapters upstream of it then get zero
+    gradients). This gives up bitsandbytes' AVX512-BF16 inference kernel on such CPUs.
+    """
+    types = quantized_base_types()
+    if not types:
+        return  # bitsandbytes not imported: no quantized layer here
+    for module in model.modules():
+        if isinstance(module, types) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            _unpack_cpu_layout(module)
+
+
 def set_quantized_weight(layer: nn.Module, weight: Tensor) -> None:
     """Quantize the fp weight ``(out, in)`` into ``layer`` with the layer's own settings (codes, blocks)."""
     bnb = require_bitsandbytes()
