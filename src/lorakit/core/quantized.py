@@ -216,7 +216,8 @@ PRESETS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_ty
 
 
 def base_quantization(layers: list[nn.Module]) -> str | None:
-    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers (``None``: full precision).
+    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers: ``None`` for full precision,
+    and for bases no single preset rebuilds (mixed, or another 4-bit type).
 
     Saved with an adapter, so loading it can rebuild the base the adapter was trained on.
     """
@@ -225,10 +226,7 @@ def base_quantization(layers: list[nn.Module]) -> str | None:
         base = getattr(layer, "base_layer", None)
         if isinstance(base, quantized_base_types()):
             found.add(getattr(base.weight, "quant_type", None) if type(base).__name__ == "Linear4bit" else "int8")
-    if len(found) > 1 or not found <= PRESETS.keys():
-        raise ValueError(f"the adapted layers have mixed or unknown 4/8-bit bases ({sorted(map(str, found))}); "
-                         f"lorakit records one of {sorted(PRESETS)}")
-    return found.pop() if found else None
+    return found.pop() if len(found) == 1 and found <= PRESETS.keys() else None
 
 
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
