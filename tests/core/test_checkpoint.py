@@ -153,6 +153,22 @@ def test_broken_files_are_refused_and_model_untouched(tmp_path):
     _assert_unchanged(model, snapshot)
 
 
+def test_a_folder_above_the_adapters_names_them(tmp_path):
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]))
+    lorakit.save_adapter(model, tmp_path / "run" / "adapter")
+    lorakit.save_adapter(model, tmp_path / "run" / "best")
+    with pytest.raises(FileNotFoundError, match=r"^no adapter_config.json in .*run \(adapters in its subfolders: "
+                                                r"adapter/, best/\)$"):
+        read_adapter(tmp_path / "run")  # a `lorakit train` output dir, or a folder of PEFT's named adapters
+    (tmp_path / "run" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^no adapter_config.json in \S+$"):
+        read_adapter(tmp_path / "run" / "empty")
+    with pytest.raises(FileNotFoundError, match=r"^adapter directory \S+missing does not exist$"):
+        read_adapter(tmp_path / "run" / "missing")
+    with pytest.raises(FileNotFoundError, match=r"^adapter directory \S+config.json is a file$"):
+        read_adapter(tmp_path / "run" / "adapter" / "adapter_config.json")
+
+
 def test_target_mismatch_is_refused_and_model_untouched(tmp_path):
     model, _ = _saved_mlp(tmp_path)
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())

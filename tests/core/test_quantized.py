@@ -304,6 +304,34 @@ def test_training_forward_after_an_inference_forward_has_gradients():
         assert torch.allclose(xg.grad, W.sum(0).expand_as(xg), atol=FP32_TOL)  # d(sum(x W^T))/dx, B = 0
 
 
+def test_adapter_gradients_flow_through_unadapted_4bit_layers_after_an_inference_forward():
+    """transformers loads every linear layer as bitsandbytes' Linear4bit, which repacks at an eval-mode no-grad
+    forward (AVX512-BF16 CPUs) into a layout with no backward: gradients through an unadapted one silently
+    vanished. Attaching an adapter puts every 4-bit layer back in the standard layout, for good."""
+    x, grads = torch.randn(2, 64), []
+    for wild_default in (True, False):  # bitsandbytes' default vs a layer that never repacks (the control)
+        model = lorakit.quantize(_model())
+        wild = quantized_linear(nn.Linear(64, 64), 4, "nf4", True, None)
+        wild.support_avx512bf16_for_cpu = bnb.nn.Linear4bit(4, 4).support_avx512bf16_for_cpu and wild_default
+        model.blocks[1]["mlp"] = wild  # not adapted below
+        model.eval()
+        with torch.no_grad():
+            model(x)  # repacks `wild` where bitsandbytes does
+        lorakit.add_lora(model, lorakit.LoraConfig(r=4, dropout=0.0, target_modules=["q"]))
+        torch.manual_seed(1)
+        _randomize_B(model)
+        with torch.no_grad():
+            model(x)  # an evaluation after the adapter came
+        model.train()
+        model(x).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
+    for name in grads[0]:  # bitsandbytes' repack -> unpack round trip moves weights by up to ~3e-4 (its block
+        # constants pass through a coarser type), so the gradients agree to 2e-3; without the standard layout back,
+        # the backward through `wild` raises (with a bias) or silently contributes nothing (without one)
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-3, rtol=2e-3, msg=name)
+
+
 # ----- LoftQ ----------------------------------------------------------------------------------------------------
 def _weight_error(model, original, path):
     layer = model.get_submodule(path)

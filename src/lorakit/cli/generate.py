@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--row-adapters", metavar="NAME,NAME,...",
                    help="adapter for each prompt, in order ('none' = base model); default: the last adapter for all")
+    p.add_argument("--prompt-format", choices=["raw", "sft", "e2e"],
+                   help="how a prompt becomes tokens: raw text; sft: the instruction format or chat template the "
+                   "adapter was trained with (the prompt as the user turn); e2e: an E2E meaning representation + "
+                   "separator. Default: the task of the `lorakit train` run of the first adapter, else raw")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=1)
     p.add_argument("--do-sample", action="store_true")
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.evaluate import generate_texts
 
     adapters = _parse_adapters(args.adapter)
+    prompt_format = args.prompt_format or _trained_format(adapters)
     base = args.model or (read_adapter(adapters[0][1])[0].base_model_name_or_path if adapters else None)
     if not base:
         raise ValueError("pass --model (or an --adapter whose config names its base model)")
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         context = per_row_adapters(model, [n for n in rows for _ in range(args.num_beams)])
     else:
         context = nullcontext()
-    prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
+    prompts = [_prompt_ids(p, tokenizer, prompt_format) for p in args.prompt]
     decoding = {"num_beams": args.num_beams, "do_sample": args.do_sample}
     if args.do_sample:
         decoding["temperature"] = args.temperature
@@ -80,3 +85,23 @@ def run(args: argparse.Namespace) -> int:
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"{prompt}{' ' if text and not prompt.endswith(' ') else ''}{text}")
     return 0
+
+
+def _trained_format(adapters: list[tuple[str, str]]) -> str:
+    """The prompt format of the ``lorakit train`` run that wrote the first adapter (raw if unknown)."""
+    from pathlib import Path
+
+    from .train import read_run_args
+
+    task = read_run_args(Path(adapters[0][1])).get("task") if adapters else None
+    return task if task in ("sft", "e2e") else "raw"
+
+
+def _prompt_ids(text: str, tokenizer, prompt_format: str) -> list[int]:
+    from ..train.tasks import e2e_prompt_ids, sft_prompt_ids
+
+    if prompt_format == "sft":
+        return sft_prompt_ids({"prompt": text, "response": ""}, tokenizer)
+    if prompt_format == "e2e":
+        return e2e_prompt_ids(text, tokenizer)
+    return tokenizer(text)["input_ids"]

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     for k, v in info["config"].items():
         print(f"{k:<12} {v}")
     if info["base_quantization"]:
-        print(f"trained on   a base quantized to {info['base_quantization']} (eval and generate rebuild it; merge "
-              "uses full precision)")
+        print(f"trained on   a base quantized to {info['base_quantization']} (eval, generate and serve rebuild it; "
+              "merge uses full precision)")
     print(f"parameters   {info['parameters']:,} ({info['lora_parameters']:,} in LoRA A/B)")
     print(f"size         {info['size_bytes'] / 1024:.1f} KiB")
     width = max((len(layer["module"]) for layer in info["layers"]), default=6)

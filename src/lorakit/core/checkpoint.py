@@ -226,6 +226,23 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
 
 
 # ----- load ---------------------------------------------------------------------------------------------
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` is a directory holding both adapter files (a cheap check before any loading); else a
+    FileNotFoundError saying what is there instead."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {path} {'is a file' if path.exists() else 'does not exist'}")
+    if not config_file.is_file():
+        inside = sorted(p.parent.name + "/" for p in path.glob(f"*/{CONFIG_NAME}"))
+        hint = f" (adapters in its subfolders: {', '.join(inside[:5])})" if inside else ""
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}{hint}")
+    if not weights_file.is_file():
+        extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}{extra}")
+    return path
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, Tensor]]:
     """Read and check an adapter directory: (config, raw config dict, tensors). Never unpickles.
 
@@ -233,13 +250,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     (from the weights file's header; checkpoints written before it moved there keep it in the JSON).
     Every problem is a one-line :class:`CheckpointError` naming the file and what is wrong.
     """
-    path = Path(path)
+    path = check_adapter_dir(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    if not weights_file.is_file():
-        extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}{extra}")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

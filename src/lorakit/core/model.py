@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..ops.per_row import make_row_update
-from .config import LoraConfig
+from .config import LoraConfig, module_matches
 from .layers import Adapter, LoraLayer, lora_layer_type
-from .quantized import weight_count
+from .quantized import keep_trainable_layout, weight_count
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .targets import find_modules_to_save, find_targets, outside_adapters
@@ -49,6 +49,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
         planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
+    stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
+    if stray:  # a typo would otherwise adapt every slice of the fused projection
+        raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
+                         f"{' ...' if len(planned) > 4 else ''}")
     copies = {}
     if config.modules_to_save:
         paths = find_modules_to_save(model, config.modules_to_save)
@@ -112,6 +116,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     if activate:
         set_adapter(model, name)
     guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
+    keep_trainable_layout(model)  # 4-bit layers repacked for CPU inference have no backward
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:

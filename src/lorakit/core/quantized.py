@@ -75,6 +75,22 @@ def _unpack_cpu_layout(layer: nn.Module) -> None:
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Every bitsandbytes 4-bit layer of ``model`` gets the standard layout back and keeps it.
+
+    Called when an adapter is attached: gradients flow back through *every* quantized layer, adapted or not,
+    and a repacked one has no backward (bitsandbytes only warns; the adapters upstream of it then get zero
+    gradients). This gives up bitsandbytes' AVX512-BF16 inference kernel on such CPUs.
+    """
+    types = quantized_base_types()
+    if not types:
+        return  # bitsandbytes not imported: no quantized layer here
+    for module in model.modules():
+        if isinstance(module, types) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            _unpack_cpu_layout(module)
+
+
 def set_quantized_weight(layer: nn.Module, weight: Tensor) -> None:
     """Quantize the fp weight ``(out, in)`` into ``layer`` with the layer's own settings (codes, blocks)."""
     bnb = require_bitsandbytes()
@@ -200,7 +216,8 @@ PRESETS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_ty
 
 
 def base_quantization(layers: list[nn.Module]) -> str | None:
-    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers (``None``: full precision).
+    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers: ``None`` for full precision,
+    and for bases no single preset rebuilds (mixed, or another 4-bit type).
 
     Saved with an adapter, so loading it can rebuild the base the adapter was trained on.
     """
@@ -209,10 +226,7 @@ def base_quantization(layers: list[nn.Module]) -> str | None:
         base = getattr(layer, "base_layer", None)
         if isinstance(base, quantized_base_types()):
             found.add(getattr(base.weight, "quant_type", None) if type(base).__name__ == "Linear4bit" else "int8")
-    if len(found) > 1 or not found <= PRESETS.keys():
-        raise ValueError(f"the adapted layers have mixed or unknown 4/8-bit bases ({sorted(map(str, found))}); "
-                         f"lorakit records one of {sorted(PRESETS)}")
-    return found.pop() if found else None
+    return found.pop() if len(found) == 1 and found <= PRESETS.keys() else None
 
 
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
