@@ -83,7 +83,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
         raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) before adding {name!r}")
     # The base biases are shared by every adapter: an adapter that trains them would change the others'
     # outputs, and every checkpoint would hold them (PEFT refuses this too).
-    bias_of = {n: a.config.bias for layer in lora_layers(model) for n, a in layer.adapters.items()}  # existing's keys
+    bias_of = {n: a.config.bias for layer in lora_layers(model) for n, a in layer.adapters.items()}  # has every name of existing
     with_bias = [a for a in existing if bias_of[a] != "none"]
     if existing and (config.bias != "none" or with_bias):
         owner = f"adapter {with_bias[0]!r} has bias={bias_of[with_bias[0]]!r}" if with_bias \
