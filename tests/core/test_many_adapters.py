@@ -86,3 +86,12 @@ def test_outside_adapters_is_named_modules_less_the_adapters_insides():
     assert [(p, id(m)) for p, m in outside_adapters(model)] == [(p, id(m)) for p, m in expected]
     layers, saved = _wrappers(model)
     assert layers == [model.fc1, model.fc2] and saved == [model.head]
+
+
+def test_modules_to_save_over_another_adapters_lora_layer_is_refused():
+    """Its copies would hold copies of the LoRA layer, which whole-model queries no longer enter."""
+    model = MLP()
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["head"]), adapter="a")
+    with pytest.raises(ValueError, match=r"modules_to_save 'head' contains 'head', which adapter\(s\) \['a'\] adapt"):
+        lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]), adapter="b")
+    assert lorakit.adapter_names(model) == ["a"] and isinstance(model.head, LoraLayer)  # untouched

@@ -63,6 +63,11 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
             if inside:
                 raise ValueError(f"modules_to_save {saved!r} contains the LoRA target {inside[0]!r}: a module is "
                                  "either adapted or trained in full, not both")
+            held = [p for p, m in outside_adapters(model) if isinstance(m, LoraLayer) and (p + ".").startswith(saved + ".")]
+            if held:  # its copies would hold copies of those layers, which whole-model queries do not enter
+                raise ValueError(f"modules_to_save {saved!r} contains {held[0]!r}, which adapter(s) "
+                                 f"{list(model.get_submodule(held[0]).adapters)} adapt: a module is either adapted or "
+                                 "trained in full, not both")
         for path in paths:
             module = model.get_submodule(path)
             original = module.original if isinstance(module, SavedModule) else module
