@@ -160,23 +160,27 @@ def _set_trainable(model: nn.Module, name: str | None) -> None:
         held = module.adapters if isinstance(module, LoraLayer) else \
             module.copies if isinstance(module, SavedModule) else {}
         for key, adapter in held.items():
-            for p in _all_parameters(adapter):
-                if p.requires_grad != (key == name):
-                    p.requires_grad_(key == name)
+            _set_requires_grad(adapter, key == name)
         if bias == "lora_only" and isinstance(module, LoraLayer) and name in held \
                 and isinstance(getattr(module.base_layer, "bias", None), nn.Parameter):
             module.base_layer.bias.requires_grad_(True)
 
 
-def _all_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """``module.parameters()`` (a shared one may come twice) without ``named_modules``' bookkeeping, which
-    costs more than the flag itself when :func:`_set_trainable` visits every adapter of every layer."""
-    found, stack = [], [module]
-    while stack:
-        m = stack.pop()
-        found.extend(m._parameters.values())
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return [p for p in found if p is not None]
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    """``module.requires_grad_(flag)`` without ``named_modules``' generators, which cost more than the flags
+    when :func:`_set_trainable` visits every adapter of every layer (leaf children, A and B, read inline)."""
+    for p in module._parameters.values():
+        if p is not None and p.requires_grad != flag:
+            p.requires_grad_(flag)
+    for child in module._modules.values():
+        if child is None:
+            continue
+        if child._modules:
+            _set_requires_grad(child, flag)
+            continue
+        for p in child._parameters.values():
+            if p is not None and p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def _check_no_context(model: nn.Module, action: str) -> None:
