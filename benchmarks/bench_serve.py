@@ -206,7 +206,7 @@ def _serve_at(n: int, reps: int, requests: int, batch: int) -> dict:
                 res[k].append(runs[k]())
         best = {k: max(v, key=lambda r: r["tok/s"]) for k, v in res.items()}
         best["mixed / single"] = round(best["mixed"]["tok/s"] / best["single"]["tok/s"], 3)
-        # the same ratio round by round (each round runs both, minutes apart at most): its spread is the noise
+        # the same ratio round by round (each round runs both, seconds apart): its spread shows the noise
         best["mixed / single by round"] = [round(m["tok/s"] / s["tok/s"], 2)
                                            for m, s in zip(res["mixed"], res["single"], strict=True)]
         best["mixed / swap"] = round(best["mixed"]["tok/s"] / best["swap"]["tok/s"], 1)
