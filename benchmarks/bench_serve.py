@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--case", action="append", choices=["compose", "serve", "decode_ratio", "setup"])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (1 is far steadier on a shared machine: docs/serving.md)")
     p.add_argument("--counts", help="serve, setup: numbers of adapters (default 1,8,32,128,1000 and 128,256,512,1000)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
