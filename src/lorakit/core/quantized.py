@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LoraLayer, LoraLinear, _conv1d_type
+from .targets import outside_adapters
 from .variants import changed_base
 
 EXTRA_HINT = "pip install 'lorakit[qlora]'"
@@ -85,7 +86,7 @@ def keep_trainable_layout(model: nn.Module) -> None:
     types = quantized_base_types()
     if not types:
         return  # bitsandbytes not imported: no quantized layer here
-    for module in model.modules():
+    for _, module in outside_adapters(model):  # base layers; never inside an adapter
         if isinstance(module, types) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
             _unpack_cpu_layout(module)
