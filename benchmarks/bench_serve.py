@@ -1,8 +1,9 @@
 """``lorakit serve`` and its adapter pool, side by side on CPU (one process, rotating repetitions).
 
     python benchmarks/bench_serve.py --case compose          # per_row_adapters vs the resident pool (~1 min)
-    python benchmarks/bench_serve.py --case serve            # HTTP throughput / latency, mixed vs one vs swap
+    python benchmarks/bench_serve.py --case serve            # engine throughput / latency: mixed vs one adapter vs swap
     python benchmarks/bench_serve.py --case decode_ratio     # per-row / one shared adapter at small models
+    python benchmarks/bench_serve.py --case setup            # seconds to add and pool 128 ... 1,000 adapters
 
 Models are random-init LLaMA configs (nothing is downloaded). Every timing is the best (``compose``,
 ``decode_ratio``) of ``--reps`` repetitions in rotating order, so drift in machine speed hits all variants
@@ -102,12 +103,13 @@ def engine_with(model, names: list[str], max_batch_size: int):
     """An engine over ``model`` whose adapters (already in the model) are all resident in the pool."""
     from lorakit.serve.adapters import AdapterInfo, AdapterStore
     from lorakit.serve.engine import Engine
+    from lorakit.serve.metrics import ServeMetrics
 
     store = AdapterStore(model, "base", {n: AdapterInfo(n, Path(".")) for n in names}, max_loaded=max(len(names), 1))
     for name in names:
         store.pool.add(name)
         store.loaded[name] = None
-    return Engine(store, _Tok(), "sft", max_batch_size=max_batch_size)
+    return Engine(store, _Tok(), "sft", max_batch_size=max_batch_size, metrics=ServeMetrics())
 
 
 class _Tok:
@@ -118,18 +120,34 @@ class _Tok:
         return ""
 
 
+def _forwards(engine) -> dict[str, tuple[float, float]]:
+    """(forwards, rows) so far per phase, from the engine's Prometheus batch-size histogram."""
+    get = engine.metrics.registry.get_sample_value
+    return {phase: (get("lorakit_batch_size_count", {"phase": phase}) or 0,
+                    get("lorakit_batch_size_sum", {"phase": phase}) or 0) for phase in ("prefill", "decode")}
+
+
 def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict:
-    """Submit one request per entry of ``adapters`` at once; tokens/s, p50/p99 latency (ms)."""
+    """Submit one request per entry of ``adapters`` at once; tokens/s, p50/p99 latency (ms), and how the
+    engine batched them (forwards and mean rows per forward, prefill and decode)."""
     import threading
 
     from lorakit.serve.engine import GenJob
 
     done_at: dict[int, float] = {}
+    jobs: list = []
     errors: list[str] = []
     all_done = threading.Event()
     g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 1000, (prompt_len,), generator=g).tolist() for _ in adapters]
+    # The whole burst is queued while the engine waits at a gate, so every variant starts from the same
+    # batching (max_batch_size rows prefilled at once). Submitted one by one, the engine woke mid-loop and
+    # split the first wave into prefills of varying size, differently from run to run.
+    gate = threading.Event()
+    engine.call(gate.wait)
+    before = _forwards(engine)
     t0 = time.perf_counter()
-    for i, name in enumerate(adapters):
+    for i, (name, ids) in enumerate(zip(adapters, prompts, strict=True)):
         def emit(ev, i=i):
             if ev.kind == "error":
                 errors.append(ev.message)
@@ -137,15 +155,21 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
                 done_at[i] = time.perf_counter()
                 if len(done_at) == len(adapters):
                     all_done.set()
-        ids = torch.randint(1, 1000, (prompt_len,), generator=g).tolist()
-        engine.submit(GenJob(name, ids, max_tokens, emit))
+        jobs.append(GenJob(name, ids, max_tokens, emit))
+        engine.submit(jobs[-1])
+    gate.set()
     all_done.wait()
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
     lat = sorted((t - t0) * 1000 for t in done_at.values())
-    return {"tok/s": round(len(adapters) * max_tokens / wall, 1), "p50 ms": round(lat[len(lat) // 2]),
-            "p99 ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))])}
+    after = _forwards(engine)
+    batching = {}
+    for phase in after:
+        n, rows = (after[phase][0] - before[phase][0]), (after[phase][1] - before[phase][1])
+        batching[phase] = f"{n:.0f} x {rows / max(n, 1):.1f} rows"
+    return {"tok/s": round(sum(len(job.generated) for job in jobs) / wall, 1), "p50 ms": round(lat[len(lat) // 2]),
+            "p99 ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))]), **batching}
 
 
 def case_serve(reps: int, counts=(1, 8, 32, 128, 1000), requests: int = 128, batch: int = 32) -> dict:
@@ -158,11 +182,18 @@ def case_serve(reps: int, counts=(1, 8, 32, 128, 1000), requests: int = 128, bat
 
 
 def _serve_at(n: int, reps: int, requests: int, batch: int) -> dict:
+    t0 = time.perf_counter()
     model = llama(256, 4)
+    # no end-of-sequence token: every request generates max_tokens, so each variant does the same work and
+    # batches the same way (with LlamaConfig's eos id 2, a few greedy outputs stopped early, which ones
+    # depending on the adapters, and freed rows refilled by smaller prefills)
+    model.config.eos_token_id = None
     names = add_adapters(model, n)
+    t_added = time.perf_counter()
     mixed = [names[i % n] for i in range(requests)]
     single = [names[0]] * requests
     batched, swapping = engine_with(model, names, batch), engine_with(model, names, 1)
+    t_setup = time.perf_counter()
     batched.start()
     swapping.start()
     try:
@@ -175,11 +206,36 @@ def _serve_at(n: int, reps: int, requests: int, batch: int) -> dict:
                 res[k].append(runs[k]())
         best = {k: max(v, key=lambda r: r["tok/s"]) for k, v in res.items()}
         best["mixed / single"] = round(best["mixed"]["tok/s"] / best["single"]["tok/s"], 3)
+        # the same ratio round by round (each round runs both, seconds apart): its spread shows the noise
+        best["mixed / single by round"] = [round(m["tok/s"] / s["tok/s"], 2)
+                                           for m, s in zip(res["mixed"], res["single"], strict=True)]
         best["mixed / swap"] = round(best["mixed"]["tok/s"] / best["swap"]["tok/s"], 1)
+        best["set-up s"] = {"add_lora": round(t_added - t0, 1), "pools": round(t_setup - t_added, 1)}
+        best["runs s"] = round(time.perf_counter() - t_setup, 1)
         return best
     finally:
         batched.stop()
         swapping.stop()
+
+
+# ----- setup: adding n adapters to the model and stacking them in the pool ----------------------------------
+def case_setup(reps: int, counts=(128, 256, 512, 1000)) -> dict:
+    """Seconds to add ``n`` adapters with ``add_lora`` (4-layer 256-wide LLaMA, r=8 on q,k,v,o) and to stack
+    them into an :class:`AdapterPool`; one repetition (it is long at 1,000)."""
+    from lorakit.ops.pool import AdapterPool
+
+    out = {}
+    for n in counts:
+        model = llama(256, 4)
+        t0 = time.perf_counter()
+        names = add_adapters(model, n)
+        t1 = time.perf_counter()
+        pool = AdapterPool(model, slots=n)
+        for name in names:
+            pool.add(name)
+        out[n] = {"add_lora s": round(t1 - t0, 1), "pool.add s": round(time.perf_counter() - t1, 1)}
+        print(n, out[n], flush=True)
+    return out
 
 
 # ----- decode ratio: per-row / one shared adapter at small models ------------------------------------------
@@ -224,16 +280,16 @@ def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", action="append", choices=["compose", "serve", "decode_ratio"])
+    p.add_argument("--case", action="append", choices=["compose", "serve", "decode_ratio", "setup"])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
-    p.add_argument("--counts", default="1,8,32,128,1000", help="serve: numbers of resident adapters")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (1 is far steadier on a shared machine: docs/serving.md)")
+    p.add_argument("--counts", help="serve, setup: numbers of adapters (default 1,8,32,128,1000 and 128,256,512,1000)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
     for case in args.case or ["compose", "decode_ratio", "serve"]:
-        extra = {"counts": [int(c) for c in args.counts.split(",")]} if case == "serve" else {}
+        extra = {"counts": [int(c) for c in args.counts.split(",")]} if args.counts and case in ("serve", "setup") else {}
         results[case] = CASES[case](args.reps, **extra)
         print(json.dumps({case: results[case]}, indent=1), flush=True)
     if args.out:
@@ -241,7 +297,7 @@ def main(argv=None) -> int:
     return 0
 
 
-CASES = {"compose": case_compose, "serve": case_serve, "decode_ratio": case_decode_ratio}
+CASES = {"compose": case_compose, "serve": case_serve, "decode_ratio": case_decode_ratio, "setup": case_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

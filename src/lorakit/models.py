@@ -147,15 +147,18 @@ def num_labels_in(tensors: dict) -> int | None:
     return None
 
 
-def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None):
+def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None, quantize: str | None = "auto"):
     """Base model (``model`` or the adapter's ``base_model_name_or_path``) + tokenizer + the adapter.
 
-    Returns ``(model, tokenizer, task)``.
+    ``quantize``: the base's 4/8-bit form, a key of ``core.quantized.PRESETS`` (``"nf4"``, ``"fp4"``, ``"int8"``);
+    ``"auto"``: the one the adapter was trained on (QLoRA adapters record it; others: full precision);
+    ``None`` / ``"none"``: full precision. Returns ``(model, tokenizer, task)``.
     """
     from .core.checkpoint import load_adapter, read_adapter
     from .core.config import LORAKIT_KEY
 
     config, raw, tensors = read_adapter(adapter)
+    quantization = base_quantization_for({str(adapter): raw[LORAKIT_KEY].get("quantization")}, quantize)
     base = model or config.base_model_name_or_path
     if not base:
         raise ModelError(f"adapter {adapter} does not name its base model; pass --model")
@@ -167,4 +170,42 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None)
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     load_adapter(net, adapter)
+    quantize_base(net, quantization)
     return net.eval(), tokenizer, task
+
+
+def base_quantization_for(recorded: dict[str, str | None], quantize: str | None = "auto") -> str | None:
+    """The ``core.quantized.PRESETS`` key to quantize a base with after loading the adapters (``None``: full
+    precision), checked before anything loads.
+
+    ``recorded``: adapter path -> the ``"quantization"`` its metadata records (QLoRA adapters do). ``quantize``:
+    a preset; ``"auto"``: the recorded one (the adapters must agree; none recorded: full precision);
+    ``None`` / ``"none"``: full precision.
+    """
+    from .core.quantized import EXTRA_HINT, PRESETS
+
+    if quantize not in (*PRESETS, "auto", "none", None):
+        raise ValueError(f"quantize must be one of {sorted(PRESETS)}, 'auto' or 'none', got {quantize!r}")
+    why = f"--quantize {quantize}"
+    if quantize == "auto":
+        if len(set(recorded.values())) > 1:
+            raise ModelError(f"the adapters were trained on different bases ({recorded}); pass --quantize")
+        path, quantize = next(iter(recorded.items()), (None, None))
+        why = f"{path} was trained on a base quantized to {quantize}"
+    if quantize in (None, "none"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(f"{why}, which needs bitsandbytes ({EXTRA_HINT}); or load the adapter on the "
+                         "full-precision base (--quantize none)") from None
+    return quantize
+
+
+def quantize_base(model: nn.Module, preset: str | None) -> None:
+    """After the adapters are loaded, as ``lorakit train --quantize`` did it (LoftQ adapters refit on the
+    full-precision weights, then get the same codes)."""
+    if preset is not None:
+        from .core.quantized import PRESETS, quantize
+
+        quantize(model, **PRESETS[preset])

@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys):
     lorakit.save_adapter(emb, tmp_path / "emb")
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "missing"), "--output-dir", str(out)]) == 2
-    assert "adapter_config.json" in capsys.readouterr().err
+    assert "missing does not exist" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "mlp"), str(tmp_path / "emb"), "--output-dir", str(out)]) == 2
     assert "no module in common" in capsys.readouterr().err
     assert not out.exists()

@@ -252,3 +252,15 @@ def test_file_values_follow_each_flag_kind():
         with pytest.raises(UsageError) as e:
             file_values(p, bad, "f.yaml")
         assert message in str(e.value)
+
+
+def test_eval_and_generate_given_a_run_dir_name_its_adapters(tmp_path, capsys):
+    import lorakit
+    from tests.conftest import MLP
+
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]))
+    lorakit.save_adapter(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "run_args.json").write_text("{}")
+    for argv in (["eval", str(tmp_path / "run")], ["generate", "--adapter", str(tmp_path / "run"), "--prompt", "x"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.endswith("run (adapters in its subfolders: adapter/)\n")

@@ -1,7 +1,9 @@
 """The ``lorakit`` command line on tiny saved models: train, eval, merge, inspect, generate, bad input."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -91,7 +93,13 @@ def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_pat
     assert info["config"]["modules_to_save"] == ["classifier"]
 
     merged = tmp_path / "merged"
-    assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["merge", str(out / "adapter"), "--out", str(merged)]) == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o755  # not a private temp dir's 0700
+    assert stat.S_IMODE((out / "run_args.json").stat().st_mode) == 0o666 & ~umask  # written atomically, not 0600
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit.models import load_with_adapter
@@ -290,3 +298,44 @@ def test_eval_and_generate_malformed_adapter_config_one_line(gpt2_dir, e2e_data,
             err = capsys.readouterr().err
             assert err.startswith("lorakit: error: ") and err.count("\n") == 1 and message in err, err
             assert str(tmp_path / "a") in err
+
+
+def test_train_slices_and_label_smoothing_as_in_the_papers_gpt2_runs(gpt2_dir, e2e_data, tmp_path, capsys,
+                                                                     monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(gpt2_dir), "--data", str(e2e_data), "--task", "e2e", "--target-modules",
+                 "c_attn", "--slices", "c_attn=1,0,1", "--r", "4", "--label-smoothing", "0.1",  # the paper's GPT-2 setting
+                 "--output-dir", str(out), *FAST]) == 0
+    capsys.readouterr()
+    from lorakit.core.checkpoint import read_adapter
+
+    config, raw, tensors = read_adapter(out / "adapter")
+    assert raw["lorakit"]["slices"] == {"c_attn": [True, False, True]}
+    b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]  # saved as plain LoRA of rank 2r
+    assert b.shape == (96, 8) and b[32:64].abs().sum() == 0  # k's rows (32..63 of q|k|v) get no update
+    saved = json.loads((out / "run_args.json").read_text())  # what --resume re-reads
+    assert saved["slices"] == ["c_attn=1,0,1"] and saved["label_smoothing"] == 0.1
+    for bad, message in [("c_attn=1,2", "expected MODULE=MASK"), ("c_attn", "expected MODULE=MASK"),
+                         ("c_attn=0,0", "at least one 1")]:
+        assert main(["train", "--model", str(gpt2_dir), "--slices", bad, "--output-dir", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", "--model", str(gpt2_dir), "--slices", "c_attn=1,0,1", "--slices", "c_attn=1,1,0",
+                 "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--slices names 'c_attn' twice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    import lorakit.train.evaluate
+    from lorakit.train.tasks import e2e_prompt_ids
+
+    seen = []
+    real = lorakit.train.evaluate.generate_texts
+    monkeypatch.setattr(lorakit.train.evaluate, "generate_texts",
+                        lambda m, tok, prompts, *a, **k: seen.append(prompts) or real(m, tok, prompts, *a, **k))
+    mr = "name : The Vaults | Type : pub"
+    for extra in ([], ["--prompt-format", "raw"]):
+        assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", mr, "--max-new-tokens", "2",
+                     *extra]) == 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    assert seen == [[e2e_prompt_ids(mr, tok)], [tok(mr)["input_ids"]]]  # default: the run's task (e2e), as trained

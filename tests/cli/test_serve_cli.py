@@ -28,7 +28,7 @@ def test_serve_prints_url_binds_loopback_and_drains_on_ctrl_c(tmp_path):
     save_adapters(llama, tmp_path / "adapters", ["a"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli.main", "serve", "--model", str(llama),
-                             "--adapters-dir", str(tmp_path / "adapters"), "--port", "0"],
+                             "--adapters-dir", str(tmp_path / "adapters"), "--port", "0", "--max-batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -36,21 +36,31 @@ def test_serve_prints_url_binds_loopback_and_drains_on_ctrl_c(tmp_path):
         assert match, line + proc.stderr.read()
         url, host = match.group(1), match.group(2)
         assert host == "127.0.0.1"
-        got = {}
+        done = []
 
         def long_request():
             r = httpx.post(url + "/v1/completions", json={"model": "a", "prompt": "the cat", "max_tokens": 40,
-                                                          "temperature": 0}, timeout=60)
-            got["status"], got["tokens"] = r.status_code, r.json()["usage"]["completion_tokens"]
+                                                          "temperature": 0}, timeout=120)
+            done.append((r.status_code, r.json()["usage"]["completion_tokens"]))
 
-        t = threading.Thread(target=long_request)
-        t.start()
-        while not got and "lorakit_running_requests 1.0" not in httpx.get(url + "/metrics").text:
+        # 6 requests, one row at a time: the server stays busy for 6 generations, so Ctrl-C lands mid-work
+        # even on a loaded machine (one short request could finish before the signal)
+        threads = [threading.Thread(target=long_request) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while True:  # all 6 arrived (counted on arrival) and one is decoding
+            text = httpx.get(url + "/metrics").text
+            if 'lorakit_adapter_requests_total{model="a"} 6.0' in text and "lorakit_running_requests 1.0" in text:
+                break
+            assert time.monotonic() < deadline and len(done) < 6, text[-2000:]
             time.sleep(0.01)
-        assert not got, "the request ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)
-        t.join(60)
-        assert got == {"status": 200, "tokens": 40}
+        interrupted_with = len(done)
+        for t in threads:
+            t.join(120)
+        assert interrupted_with < 6, "every request ended before the signal: nothing was drained"
+        assert done == [(200, 40)] * 6  # the ones in flight at Ctrl-C finished whole
         assert proc.wait(60) == 0
         assert "lorakit serve: stopped" in proc.stdout.read()
     finally:

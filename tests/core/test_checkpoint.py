@@ -1,6 +1,8 @@
 """Checkpoints: round trips, PEFT's format both ways, atomic writes, and every bad checkpoint refused."""
 
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -87,6 +89,17 @@ def test_write_is_atomic_when_the_save_crashes(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left
 
 
+def test_saved_files_get_the_umask_permissions_not_private_temp_ones(tmp_path):
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]))
+    old = os.umask(0o022)
+    try:
+        lorakit.save_adapter(model, tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
+        CONFIG_NAME: 0o644, WEIGHTS_NAME: 0o644}  # a serving user in the group can read them (mkstemp: 0600)
+
+
 def _saved_mlp(tmp_path):
     torch.manual_seed(0)
     model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
@@ -138,6 +151,22 @@ def test_broken_files_are_refused_and_model_untouched(tmp_path):
     with pytest.raises(FileNotFoundError, match="never loaded"):
         lorakit.load_adapter(model, tmp_path)
     _assert_unchanged(model, snapshot)
+
+
+def test_a_folder_above_the_adapters_names_them(tmp_path):
+    model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1"]))
+    lorakit.save_adapter(model, tmp_path / "run" / "adapter")
+    lorakit.save_adapter(model, tmp_path / "run" / "best")
+    with pytest.raises(FileNotFoundError, match=r"^no adapter_config.json in .*run \(adapters in its subfolders: "
+                                                r"adapter/, best/\)$"):
+        read_adapter(tmp_path / "run")  # a `lorakit train` output dir, or a folder of PEFT's named adapters
+    (tmp_path / "run" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^no adapter_config.json in \S+$"):
+        read_adapter(tmp_path / "run" / "empty")
+    with pytest.raises(FileNotFoundError, match=r"^adapter directory \S+missing does not exist$"):
+        read_adapter(tmp_path / "run" / "missing")
+    with pytest.raises(FileNotFoundError, match=r"^adapter directory \S+config.json is a file$"):
+        read_adapter(tmp_path / "run" / "adapter" / "adapter_config.json")
 
 
 def test_target_mismatch_is_refused_and_model_untouched(tmp_path):

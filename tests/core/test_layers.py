@@ -116,6 +116,14 @@ def test_slices_must_split_evenly():
         lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["0"], slices={"0": [True, False, True]}))
 
 
+def test_slices_for_a_module_that_is_not_adapted_are_refused():
+    model = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 12))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"slices \['2'\] match no adapted module; targets: \['0', '1'\]"):
+        lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"], slices={"2": [True, False, True]}))
+    assert type(model[0]) is nn.Linear and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_embedding_matches_reference():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(30, 6))

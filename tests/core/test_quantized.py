@@ -6,11 +6,15 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
+from lorakit.core.checkpoint import CheckpointError, read_adapter
 from lorakit.core.layers import LoraLinear
 from lorakit.core.quantized import (
+    PRESETS,
     LoraQuantLinear,
     dequantize,
     quantized_linear,
@@ -243,6 +247,21 @@ def test_save_on_quantized_base_load_on_full_precision_and_quantized(tmp_path):
     assert type(full.blocks[0]["q"]) is nn.Linear and full.blocks[0]["q"].weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("preset", ["nf4", "fp4", "int8", None])
+def test_the_checkpoint_records_the_base_quantization(tmp_path, preset):
+    model = _model()
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q"]))
+    if preset:
+        lorakit.quantize(model, **PRESETS[preset])
+    lorakit.save_adapter(model, tmp_path)
+    assert read_adapter(tmp_path)[1]["lorakit"].get("quantization") == preset  # QLoRA: rebuilt on load
+    header = json.loads(safe_open(tmp_path / "adapter_model.safetensors", "pt").metadata()["lorakit"])
+    save_file(load_file(tmp_path / "adapter_model.safetensors"), tmp_path / "adapter_model.safetensors",
+              metadata={"lorakit": json.dumps({**header, "quantization": "nf5"})})
+    with pytest.raises(CheckpointError, match="quantization has an invalid value 'nf5'"):
+        read_adapter(tmp_path)
+
+
 def test_set_quantized_weight_keeps_the_layer_settings():
     lin = nn.Linear(128, 32)
     q = quantized_linear(lin, 4, "fp4", False, torch.float32)
@@ -283,6 +302,34 @@ def test_training_forward_after_an_inference_forward_has_gradients():
         layer(xg).sum().backward()
         W = dequantize(layer.base_layer if path.endswith("q") else layer)
         assert torch.allclose(xg.grad, W.sum(0).expand_as(xg), atol=FP32_TOL)  # d(sum(x W^T))/dx, B = 0
+
+
+def test_adapter_gradients_flow_through_unadapted_4bit_layers_after_an_inference_forward():
+    """transformers loads every linear layer as bitsandbytes' Linear4bit, which repacks at an eval-mode no-grad
+    forward (AVX512-BF16 CPUs) into a layout with no backward: gradients through an unadapted one silently
+    vanished. Attaching an adapter puts every 4-bit layer back in the standard layout, for good."""
+    x, grads = torch.randn(2, 64), []
+    for wild_default in (True, False):  # bitsandbytes' default vs a layer that never repacks (the control)
+        model = lorakit.quantize(_model())
+        wild = quantized_linear(nn.Linear(64, 64), 4, "nf4", True, None)
+        wild.support_avx512bf16_for_cpu = bnb.nn.Linear4bit(4, 4).support_avx512bf16_for_cpu and wild_default
+        model.blocks[1]["mlp"] = wild  # not adapted below
+        model.eval()
+        with torch.no_grad():
+            model(x)  # repacks `wild` where bitsandbytes does
+        lorakit.add_lora(model, lorakit.LoraConfig(r=4, dropout=0.0, target_modules=["q"]))
+        torch.manual_seed(1)
+        _randomize_B(model)
+        with torch.no_grad():
+            model(x)  # an evaluation after the adapter came
+        model.train()
+        model(x).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
+    for name in grads[0]:  # bitsandbytes' repack -> unpack round trip moves weights by up to ~3e-4 (its block
+        # constants pass through a coarser type), so the gradients agree to 2e-3; without the standard layout back,
+        # the backward through `wild` raises (with a bias) or silently contributes nothing (without one)
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-3, rtol=2e-3, msg=name)
 
 
 # ----- LoftQ ----------------------------------------------------------------------------------------------------

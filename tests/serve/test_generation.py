@@ -138,3 +138,25 @@ def test_idle_engine_leaves_the_model_as_it_found_it(server, client):
     while any(layer.row_plan is not None for layer in lora_layers(engine.model)) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert all(layer.row_plan is None for layer in lora_layers(engine.model))
+
+
+def test_a_qlora_adapter_is_served_on_the_4bit_base_it_was_trained_on(llama_dir, tmp_path, capsys):
+    bnb = pytest.importorskip("bitsandbytes")
+    import lorakit
+    from lorakit.models import load_model
+    from tests.serve.helpers import add_random_adapters
+
+    base = load_model(str(llama_dir), "sft")
+    base.config.name_or_path = str(llama_dir)
+    lorakit.quantize(base)  # QLoRA: the adapter records its nf4 base
+    path = add_random_adapters(base, tmp_path, ["q4"])["q4"]
+    want = offline(capsys, llama_dir, path, PROMPTS)  # `lorakit generate` rebuilds the nf4 base too
+    engine = build_engine(str(llama_dir), adapters={"q4": path}, max_batch_size=4)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in engine.model.modules())
+    with running(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        got = [client.completions.create(model="q4", prompt=p, max_tokens=MAX, temperature=0).choices[0].text.strip()
+               for p in PROMPTS]
+    assert got == want  # the same 4-bit codes and adapter: the same greedy tokens
+    full = build_engine(str(llama_dir), adapters={"q4": path}, quantize="none")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.model.modules())

@@ -14,6 +14,7 @@ import lorakit
 from lorakit.core.layers import Adapter
 from lorakit.train.config import LinearWarmupSchedule, TrainConfig, param_groups
 from lorakit.train.loop import group_by_length, train
+from lorakit.train.losses import label_smoothed_loss
 from tests.train.tiny_run import TinyNet, build, collate, make_data
 
 
@@ -173,9 +174,51 @@ def test_hf_model_with_gradient_checkpointing(tmp_path):
     assert all(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, Adapter))
 
 
+@pytest.mark.parametrize("kind", ["causal_lm", "classification"])
+def test_label_smoothed_loss_is_the_models_loss_smoothed(kind):
+    pytest.importorskip("transformers")
+    from tests.conftest import gpt2
+
+    torch.manual_seed(0)
+    if kind == "causal_lm":
+        model = gpt2().eval()
+        ids = torch.randint(0, 101, (3, 9))
+        labels = ids.clone()
+        labels[0, :4] = -100  # a prompt that is not trained on
+        batch = {"input_ids": ids, "labels": labels}
+        logits, target = model(input_ids=ids).logits[:, :-1], labels[:, 1:]  # position t predicts t+1
+    else:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=20, vocab_size=50, num_labels=3)).eval()
+        batch = {"input_ids": torch.randint(0, 50, (4, 7)), "labels": torch.tensor([0, 2, 1, 2])}
+        logits, target = model(input_ids=batch["input_ids"]).logits, batch["labels"]
+    with torch.no_grad():
+        outputs = model(**batch)
+        plain = label_smoothed_loss(0.0)(outputs, batch)
+        smoothed = label_smoothed_loss(0.1)(outputs, batch)
+    torch.testing.assert_close(plain, outputs.loss, atol=1e-6, rtol=1e-6)  # eps=0: transformers' own loss
+    logp = logits.flatten(0, -2).log_softmax(-1)
+    keep = target.flatten() != -100
+    nll = -logp[keep].gather(1, target.flatten()[keep, None]).squeeze(1)
+    expected = (0.9 * nll + 0.1 * -logp[keep].mean(-1)).mean()  # (1 - eps) on the label, eps spread uniformly
+    torch.testing.assert_close(smoothed, expected, atol=1e-6, rtol=1e-6)  # fp32, summation order only
+
+
+def test_label_smoothing_trains_and_refuses_a_loss_fn_beside_it(tmp_path):
+    model = lorakit.add_lora(nn.Sequential(nn.Linear(16, 4)), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    coll = lambda ex: (collate(ex)["x"],)  # noqa: E731
+    with pytest.raises(ValueError, match="with loss_fn= smooth inside it"):
+        train(model, make_data(16), coll, _cfg(tmp_path, label_smoothing=0.1), loss_fn=lambda out, b: out.sum())
+    result = train(build(0.0), make_data(16), collate, _cfg(tmp_path, label_smoothing=0.1))
+    assert result.global_step == 2
+
+
 def test_config_validation():
     for bad in ({"scheduler": "step"}, {"batch_size": 0}, {"lr": 0}, {"warmup_ratio": 1.0},
-                {"save_every": 0}, {"lora_plus_ratio": -1.0}, {"max_grad_norm": 0.0}):
+                {"save_every": 0}, {"lora_plus_ratio": -1.0}, {"max_grad_norm": 0.0}, {"label_smoothing": 1.0},
+                {"label_smoothing": -0.1}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

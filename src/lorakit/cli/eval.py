@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import UsageError, check_output_file, positive_int
+from .options import UsageError, add_base_quantize, check_output_file, positive_int
 
 HELP = "Evaluate an adapter on a dataset: classification metrics, perplexity, or E2E generation metrics."
 
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="E2E: generation length")
     p.add_argument("--num-beams", type=positive_int, default=10, help="E2E: beam size (the paper: 10)")
     p.add_argument("--output", help="also write the metrics (and E2E hypotheses) to this JSON file")
+    add_base_quantize(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,13 +36,14 @@ def run(args: argparse.Namespace) -> int:
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.state import write_text_atomic
     from ..train.tasks import group_references, load_task_data
+    from .train import read_run_args
 
     if args.output:
         check_output_file(args.output, "--output")  # before the evaluation runs, not after
-    run_args = _run_args(Path(args.adapter), required=not args.data)
+    run_args = read_run_args(Path(args.adapter), instead=None if args.data else "--data")
     splits = resolve_splits(args.data or _training_data(run_args))
     path = splits.get("dev") or splits.get("test") or splits.get("train")
-    model, tokenizer, task = load_with_adapter(args.adapter, args.model)
+    model, tokenizer, task = load_with_adapter(args.adapter, args.model, quantize=args.quantize or "auto")
     trained_as = run_args.get("task")
     if not args.task and isinstance(trained_as, str) and TASK_TYPES.get(trained_as) == TASK_TYPES[task]:
         task = trained_as  # e2e and sft adapters are both CAUSAL_LM: the run says which
@@ -70,32 +72,6 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(result, indent=2))
     return 0
-
-
-def _run_args(adapter: Path, required: bool) -> dict:
-    """The options of the ``lorakit train`` run whose output directory holds ``adapter`` ({} if none and not
-    ``required``: then ``--data`` was given)."""
-    from .train import RUN_ARGS
-
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
-    path = adapter.resolve().parent / RUN_ARGS
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(f"pass --data: {adapter} is not in a lorakit train output dir "
-                                    f"(no {RUN_ARGS} beside it)")
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        if not required:
-            return {}
-        raise UsageError(f"{path}: not valid JSON ({type(e).__name__}); pass --data") from None
-    if not isinstance(values, dict):
-        if not required:
-            return {}
-        raise UsageError(f"{path}: not a JSON object of options; pass --data")
-    return {**values, "_path": str(path)}
 
 
 def _training_data(run_args: dict) -> str:

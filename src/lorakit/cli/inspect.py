@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_adapter
+from ..core.config import LORAKIT_KEY
 
 HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
 
@@ -50,6 +51,7 @@ def describe(path: str | Path) -> dict:
         "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias",
                                            "modules_to_save", "use_rslora", "use_dora", "init_lora_weights", "task_type",
                                            "base_model_name_or_path")},
+        "base_quantization": raw[LORAKIT_KEY].get("quantization"),  # QLoRA: the 4/8-bit base it was trained on
         "parameters": sum(t.numel() for t in tensors.values()),
         "lora_parameters": sum(layer["params"] for layer in layers),
         "size_bytes": size,
@@ -65,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"adapter      {info['path']}")
     for k, v in info["config"].items():
         print(f"{k:<12} {v}")
+    if info["base_quantization"]:
+        print(f"trained on   a base quantized to {info['base_quantization']} (eval, generate and serve rebuild it; "
+              "merge uses full precision)")
     print(f"parameters   {info['parameters']:,} ({info['lora_parameters']:,} in LoRA A/B)")
     print(f"size         {info['size_bytes'] / 1024:.1f} KiB")
     width = max((len(layer["module"]) for layer in info["layers"]), default=6)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
+from ..core.checkpoint import temp_name
 from ..core.model import unload
 from ..models import load_with_adapter
 from .options import check_output_dir
@@ -25,10 +25,11 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
-    model, tokenizer, _ = load_with_adapter(args.adapter, args.model)
+    model, tokenizer, _ = load_with_adapter(args.adapter, args.model, quantize=None)  # full precision, always
     merged = unload(model, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(temp_name(out))
+    tmp.mkdir()  # 0777 less the umask, as the merged model's directory should be (mkdtemp's is 0700)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

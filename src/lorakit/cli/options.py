@@ -59,6 +59,30 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def slice_mask(text: str) -> str:
+    """``MODULE=1,0,1``: a fused projection adapted on the output slices marked 1 (kept as typed; see
+    :func:`slice_masks`)."""
+    name, sep, mask = text.partition("=")
+    bits = [b.strip() for b in mask.split(",")]
+    if not sep or not name.strip() or len(bits) < 2 or not set(bits) <= {"0", "1"} or "1" not in bits:
+        raise argparse.ArgumentTypeError(f"expected MODULE=MASK with a mask of >= 2 comma-separated 0/1 and at "
+                                         f"least one 1 (GPT-2's q and v: c_attn=1,0,1), got {text!r}")
+    return text
+
+
+def slice_masks(specs: list[str] | None) -> dict[str, list[bool]] | None:
+    """``["c_attn=1,0,1"]`` -> ``{"c_attn": [True, False, True]}`` (``LoraConfig.slices``)."""
+    if not specs:
+        return None
+    out = {}
+    for spec in map(slice_mask, specs):
+        name, _, mask = spec.partition("=")
+        if name.strip() in out:
+            raise UsageError(f"--slices names {name.strip()!r} twice")
+        out[name.strip()] = [b.strip() == "1" for b in mask.split(",")]
+    return out
+
+
 def nullable(kind):
     """``kind``, or None for ``none`` / ``null`` (an optional value: ``--max-steps none``)."""
 
@@ -159,3 +183,13 @@ def _check_writable(path: Path, option: str, shown: Path | None = None) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise UsageError(f"{option} {shown}: {parent} is not writable")
             return
+
+
+# ----- options several subcommands share ----------------------------------------------------------------------
+def add_base_quantize(p: argparse.ArgumentParser, default: str = "the one the adapter was trained on") -> None:
+    """``--quantize`` for the commands that load a base under trained adapters (eval, generate, serve)."""
+    from ..core.quantized import PRESETS
+
+    p.add_argument("--quantize", choices=[*sorted(PRESETS), "none"],
+                   help=f"the base's 4/8-bit form (bitsandbytes); default: {default} (QLoRA adapters record it), "
+                   "else full precision; none: full precision")

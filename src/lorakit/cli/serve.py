@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+from .options import add_base_quantize
+
 HELP = "Serve a base model and many adapters over HTTP (OpenAI-compatible completions/chat, classify, playground)."
 
 
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loaded-adapters", type=int, default=8,
                    help="adapters kept in memory; the least recently used is evicted and reloaded on demand")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    add_base_quantize(p, default="the one the first adapter was trained on")
 
 
 def _adapters(specs: list[str]) -> dict[str, Path]:
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.app import build_engine, create_app
 
     sock = _bind(args.host, args.port)  # before loading: a port in use fails at once
-    engine = build_engine(model, adapters, adapters_dir, args.max_batch_size, args.max_loaded_adapters)
+    engine = build_engine(model, adapters, adapters_dir, args.max_batch_size, args.max_loaded_adapters,
+                          quantize=args.quantize or "auto")
     app = create_app(engine, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -27,6 +27,8 @@ from .options import (
     nullable,
     positive_float,
     positive_int,
+    slice_mask,
+    slice_masks,
     str2bool,
 )
 
@@ -103,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", help="comma list of module names, a regex, or all-linear "
                    "(default: the architecture's query,value)")
     g.add_argument("--exclude-modules", help="comma list of module names never adapted")
+    g.add_argument("--slices", action="append", type=slice_mask, metavar="MODULE=MASK",
+                   help="adapt a fused projection on some output slices only (repeatable): c_attn=1,0,1 is GPT-2's "
+                   "q and v but not k, as in the paper")
     g.add_argument("--modules-to-save", help="comma list of modules trained in full (default: the classifier head)")
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
     g.add_argument("--init", default="kaiming", help="kaiming, gaussian, or from the base weight (replaced by the "
@@ -221,7 +226,8 @@ def _check_lora_options(args: argparse.Namespace) -> None:
     """LoraConfig checks (types, ranges) every option named like one of its fields, before the model loads: a
     LoRA flag added later is checked with no code here. The real config is built after the model loads."""
     lists = ("target_modules", "exclude_modules", "modules_to_save")
-    LoraConfig(**{f.name: _names(value) if f.name in lists else value for f in dataclasses.fields(LoraConfig)
+    convert = {**dict.fromkeys(lists, _names), "slices": slice_masks}
+    LoraConfig(**{f.name: convert.get(f.name, lambda v: v)(value) for f in dataclasses.fields(LoraConfig)
                   if (value := getattr(args, f.name, None)) is not None})
 
 
@@ -284,7 +290,7 @@ def _train(args: argparse.Namespace, say) -> int:
     lora = (AdaLoraConfig if args.method == "adalora" else LoraConfig)(
         r=rank, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
-        use_dora=args.use_dora,
+        use_dora=args.use_dora, slices=slice_masks(args.slices) or {},
         modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"
                                                          else None),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
@@ -378,3 +384,27 @@ def _write_run_args(path: Path, args: argparse.Namespace) -> None:
         if values.get(key) and Path(values[key]).expanduser().exists():
             values[key] = str(Path(values[key]).expanduser().resolve())
     write_text_atomic(path, json.dumps(values, indent=2, default=str))
+
+
+def read_run_args(adapter: Path, instead: str | None = None) -> dict:
+    """The options of the ``lorakit train`` run whose output directory holds ``adapter`` (``"_path"``: the file).
+
+    Without such a readable file: ``{}``, or, when the caller needs it, an error saying to pass ``instead``.
+    """
+    from ..core.checkpoint import check_adapter_dir
+
+    check_adapter_dir(adapter)  # an adapter first: a run's output dir given for its adapter/ is named as such
+    path = adapter.resolve().parent / RUN_ARGS
+    problem = None if path.is_file() else f"{adapter} is not in a lorakit train output dir (no {RUN_ARGS} beside it)"
+    values: object = None
+    if problem is None:
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            problem = None if isinstance(values, dict) else f"{path}: not a JSON object of options"
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            problem = f"{path}: not valid JSON ({type(e).__name__})"
+    if problem is None:
+        return {**values, "_path": str(path)}
+    if instead is None:
+        return {}
+    raise UsageError(f"pass {instead}: {problem}")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +30,7 @@ from .adalora import SVDAdapter, peft_adalora_to_lora, svd_adapters
 from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
+from .quantized import PRESETS, base_quantization
 from .saved import SavedModule
 from .targets import find_targets
 from .variants import changed_base, plain_lora_pair
@@ -109,8 +110,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         peft, meta = converted_config(model, adapter, peft, meta)
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
-    _atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
     return out_dir
 
 
@@ -145,6 +146,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
+    if quantization := base_quantization([model.get_submodule(p) for p in paths]):
+        meta["quantization"] = quantization  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
     return d, meta
@@ -181,17 +184,27 @@ def class_names(model: nn.Module) -> list[str] | None:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+def atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    """Write ``target`` by ``write(tmp)`` on a temp file beside it, fsync and rename: a reader (or a kill) sees
+    the old file or the new one, never a truncated one. The file gets the permissions any new file gets
+    (0666 less the umask), not a private temp file's 0600."""
+    tmp = temp_name(target)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, read without changing the process's umask
         write(tmp)
+        os.chmod(tmp, mode)  # ``write`` may have replaced the file (safetensors does, with 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_name(target: Path) -> str:
+    """A fresh hidden name beside ``target`` for its temp file or directory."""
+    return str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
 
 
 def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
@@ -213,6 +226,23 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
 
 
 # ----- load ---------------------------------------------------------------------------------------------
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` is a directory holding both adapter files (a cheap check before any loading); else a
+    FileNotFoundError saying what is there instead."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {path} {'is a file' if path.exists() else 'does not exist'}")
+    if not config_file.is_file():
+        inside = sorted(p.parent.name + "/" for p in path.glob(f"*/{CONFIG_NAME}"))
+        hint = f" (adapters in its subfolders: {', '.join(inside[:5])})" if inside else ""
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}{hint}")
+    if not weights_file.is_file():
+        extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}{extra}")
+    return path
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, Tensor]]:
     """Read and check an adapter directory: (config, raw config dict, tensors). Never unpickles.
 
@@ -220,13 +250,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     (from the weights file's header; checkpoints written before it moved there keep it in the JSON).
     Every problem is a one-line :class:`CheckpointError` naming the file and what is wrong.
     """
-    path = Path(path)
+    path = check_adapter_dir(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    if not weights_file.is_file():
-        extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}{extra}")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -270,6 +295,7 @@ _METADATA = {
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
     "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
                                                        for k, x in v.items()),
+    "quantization": lambda v: isinstance(v, str) and v in PRESETS,  # a QLoRA adapter's base: a key of core.quantized.PRESETS
 }
 
 

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from ..ops.per_row import make_row_update
-from .config import LoraConfig
+from .config import LoraConfig, module_matches
 from .layers import Adapter, LoraLayer, lora_layer_type
-from .quantized import weight_count
+from .quantized import keep_trainable_layout, weight_count
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
-from .targets import find_modules_to_save, find_targets
+from .targets import find_modules_to_save, find_targets, outside_adapters
 from .variants import check_base_kept, check_rows
 
 
@@ -49,6 +49,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
         planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
+    stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
+    if stray:  # a typo would otherwise adapt every slice of the fused projection
+        raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
+                         f"{' ...' if len(planned) > 4 else ''}")
     copies = {}
     if config.modules_to_save:
         paths = find_modules_to_save(model, config.modules_to_save)
@@ -59,6 +63,11 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
             if inside:
                 raise ValueError(f"modules_to_save {saved!r} contains the LoRA target {inside[0]!r}: a module is "
                                  "either adapted or trained in full, not both")
+            held = [p for p, m in outside_adapters(model) if isinstance(m, LoraLayer) and (p + ".").startswith(saved + ".")]
+            if held:  # its copies would hold copies of those layers, which whole-model queries do not enter
+                raise ValueError(f"modules_to_save {saved!r} contains {held[0]!r}, which adapter(s) "
+                                 f"{list(model.get_submodule(held[0]).adapters)} adapt: a module is either adapted or "
+                                 "trained in full, not both")
         for path in paths:
             module = model.get_submodule(path)
             original = module.original if isinstance(module, SavedModule) else module
@@ -79,9 +88,10 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
         raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) before adding {name!r}")
     # The base biases are shared by every adapter: an adapter that trains them would change the others'
     # outputs, and every checkpoint would hold them (PEFT refuses this too).
-    with_bias = [a for a in existing if adapter_config(model, a).bias != "none"]
+    bias_of = {n: a.config.bias for layer in lora_layers(model) for n, a in layer.adapters.items()}  # has every name of existing
+    with_bias = [a for a in existing if bias_of[a] != "none"]
     if existing and (config.bias != "none" or with_bias):
-        owner = f"adapter {with_bias[0]!r} has bias={adapter_config(model, with_bias[0]).bias!r}" if with_bias \
+        owner = f"adapter {with_bias[0]!r} has bias={bias_of[with_bias[0]]!r}" if with_bias \
             else f"bias={config.bias!r}"
         raise ValueError(f"{owner}, but only a model's single adapter may train the (shared) base biases; "
                          "use bias='none' for every adapter when there are several")
@@ -111,6 +121,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     if activate:
         set_adapter(model, name)
     guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
+    keep_trainable_layout(model)  # 4-bit layers repacked for CPU inference have no backward
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:
@@ -137,20 +148,39 @@ def _set_trainable(model: nn.Module, name: str | None) -> None:
     """Only adapter ``name``, the biases its ``config.bias`` names and its modules_to_save copies train."""
     config = adapter_config(model, name) if name is not None else None
     bias = config.bias if config is not None else "none"
-    for p in model.parameters():
-        p.requires_grad_(False)
+    modules = [m for _, m in outside_adapters(model)]  # the adapters and copies are set below, each once
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
     if bias == "all":
-        for module in model.modules():
+        for module in modules:
             if isinstance(getattr(module, "bias", None), nn.Parameter):
                 module.bias.requires_grad_(True)
-    for layer in lora_layers(model):
-        if name in layer.adapters:
-            layer.adapters[name].requires_grad_(True)
-            if bias == "lora_only" and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
-                layer.base_layer.bias.requires_grad_(True)
-    for saved in _saved_modules(model):
-        if name in saved.copies:
-            saved.copies[name].requires_grad_(True)
+    for module in modules:
+        held = module.adapters if isinstance(module, LoraLayer) else \
+            module.copies if isinstance(module, SavedModule) else {}
+        for key, adapter in held.items():
+            _set_requires_grad(adapter, key == name)
+        if bias == "lora_only" and isinstance(module, LoraLayer) and name in held \
+                and isinstance(getattr(module.base_layer, "bias", None), nn.Parameter):
+            module.base_layer.bias.requires_grad_(True)
+
+
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    """``module.requires_grad_(flag)`` without ``named_modules``' generators, which cost more than the flags
+    when :func:`_set_trainable` visits every adapter of every layer (leaf children, A and B, read inline)."""
+    for p in module._parameters.values():
+        if p is not None and p.requires_grad != flag:
+            p.requires_grad_(flag)
+    for child in module._modules.values():
+        if child is None:
+            continue
+        if child._modules:
+            _set_requires_grad(child, flag)
+            continue
+        for p in child._parameters.values():
+            if p is not None and p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def _check_no_context(model: nn.Module, action: str) -> None:
@@ -174,11 +204,11 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 # ----- queries ---------------------------------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
-    return (m for m in model.modules() if isinstance(m, LoraLayer))
+    return (m for _, m in outside_adapters(model) if isinstance(m, LoraLayer))
 
 
 def _saved_modules(model: nn.Module) -> Iterator[SavedModule]:
-    return (m for m in model.modules() if isinstance(m, SavedModule))
+    return (m for _, m in outside_adapters(model) if isinstance(m, SavedModule))
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -241,7 +271,7 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 def _wrappers(model: nn.Module) -> tuple[list[LoraLayer], list[SavedModule]]:
     """The LoRA layers and ``modules_to_save`` holders of ``model``, in one pass over its modules."""
     layers, saved = [], []
-    for m in model.modules():
+    for _, m in outside_adapters(model):
         if isinstance(m, LoraLayer):
             layers.append(m)
         elif isinstance(m, SavedModule):
@@ -262,7 +292,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) first")
     _check_no_context(model, f"delete adapter {name!r}")
     was_active = active_adapter(model) == name
-    for path, module in list(model.named_modules()):
+    for path, module in list(outside_adapters(model)):
         if isinstance(module, LoraLayer):
             held, original = module.adapters, module.base_layer
         elif isinstance(module, SavedModule):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LoraLayer, LoraLinear, _conv1d_type
+from .targets import outside_adapters
 from .variants import changed_base
 
 EXTRA_HINT = "pip install 'lorakit[qlora]'"
@@ -73,6 +74,22 @@ def _unpack_cpu_layout(layer: nn.Module) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+
+
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Every bitsandbytes 4-bit layer of ``model`` gets the standard layout back and keeps it.
+
+    Called when an adapter is attached: gradients flow back through *every* quantized layer, adapted or not,
+    and a repacked one has no backward (bitsandbytes only warns; the adapters upstream of it then get zero
+    gradients). This gives up bitsandbytes' AVX512-BF16 inference kernel on such CPUs.
+    """
+    types = quantized_base_types()
+    if not types:
+        return  # bitsandbytes not imported: no quantized layer here
+    for _, module in outside_adapters(model):  # base layers; never inside an adapter
+        if isinstance(module, types) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            _unpack_cpu_layout(module)
 
 
 def set_quantized_weight(layer: nn.Module, weight: Tensor) -> None:
@@ -197,6 +214,20 @@ def merge_errors(model: nn.Module) -> dict[str, QuantError]:
 QUANT_TYPES = ("nf4", "fp4")
 # ``lorakit train --quantize NAME``: QLoRA's recipe (NF4 + double quantization), FP4, or LLM.int8
 PRESETS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"}, "int8": {"bits": 8}}
+
+
+def base_quantization(layers: list[nn.Module]) -> str | None:
+    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers: ``None`` for full precision,
+    and for bases no single preset rebuilds (mixed, or another 4-bit type).
+
+    Saved with an adapter, so loading it can rebuild the base the adapter was trained on.
+    """
+    found = set()
+    for layer in layers:
+        base = getattr(layer, "base_layer", None)
+        if isinstance(base, quantized_base_types()):
+            found.add(getattr(base.weight, "quant_type", None) if type(base).__name__ == "Linear4bit" else "int8")
+    return found.pop() if len(found) == 1 and found <= PRESETS.keys() else None
 
 
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,

@@ -27,6 +27,30 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
+def outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of ``model`` and its submodules in ``named_modules`` order, without entering any adapter
+    (``LoraLayer.adapters``) or ``modules_to_save`` copy (``SavedModule.copies``).
+
+    What whole-model queries (which layers are wrapped, which adapter is active...) need, at a cost that does
+    not grow with the number of adapters: ``model.modules()`` visits every adapter's submodules, which made
+    adding the n-th adapter cost O(n) walks of O(n) modules each.
+    """
+    from .saved import SavedModule
+
+    stack, seen = [("", model)], set()
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:  # a module reachable twice is listed once, as named_modules does
+            continue
+        seen.add(id(module))
+        yield path, module
+        per_adapter = module.adapters if isinstance(module, LoraLayer) else \
+            module.copies if isinstance(module, SavedModule) else None
+        children = [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
+                    if child is not None and child is not per_adapter]
+        stack.extend(reversed(children))
+
+
 def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of every module a LoRA layer can wrap, or already wraps; never inside a wrapper."""
     from .saved import SavedModule
@@ -121,11 +145,12 @@ def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
     from .saved import SavedModule
 
     adaptable = [path for path, _ in adaptable_modules(model)]
-    wrapped = [p for p, m in model.named_modules() if isinstance(m, LoraLayer | SavedModule)]
+    modules = list(outside_adapters(model))
+    wrapped = [p for p, m in modules if isinstance(m, LoraLayer | SavedModule)]
     for key in spec:
         if any(_selected(path, [key]) for path in adaptable):
             continue
-        others = [(p, m) for p, m in model.named_modules()
+        others = [(p, m) for p, m in modules
                   if p and _selected(p, [key]) and not any(p.startswith(w + ".") for w in wrapped)]
         if any(isinstance(m, SavedModule) for _, m in others):
             raise ValueError(f"target_modules entry {key!r} names a module another adapter trains in full "
@@ -150,7 +175,7 @@ def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
 def find_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
     """Paths of the modules named by ``modules_to_save`` (exact path or suffix), outermost only."""
     found: list[str] = []
-    for path, _ in model.named_modules():  # parents come before their children
+    for path, _ in outside_adapters(model):  # parents come before their children
         if path and not any(path.startswith(p + ".") for p in found) and _selected(path, keys):
             found.append(path)
     return found

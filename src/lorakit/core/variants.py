@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, SlicedAdapter
+from .targets import outside_adapters
 
 
 # ----- initialisers -----------------------------------------------------------------------------------------
@@ -186,14 +187,15 @@ def check_base_kept(model: nn.Module, doing: str, config: LoraConfig | None = No
     model: the base model (``disabled``, base rows), and any other adapter, would see the residual.
     ``config``: the config of an adapter about to be added.
     """
-    owner = base_owner(model.modules())
+    modules = [m for _, m in outside_adapters(model)]  # not model.modules(): that visits every adapter's insides
+    owner = base_owner(modules)
     if owner is not None:
         raise ValueError(f"{doing}: adapter {owner!r} replaced the base weights (init "
                          f"{_config_of(model, owner).init!r}), so only it can run on this model; "
                          f"delete_adapter(model, {owner!r}) restores them, save_adapter(..., convert_to_lora=True) "
                          "writes it as a plain LoRA for the original base")
     if config is not None and parse_init(config.init)[0] not in ("kaiming", "gaussian"):
-        names = sorted({n for m in model.modules() if isinstance(m, LoraLayer) for n in m.adapters})
+        names = sorted({n for m in modules if isinstance(m, LoraLayer) for n in m.adapters})
         if names:
             raise ValueError(f"init {config.init!r} replaces base weights, which adapters {names} of this model "
                              "use; add it to a model without adapters")
@@ -220,7 +222,7 @@ def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None
 
 def changed_base(adapter: Adapter) -> bool:
     """Whether ``adapter``'s initialiser replaced its layer's base weight (it holds ``init_A``/``init_B``)."""
-    return hasattr(adapter, "init_A")
+    return "init_A" in adapter._buffers  # not hasattr: a miss goes through nn.Module.__getattr__ (slow)
 
 
 def commit_base(layer: LoraLayer, adapter: Adapter) -> None:

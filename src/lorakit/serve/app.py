@@ -46,27 +46,43 @@ def base_name_of(model: str) -> str:
 
 
 def build_engine(model: str, adapters: dict[str, Path] | None = None, adapters_dir: Path | None = None,
-                 max_batch_size: int = 32, max_loaded: int = 8, metrics: ServeMetrics | None = None) -> Engine:
-    """Load ``model`` (``lorakit.models``) for the adapters' task and wrap it in an (unstarted) engine."""
+                 max_batch_size: int = 32, max_loaded: int = 8, metrics: ServeMetrics | None = None,
+                 quantize: str | None = "auto") -> Engine:
+    """Load ``model`` (``lorakit.models``) for the adapters' task and wrap it in an (unstarted) engine.
+
+    ``quantize``: the base's 4/8-bit form (``lorakit.models.base_quantization_for``); ``"auto"``: the one the
+    first readable adapter was trained on (QLoRA adapters record it), else full precision.
+    """
     from ..core.checkpoint import read_adapter
-    from ..models import load_model, load_tokenizer, num_labels_in, task_for_adapter
+    from ..core.config import LORAKIT_KEY
+    from ..models import (
+        base_quantization_for,
+        load_model,
+        load_tokenizer,
+        num_labels_in,
+        quantize_base,
+        task_for_adapter,
+    )
 
     base_name = base_name_of(model)
     known = discover(base_name, adapters, adapters_dir)  # lists and checks every adapter before loading
-    task, num_labels, labels = None, None, None
-    for info in known.values():  # the first readable adapter says the task and the number of classes
+    task, num_labels, labels, recorded = None, None, None, {}
+    for info in known.values():  # the first readable adapter says the task, the classes and the base's form
         if info.error:
             continue
         try:
-            config, _, tensors = read_adapter(info.path)
+            config, raw, tensors = read_adapter(info.path)
         except (OSError, ValueError) as e:
             info.error = str(e)  # its requests will fail with this; the others are served
             continue
         task, num_labels = task_for_adapter(config.task_type), num_labels_in(tensors)
         labels = info.labels if info.labels and len(info.labels) == num_labels else None
+        recorded = {str(info.path): raw[LORAKIT_KEY].get("quantization")}
         break
+    quantization = base_quantization_for(recorded, quantize)  # checked before the model loads
     task = task or _task_of_model(model)
     net = load_model(model, task, num_labels=num_labels, label_names=labels).eval()
+    quantize_base(net, quantization)  # before any adapter: each then wraps its 4/8-bit layer
     tokenizer = load_tokenizer(model)
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id

@@ -31,6 +31,8 @@ class TrainConfig:
         warmup_steps / warmup_ratio: linear warmup from 0 (steps win when > 0).
         scheduler: decay after warmup: ``"linear"`` to 0, ``"cosine"`` to 0, or ``"constant"``.
         max_grad_norm: clip the global gradient norm to this; None = no clipping.
+        label_smoothing: cross-entropy against ``(1 - eps)`` on the label and ``eps`` spread over all classes
+            (tokens for a causal LM; the LoRA paper's GPT-2 runs use 0.1), in place of the model's own loss.
         seed: seeds torch / python / numpy RNGs (plus the rank) and the data order.
         shuffle / drop_last: data order per epoch; drop the last incomplete batch.
         group_by_length: batch examples of similar length (less padding): the shuffled order is cut into
@@ -64,6 +66,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     scheduler: Schedule = "linear"
     max_grad_norm: float | None = 1.0
+    label_smoothing: float = 0.0
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= warmup_ratio < 1")
         if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
             raise ValueError(f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm}")
         if self.device is not None:

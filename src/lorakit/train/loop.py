@@ -30,6 +30,7 @@ from ..core.checkpoint import save_adapter
 from ..core.model import active_adapter
 from . import distributed as D
 from .config import LinearWarmupSchedule, TrainConfig, TrainResult, param_groups
+from .losses import label_smoothed_loss
 from .plots import plot_curves, read_metrics
 from .state import (
     CheckpointError,
@@ -127,10 +128,15 @@ def train(
         evaluate: ``evaluate(model) -> {name: value}``, called in eval mode under ``no_grad`` (on every rank;
             rank 0's values count).
         loss_fn: ``loss_fn(outputs, batch) -> scalar``; None uses ``outputs.loss`` (transformers models given
-            ``labels``).
+            ``labels``), or with ``config.label_smoothing`` the smoothed cross-entropy of ``outputs.logits``.
         resume_from: a checkpoint directory, or True for ``config.output_dir``: continue that run exactly.
         step_hook: a :class:`StepHook` run with every step, e.g. ``lorakit.AdaLoraAllocator``.
     """
+    if config.label_smoothing:
+        if loss_fn is not None:
+            raise ValueError("config.label_smoothing smooths the model's own loss; with loss_fn= smooth inside it")
+        shift = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        loss_fn = label_smoothed_loss(config.label_smoothing, shift_tokens=shift)
     return _Run(model, train_data, collate, config, evaluate, loss_fn, step_hook).run(resume_from)
 
 
