@@ -4,12 +4,14 @@
     python benchmarks/paper/glue.py rank             # SST-2, LoRA r in {1, 2, 4, 8, 64} on query,value
     python benchmarks/paper/glue.py matrices         # SST-2, fixed budget: q r=8, v r=8, qv r=4, qkvo r=2
     python benchmarks/paper/glue.py all --seeds 0 1 2
+    python benchmarks/paper/glue.py quality --tasks cola --max-train 800   # override a task's budget
     python benchmarks/paper/tables.py                # renders benchmarks/paper/README.md from the results
 
-Every run appends one JSON line to ``benchmarks/paper/results/glue.jsonl`` (task, method, seed, settings,
-trainable parameters, dev metrics, seconds), so an interrupted sweep keeps what it finished and a rerun skips
-the runs already recorded (same key). Runs go seed by seed: seed 0 of every experiment first, so a partial
-sweep still fills every table once.
+Each task trains on its own budget (``budgets.py``: training examples, epochs, dev examples, max_length);
+the command line can override it. Every run appends one JSON line to ``benchmarks/paper/results/glue.jsonl``
+(task, method, seed, budget, trainable parameters, dev metrics, seconds), so an interrupted sweep keeps what it
+finished and a rerun skips the runs already recorded (same spec, seed and budget). Runs go seed by seed: seed 0
+of every experiment first, so a partial sweep still fills every table once.
 
 Training is ``lorakit.train.loop.train`` (the loop of ``lorakit train``) with the same data code; the
 baselines set ``requires_grad`` on the model directly. Because ``train`` writes an adapter at the end, the
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 from baselines import Bottleneck, add_houlsby
+from budgets import BUDGETS, budget_of
 from torch import nn
 
 from lorakit.core.layers import Adapter
@@ -102,28 +105,30 @@ _DATA: dict[str, tuple] = {}
 
 
 # ----- one run -----------------------------------------------------------------------------------------------
-def run_one(spec: dict, seed: int, args, workdir: Path) -> dict:
+def run_one(spec: dict, seed: int, budget: dict, workdir: Path) -> dict:
     import lorakit
     from lorakit.models import default_model_path, head_module_names, load_model, load_tokenizer
     from lorakit.train.config import TrainConfig
     from lorakit.train.data import collate, resolve_splits
     from lorakit.train.evaluate import evaluate_classification
     from lorakit.train.loop import train
+    from lorakit.train.metrics import accuracy, f1, mcc
     from lorakit.train.tasks import load_task_data
 
     t0 = time.perf_counter()
     data_dir, metric = TASKS[spec["task"]]
     model_path = default_model_path()
-    if spec["task"] not in _DATA:  # tokenized once per task and process
+    key = (spec["task"], budget["max_train"], budget["max_eval"], budget["max_length"])
+    if key not in _DATA:  # tokenized once per task, budget and process
         splits = resolve_splits(data_dir)
         tok = load_tokenizer(model_path)
-        train_data = load_task_data(splits["train"], "classification", tok, max_length=args.max_length)
-        dev = load_task_data(splits["dev"], "classification", tok, max_length=args.max_length,
-                             label_names=train_data.label_names).examples[: args.max_eval]
+        train_data = load_task_data(splits["train"], "classification", tok, max_length=budget["max_length"])
+        dev = load_task_data(splits["dev"], "classification", tok, max_length=budget["max_length"],
+                             label_names=train_data.label_names).examples[: budget["max_eval"]]
         examples = list(train_data.examples)
         random.Random(1234).shuffle(examples)  # the same capped subset for every method and seed
-        _DATA[spec["task"]] = (tok, train_data.label_names, examples[: args.max_train], dev)
-    tok, label_names, examples, dev = _DATA[spec["task"]]
+        _DATA[key] = (tok, train_data.label_names, examples[: budget["max_train"]], dev)
+    tok, label_names, examples, dev = _DATA[key]
     torch.manual_seed(seed)
     model = load_model(model_path, "classification", label_names=label_names)
     head = head_module_names(model)
@@ -135,16 +140,22 @@ def run_one(spec: dict, seed: int, args, workdir: Path) -> dict:
     head_params = sum(p.numel() for h in head for p in getattr(model, h).parameters() if p.requires_grad)
     trainable, total = lorakit.trainable_parameters(model)
     out = workdir / f"{spec['task']}-{spec['method']}-{seed}"
-    cfg = TrainConfig(output_dir=str(out), lr=LR[spec["method"]], epochs=args.epochs, batch_size=args.batch_size,
+    cfg = TrainConfig(output_dir=str(out), lr=LR[spec["method"]], epochs=budget["epochs"],
+                      batch_size=budget["batch_size"],
                       warmup_ratio=0.06, weight_decay=0.01, group_by_length=True, seed=seed, save_every=None,
                       eval_every=10**9, progress=False, plot=False)  # one evaluation, at the end
     pad = tok.pad_token_id
     result = train(model, examples, lambda b: collate(b, pad), cfg,
                    evaluate=lambda m: evaluate_classification(m, dev, pad))
+    labels = [ex["labels"] for ex in dev]
+    top = max(set(labels), key=labels.count)  # the dev set's majority class, predicted for every example
+    majority = {"accuracy": accuracy([top] * len(labels), labels), "f1": f1([top] * len(labels), labels),
+                "mcc": mcc([top] * len(labels), labels)}
     return {"trainable": trainable, "trainable_without_head": trainable - head_params, "total": total,
-            "metrics": result.final_metrics, "metric": metric, "steps": result.global_step,
-            "train_examples": len(examples), "dev_examples": len(dev), "epochs": args.epochs, "batch_size": args.batch_size,
-            "max_length": args.max_length, "lr": LR[spec["method"]], "seconds": round(time.perf_counter() - t0, 1),
+            "metrics": result.final_metrics, "majority": majority, "metric": metric, "steps": result.global_step,
+            "train_examples": len(examples), "dev_examples": len(dev), "epochs": budget["epochs"],
+            "batch_size": budget["batch_size"], "max_length": budget["max_length"], "lr": LR[spec["method"]],
+            "seconds": round(time.perf_counter() - t0, 1),
             "adapter_dir": str(out / "adapter")}
 
 
@@ -152,7 +163,7 @@ def _done(results: Path) -> set[tuple]:
     if not results.exists():
         return set()
     recs = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return {(run_key(r["spec"]), r["seed"], r["max_train"]) for r in recs}
+    return {(run_key(r["spec"]), r["seed"], json.dumps(budget_of(r), sort_keys=True)) for r in recs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiments", nargs="+", help="quality, rank, matrices or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tasks", nargs="+", choices=QUALITY_TASKS, default=QUALITY_TASKS, help="tasks of `quality`")
-    p.add_argument("--max-train", type=int, default=400, help="training examples per task (a fixed random subset)")
-    p.add_argument("--max-eval", type=int, default=500, help="dev examples per task (the first N)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
+    over = "overrides budgets.py for every task run"
+    p.add_argument("--max-train", type=int, help=f"training examples (a fixed random subset); {over}")
+    p.add_argument("--max-eval", type=int, help=f"dev examples (the first N); {over}")
+    p.add_argument("--max-length", type=int, help=over)
+    p.add_argument("--epochs", type=int, help=over)
+    p.add_argument("--batch-size", type=int, help=over)
     p.add_argument("--threads", type=int, default=1, help="1 keeps a shared machine's cores from thrashing")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "paper",
@@ -180,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for spec in specs:
-            if (run_key(spec), seed, args.max_train) in _done(args.results):  # re-read: sweeps may run side by side
-                continue
+            budget = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in BUDGETS[spec["task"]].items()}
+            if (run_key(spec), seed, json.dumps(budget, sort_keys=True)) in _done(args.results):
+                continue  # re-read each time: sweeps may run side by side
             tag = "-".join(str(v) if not isinstance(v, list) else "+".join(v) for v in spec.values())
             workdir = args.workdir / tag.replace(".", "_")
-            rec = run_one(spec, seed, args, workdir)
+            rec = run_one(spec, seed, budget, workdir)
             keep = spec["method"] == "lora" and spec["task"] == "sst2" and spec.get("targets") == QV
             if not keep:
                 shutil.rmtree(workdir / f"{spec['task']}-{spec['method']}-{seed}", ignore_errors=True)
                 rec["adapter_dir"] = None
-            line = {"spec": spec, "seed": seed, "max_train": args.max_train, **rec,
+            line = {"spec": spec, "seed": seed, "max_train": budget["max_train"], "budget": budget, **rec,
                     "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
                                f"threads {torch.get_num_threads()}".strip()}
             with open(args.results, "a", encoding="utf-8") as f:

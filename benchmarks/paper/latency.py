@@ -1,18 +1,22 @@
 """Inference latency of one forward pass on a GPT-2 medium config (Table 1 analog), on CPU.
 
     python benchmarks/paper/latency.py                          # batch 1 x seq 128 and batch 1 x seq 32
-    python benchmarks/paper/latency.py --shapes 1x128 16x128 --reps 5
+    python benchmarks/paper/latency.py --shapes 1x128:5 16x128:2 32x128:2 16x256:1 --threads 1
 
 Variants on one random-init GPT-2 medium (24 x 1024, weights shared): ``base``; ``lora-merged`` (r=4 on q,v of
 ``c_attn``, ``lorakit.merge``); ``lora-unmerged`` (the same adapter applied on the side); ``adapter`` (a Houlsby
 bottleneck of size 16 after each block's attention and FFN output, like the paper's AdapterH). All in one
-process, in rotating order per repetition (drift hits every variant alike); the best of ``--reps``, since a
-shared machine only ever adds time. Writes ``benchmarks/paper/results/latency.json``.
+process, in rotating order per repetition (drift hits every variant alike); the best of the repetitions, since a
+shared machine only ever adds time. ``BxS:R`` gives a shape its own number of repetitions (big shapes cost
+minutes per forward pass on one CPU thread); a shape also runs one uncounted warm-up round first, unless it has
+a single repetition (a forward pass of minutes is not dominated by first-call costs, and the shapes before it
+have warmed the process). Writes ``benchmarks/paper/results/latency.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -47,47 +51,61 @@ def build_models():
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["1x128", "1x32"], help="BATCHxSEQ")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--shapes", nargs="+", default=["1x128", "1x32"], help="BATCHxSEQ or BATCHxSEQ:REPS")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of a shape that names none")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--update", action="store_true",
+                   help="keep the other shapes' rows of the results file (same threads and machine), replace these")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base, lora, adapter = build_models()
 
     variants = {"base": base, "lora-merged": lora, "lora-unmerged": lora, "adapter": adapter}
     rows = []
+    machine = f"{platform.machine()} {platform.processor()} torch {torch.__version__}".strip()
+    if args.update and RESULTS.exists():
+        old = json.loads(RESULTS.read_text())
+        if old.get("machine") == machine and old.get("threads") == args.threads:
+            rows = old["rows"]
     for shape in args.shapes:
-        b, s = (int(v) for v in shape.split("x"))
+        dims, _, reps = shape.partition(":")
+        b, s = (int(v) for v in dims.split("x"))
+        reps = int(reps) if reps else args.reps
         x = torch.randint(0, 50257, (b, s), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {k: [] for k in variants}
         names = list(variants)
+        outputs: dict[str, torch.Tensor] = {}  # one output per LoRA variant, to check merged == unmerged
         with torch.inference_mode():
-            ref = lora(x).logits
-            lorakit.merge(lora)
-            diff = (lora(x).logits - ref).abs().max().item()  # merged == unmerged up to fp32 round-off
-            lorakit.unmerge(lora)
-            for rep in range(args.reps + 1):  # repetition 0 warms up and is not counted
+            warmup = int(reps > 1)
+            for rep in range(1 - warmup, reps + 1):  # repetition 0 warms up and is not counted
                 order = names[rep % len(names):] + names[: rep % len(names)]
                 for name in order:
                     if name == "lora-merged":
                         lorakit.merge(lora)
                     t0 = time.perf_counter()
-                    variants[name](x)
+                    logits = variants[name](x).logits
                     dt = time.perf_counter() - t0
                     if name == "lora-merged":
                         lorakit.unmerge(lora)
+                    if name.startswith("lora-"):
+                        outputs.setdefault(name, logits)
                     if rep:
                         times[name].append(dt)
+        diff = (outputs["lora-merged"] - outputs["lora-unmerged"]).abs().max().item()  # fp32 round-off only
+        del outputs, logits
         best = {k: min(v) for k, v in times.items()}
         row = {"batch": b, "seq": s, "ms": {k: 1000 * v for k, v in best.items()},
                "overhead_pct": {k: 100 * (v / best["base"] - 1) for k, v in best.items()},
-               "median_ms": {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}, "merged_max_diff": diff}
-        rows.append(row)
+               "median_ms": {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}, "merged_max_diff": diff,
+               "reps": reps}
+        same = [i for i, r in enumerate(rows) if (r["batch"], r["seq"]) == (b, s)]
+        if same:  # --update: this shape's new row in the old one's place
+            rows[same[0]] = row
+        else:
+            rows.append(row)
+        write_json(RESULTS, {"rows": rows, "threads": torch.get_num_threads(), "machine": machine})  # so far
         print(f"batch {b} seq {s}: " + "  ".join(f"{k} {row['ms'][k]:.0f} ms ({row['overhead_pct'][k]:+.1f}%)"
                                                  for k in names), flush=True)
-    out = {"rows": rows, "reps": args.reps, "threads": torch.get_num_threads(),
-           "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}".strip()}
-    write_json(RESULTS, out)
     return 0
 
 

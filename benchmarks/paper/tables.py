@@ -10,6 +10,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from budgets import BUDGETS, SIZES, budget_of
+
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
 METHODS = [("full", "Full fine-tuning"), ("bitfit", "BitFit"), ("head", "Head only"),
@@ -24,13 +26,42 @@ def _without_head(rec: dict) -> int:
     return rec["trainable"] - HEAD
 
 
-def _runs() -> list[dict]:
+def _all_runs() -> list[dict]:
     path = RES / "glue.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _cell(recs: list[dict]) -> str:
-    vals = [r["metrics"][r["metric"]] for r in recs if r.get("metrics")]
+def _current(rec: dict) -> bool:
+    """Whether ``rec`` ran on its task's budget in budgets.py (the tables show only those)."""
+    return budget_of(rec) == BUDGETS[rec["spec"]["task"]]
+
+
+def setting(runs: list[dict], superseded: list[dict]) -> list[str]:
+    """One line per task: the budget its cells were trained on."""
+    lines = []
+    for task, label in TASK_NAMES.items():
+        b, (n_train, n_dev) = BUDGETS[task], SIZES[task]
+        steps = sorted({r["steps"] for r in runs if r["spec"]["task"] == task})
+        used = min(b["max_train"], n_train)
+        lines.append(f"- {label.split()[0]}: {used:,} training examples " + (
+            f"(all {n_train:,})" if used == n_train else f"(a fixed random subset of {n_train:,})") +
+            f", {b['epochs']} epochs" + (f" = {', '.join(map(str, steps))} steps" if steps else "") +
+            ", dev: " + (f"all {n_dev:,}" if b["max_eval"] >= n_dev else f"the first {b['max_eval']} of {n_dev}") +
+            f", max_length {b['max_length']}" + (" (truncates 12% of RTE's training pairs)" if task == "rte" and b["max_length"] == 128 else ""))
+    counts: dict[tuple, int] = {}
+    for r in superseded:
+        b = budget_of(r)
+        key = (TASK_NAMES[r["spec"]["task"]].split()[0], b["max_train"], b["epochs"])
+        counts[key] = counts.get(key, 0) + 1
+    if counts:
+        lines.append("- not shown: runs on an earlier budget, kept in `results/glue.jsonl`: " + ", ".join(
+            f"{n} {task} ({m:,} examples, {e} epochs)" for (task, m, e), n in counts.items()))
+    return lines
+
+
+def _cell(recs: list[dict], metric: str | None = None) -> str:
+    """Median and values of ``metric`` (default: each run's task metric) over ``recs``."""
+    vals = [r["metrics"][metric or r["metric"]] for r in recs if r.get("metrics")]
     if not vals:
         return "–"
     med = statistics.median(vals)
@@ -41,9 +72,11 @@ def _match(rec: dict, **kw) -> bool:
     return all(rec["spec"].get(k) == v for k, v in kw.items())
 
 
-def quality(runs: list[dict]) -> list[str]:
+def quality(runs: list[dict], metric: str | None = None) -> list[str]:
+    """Methods x tasks: each task's metric, or ``metric`` (e.g. "mcc") on every task."""
     tasks = [t for t in TASK_NAMES if any(r["spec"]["task"] == t for r in runs)]
-    lines = ["| method | trainable (w/o head) | " + " | ".join(TASK_NAMES[t] for t in tasks) + " |",
+    names = [f"{TASK_NAMES[t].split()[0]} ({metric.upper()})" if metric else TASK_NAMES[t] for t in tasks]
+    lines = ["| method | trainable (w/o head) | " + " | ".join(names) + " |",
              "|---|---:|" + "---:|" * len(tasks)]
     for method, label in METHODS:
         sel = [r for r in runs if r["spec"]["method"] == method and (method != "lora" or (
@@ -51,8 +84,13 @@ def quality(runs: list[dict]) -> list[str]:
         if not sel:
             continue
         n = _without_head(sel[0])
-        lines.append(f"| {label} | {n:,} | " + " | ".join(_cell([r for r in sel if r["spec"]["task"] == t])
+        lines.append(f"| {label} | {n:,} | " + " | ".join(_cell([r for r in sel if r["spec"]["task"] == t], metric)
                                                          for t in tasks) + " |")
+    cells = []
+    for t in tasks:  # what always answering the dev set's majority class scores (recorded with each run)
+        maj = [r["majority"][metric or r["metric"]] for r in runs if r["spec"]["task"] == t and "majority" in r]
+        cells.append(f"{maj[0]:.3f}" if maj else "–")
+    lines.append("| *majority class (dev)* | – | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -101,7 +139,10 @@ def latency() -> list[str]:
         lines.append(f"| {row['batch']} x {row['seq']} | " + " | ".join(
             f"{row['ms'][k]:.0f} ms ({row['overhead_pct'][k]:+.1f}%)" for k in names) + " |")
     lines.append("")
-    lines.append(f"Best of {data['reps']} repetitions in rotating order, {data['threads']} torch thread(s), "
+    reps = {(r["batch"], r["seq"]): r.get("reps", data.get("reps")) for r in data["rows"]}
+    lines.append("The best of each shape's timed repetitions (" + ", ".join(f"{b} x {s}: {n}" for (b, s), n in
+                                                                          reps.items()) +
+                 f"), the variants in rotating order, {data['threads']} torch thread(s), "
                  f"{' '.join(data['machine'].split())}; merged vs unmerged logits differ by at most "
                  f"{max(r['merged_max_diff'] for r in data['rows']):.1e}.")
     return lines
@@ -127,16 +168,14 @@ def analysis() -> list[str]:
 
 
 def main() -> int:
-    runs = _runs()
+    every = _all_runs()
+    runs = [r for r in every if _current(r)]
+    superseded = [r for r in every if not _current(r)]
     seconds = sum(r["seconds"] for r in runs)
-    setting = ""
-    if runs:
-        r0 = runs[0]
-        setting = (f"{r0['train_examples']} training examples per task (a fixed random subset), {r0['epochs']} epochs, "
-                   f"batch {r0.get('batch_size', 16)}, max_length {r0['max_length']}, dev sets capped at 500 "
-                   f"examples (the first 500; SST-2 has 872, MRPC 408, CoLA 1,043, RTE 277); {' '.join(r0['machine'].split())}")
+    machines = sorted({" ".join(r["machine"].split()) for r in runs})
     text = TEMPLATE.format(
-        setting=setting, n_runs=len(runs), minutes=seconds / 60, quality="\n".join(quality(runs)),
+        setting="\n".join(setting(runs, superseded)), machine="; ".join(machines), n_runs=len(runs),
+        minutes=seconds / 60, quality="\n".join(quality(runs)), quality_mcc="\n".join(quality(runs, "mcc")),
         rank="\n".join(rank(runs)), matrices="\n".join(matrices(runs)), params="\n".join(params()),
         latency="\n".join(latency()), analysis="\n".join(analysis()))
     out = HERE / "README.md"
@@ -151,17 +190,24 @@ TEMPLATE = """# The LoRA paper's experiments, on CPU (lorakit)
 
 Generated by `python benchmarks/paper/tables.py` from `benchmarks/paper/results/`; the reading of these
 numbers against the paper's claims is in [docs/paper.md](../../docs/paper.md). Every figure here was taken on a
-**shared 2-core CPU machine** (8 engineers' tests running beside it, the experiments under `nice -n 10`), so
-the training budgets are tiny and say nothing about the scores these methods reach with full data.
+**shared 2-core CPU machine** (other engineers' tests and benchmarks running beside it, the experiments under
+`nice -n 10`, one torch thread each), so the training budgets are small and say nothing about the scores these
+methods reach with full data and tuned learning rates.
 
 ## GLUE on the pretrained MiniLM-L6-H384 (Table 2 analog)
 
 ```bash
-python benchmarks/paper/glue.py rank matrices quality --tasks sst2 cola mrpc --seeds 0   # then more seeds/tasks
+python benchmarks/paper/glue.py rank matrices quality --seeds 0     # each task on its budget (budgets.py)
+python benchmarks/paper/glue.py rank matrices quality --seeds 1 2   # then more seeds
 python benchmarks/paper/tables.py
 ```
 
-Setting: {setting}. {n_runs} runs, {minutes:.0f} minutes of wall-clock training in all. Learning rates are
+Setting, per task (batch 16; batches padded to their longest example, similar lengths grouped):
+
+{setting}
+
+{machine}. {n_runs} runs shown, {minutes:.0f} minutes of wall-clock time in all (a run's recorded seconds
+include loading, evaluation, and any time the machine's other work took from it). Learning rates are
 common values, not tuned (full 1e-4, BitFit 2e-3, head 5e-3, adapter 2e-3, LoRA 2e-3); AdamW, linear decay,
 6% warmup, weight decay 0.01. The metric is the dev score after the last epoch (no checkpoint picked on dev).
 Every method also trains the classifier head (770 parameters for two classes); "trainable" leaves it out.
@@ -169,6 +215,11 @@ SST-2 uses lorakit's packaged whole-sentence slice of GLUE's SST-2 (see the top-
 are GLUE's files from `../shared/data`.
 
 {quality}
+
+The same runs' Matthews correlation on every task (recorded with each run): 0 for any constant answer, so it
+shows which runs left the majority class where accuracy or F1 near the majority's value cannot.
+
+{quality_mcc}
 
 ## Rank ablation (Table 6 analog): LoRA on query,value of SST-2, alpha = 16 for every r
 
@@ -202,8 +253,14 @@ python benchmarks/paper/params.py
 ## Inference latency of one forward pass, GPT-2 medium config (Table 1 analog), CPU
 
 ```bash
-python benchmarks/paper/latency.py --threads 1
+python benchmarks/paper/latency.py --shapes 1x128:5 16x128:1 32x128:1 16x256:1 --threads 1
+python benchmarks/paper/latency.py --update --shapes 16x128:3 --threads 1   # 16 x 128 again, 3 repetitions
 ```
+
+`lora-merged` is the base model's computation (the update folded into the weights), so its distance from
+`base` is this machine's noise at that shape. The paper's 32 x 512 (Table 1's first column) was left out: at
+least 128 times the work of 1 x 128, about 3 minutes per forward pass here, so a single repetition of the four
+variants (12 minutes) could not resolve the few percent the paper reports there.
 
 {latency}
 
