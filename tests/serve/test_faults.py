@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from lorakit.serve.app import build_engine, create_app
+from lorakit.serve.app import create_app
+from lorakit.serve.loading import build_frontend
 from tests.serve.helpers import running, save_adapters, save_llama
 
 
@@ -32,9 +33,9 @@ def root(llama_dir, llama_adapters, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llama_dir, root):
-    engine = build_engine(str(llama_dir), adapters_dir=root, max_loaded=4)
-    with running(create_app(engine, max_body_bytes=4096)) as url:
-        yield url, engine
+    front = build_frontend(str(llama_dir), adapters_dir=root, max_loaded=4)
+    with running(create_app(front, max_body_bytes=4096)) as url:
+        yield url, front.engine
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,8 @@ def test_client_leaving_mid_stream_frees_its_row(server, http, monkeypatch):
 
 
 def test_api_key(llama_dir, llama_adapters):
-    engine = build_engine(str(llama_dir), adapters={"a": llama_adapters / "a"})
-    with running(create_app(engine, api_key="s3cret")) as url:
+    front = build_frontend(str(llama_dir), adapters={"a": llama_adapters / "a"})
+    with running(create_app(front, api_key="s3cret")) as url:
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/").status_code == 200  # the static page; it sends the key with its calls
         for path in ("/v1/models", "/metrics"):
