@@ -1,7 +1,8 @@
 """The adapters a server knows, and the ones loaded: an LRU bounded by ``max_loaded`` over one base model.
 
 Known adapters come from ``--adapter NAME=DIR`` and from the subfolders of ``--adapters-dir`` (listed at
-once, loaded on first use); dynamic loads may read only below ``--adapters-dir``. Loading goes through
+once, loaded on first use); dynamic loads may read only inside ``--adapters-dir`` (a relative path, or an
+absolute one that resolves inside it). Loading goes through
 :func:`lorakit.load_adapter` (validated before the model changes) and then into the resident
 :class:`~lorakit.ops.pool.AdapterPool`; eviction is the reverse. An adapter that fails to load (corrupt,
 made for another base) is remembered with its error: its requests fail with that error, the others run.
@@ -11,7 +12,6 @@ Only the engine's thread calls :meth:`AdapterStore.ensure` / :meth:`AdapterStore
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -81,21 +81,28 @@ def check_name(name: str) -> str:
     return name
 
 
-def resolve_inside(root: Path | None, rel: str) -> Path:
-    """``root / rel`` if it stays inside ``root`` once symlinks are followed; otherwise :class:`PathRefused`."""
+def resolve_inside(root: Path | None, path: str) -> Path:
+    """The adapter folder ``path`` names (relative to ``root``, or absolute) if it lies inside ``root`` once
+    symlinks are followed on both; otherwise :class:`PathRefused` (also for a path that cannot exist)."""
     if root is None:
         raise PathRefused("dynamic adapter loading needs --adapters-dir (the only root it may read from)", "lora_path")
-    if os.path.isabs(rel) or rel.startswith("~"):
-        raise PathRefused(f"lora_path {rel!r}: absolute paths are refused; give a path relative to --adapters-dir",
-                          "lora_path")
-    if ".." in Path(rel).parts:
-        raise PathRefused(f"lora_path {rel!r}: '..' is refused; the path must stay inside --adapters-dir", "lora_path")
-    real_root = root.resolve()
-    target = (real_root / rel).resolve()
-    if target != real_root and real_root not in target.parents:
-        raise PathRefused(f"lora_path {rel!r} leads outside --adapters-dir (through a symlink)", "lora_path")
-    if not is_adapter_dir(target):
-        raise PathRefused(f"lora_path {rel!r}: no {CONFIG_NAME} + {WEIGHTS_NAME} there", "lora_path")
+    shown = path if len(path) <= 80 else path[:77] + "..."
+    if "\x00" in path:
+        raise PathRefused(f"lora_path {shown!r} holds a NUL character", "lora_path")
+    if path.startswith("~"):
+        raise PathRefused(f"lora_path {shown!r}: '~' is not expanded; give a path inside --adapters-dir", "lora_path")
+    try:
+        real_root = root.resolve()
+        target = (real_root / path).resolve()  # an absolute path replaces the root
+        inside = target == real_root or real_root in target.parents
+        found = inside and is_adapter_dir(target)
+    except (OSError, ValueError, RuntimeError) as e:  # too long, a symlink loop, ...
+        raise PathRefused(f"lora_path {shown!r} cannot be opened: {e.strerror if isinstance(e, OSError) else e}",
+                          "lora_path") from None
+    if not inside:
+        raise PathRefused(f"lora_path {shown!r} leads outside --adapters-dir", "lora_path")
+    if not found:
+        raise PathRefused(f"lora_path {shown!r}: no {CONFIG_NAME} + {WEIGHTS_NAME} there", "lora_path")
     return target
 
 
@@ -187,7 +194,7 @@ class AdapterStore:
             delete_adapter(self.model, name)
 
     def add(self, name: str, rel_path: str) -> AdapterInfo:
-        """Dynamic load: register ``name`` at ``rel_path`` below ``--adapters-dir`` (loaded on first use)."""
+        """Dynamic load: register ``name`` at ``rel_path`` inside ``--adapters-dir`` (loaded on first use)."""
         check_name(name)
         if name == self.base_name or name in self.known:
             raise InvalidRequest(f"adapter {name!r} already exists; unload it first", "lora_name")

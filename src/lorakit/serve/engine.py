@@ -28,7 +28,8 @@ import torch
 from . import batch as B
 from .adapters import AdapterStore
 from .errors import InternalError, Overloaded, ServeError
-from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, Sampled, Scores, Value
+from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled, Scores, Value
+from .sampling import RowSampler, logprobs_of
 
 log = logging.getLogger("lorakit.serve")
 
@@ -66,6 +67,7 @@ class Engine:
         self._rows_names: list | None = None
         self._stopping = False
         self._cache_arg = B.cache_argument(self.model)
+        self._keep_arg = B.accepts(self.model, "logits_to_keep")
         self._thread: threading.Thread | None = None
         self.steps = 0
         self._lanes = {"generate": self.waiting.append, "classify": self.classify_waiting.append,
@@ -226,15 +228,9 @@ class Engine:
         self._admitting = new
         for job in new:
             self.metrics.queued(time.perf_counter() - job.submitted)
-            if job.sampling.temperature > 0:
-                job.generator = torch.Generator()
-                job.generator.manual_seed(job.sampling.seed if job.sampling.seed is not None else torch.seed())
-        ids, mask = B.left_pad([j.prompt_ids for j in new], self.pad_id)
-        self._set_rows([j.adapter for j in new])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=B.positions(mask), use_cache=True)
-        self.metrics.batch(len(new), "prefill")
-        tensors = B.cache_tensors(B.output_cache(out))
-        keep = [i for i, job in enumerate(new) if not self._advance(job, out.logits[i, -1])]
+            job.sampler = RowSampler(job.sampling, job.prompt_ids, self.eos_ids)
+        logits, tensors, mask = self._prefill(new)
+        keep = [i for i, job in enumerate(new) if not self._first(job, logits[i], len(job.prompt_ids))]
         self._admitting = []
         if not keep:
             return
@@ -243,6 +239,28 @@ class Engine:
             tensors, mask = B.concat((B.cache_tensors(self.cache), self.mask), (tensors, mask))
         self.rows += [new[i] for i in keep]
         self.cache, self.mask = B.make_cache(tensors), mask
+
+    def _prefill(self, new: list[GenJob]):
+        """One forward over the new rows' prompts, left-padded: logits ``(b, T or 1, V)``, KV tensors, mask."""
+        ids, mask = B.left_pad([j.prompt_ids for j in new], self.pad_id)
+        self._set_rows([j.adapter for j in new])
+        every = any(job.sampling.prompt_logprobs is not None for job in new)
+        last = {} if every or not self._keep_arg else {"logits_to_keep": 1}  # lm_head on the last column only
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=B.positions(mask), use_cache=True, **last)
+        self.metrics.batch(len(new), "prefill")
+        return out.logits, B.cache_tensors(B.output_cache(out)), mask
+
+    def _first(self, job: GenJob, logits: torch.Tensor, n: int) -> bool:
+        """After the prefill (``logits (T, V)``, the prompt in the last ``n`` columns): the prompt's logprobs
+        if asked, then the first token; True when the job is finished."""
+        k = job.sampling.prompt_logprobs
+        if k is not None and not job.cancelled:
+            lps, top = logprobs_of(logits[-n:-1], torch.tensor(job.prompt_ids[1:], dtype=torch.long), k)
+            job.results.put(PromptScored([None, *lps], [None, *top] if top is not None else None))
+        if job.max_tokens == 0 and not job.cancelled:
+            job.results.put(Finished("length"))
+            return True
+        return self._advance(job, logits[-1])
 
     def _step(self) -> None:
         live = [i for i, job in enumerate(self.rows) if not job.cancelled]
@@ -259,7 +277,9 @@ class Engine:
         self.cache = B.output_cache(out)
         self.steps += 1
         self.metrics.batch(len(self.rows), "decode")
-        keep = [i for i, job in enumerate(self.rows) if not self._advance(job, out.logits[i, -1])]
+        logits = out.logits[:, -1]
+        argmax = logits.argmax(-1).tolist()  # the fast path's tokens, every row at once
+        keep = [i for i, job in enumerate(self.rows) if not self._advance(job, logits[i], argmax[i])]
         if len(keep) < len(self.rows):
             self._drop(keep)
 
@@ -272,17 +292,18 @@ class Engine:
             self.cache = self.mask = None
         self.rows = rows
 
-    def _advance(self, job: GenJob, logits: torch.Tensor) -> bool:
-        """Sample the job's next token and put it in its results; True when the job is finished."""
+    def _advance(self, job: GenJob, logits: torch.Tensor, argmax: int | None = None) -> bool:
+        """Pick the job's next token and put it in its results; True when the job is finished."""
         if job.cancelled:
             return True
-        token = B.sample(logits, job.sampling.temperature, job.sampling.top_p, job.generator)
+        pick = job.sampler.pick(logits, argmax)
         self.metrics.tokens("completion", 1)
-        if token in self.eos_ids:
+        if pick.token in job.sampler.stop_ids:
             job.results.put(Finished("stop"))
             return True
-        job.generated.append(token)
-        job.results.put(Sampled(token))
+        job.sampler.accept(pick.token)
+        job.generated.append(pick.token)
+        job.results.put(Sampled(pick.token, pick.logprob, pick.top))
         if len(job.generated) >= job.max_tokens:
             job.results.put(Finished("length"))
             return True

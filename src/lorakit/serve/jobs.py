@@ -15,13 +15,24 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from .errors import ServeError
+from .sampling import SamplingParams
 
 
 # ----- events ----------------------------------------------------------------------------------------------
 @dataclass
 class Sampled:
-    """One new token of a generation row."""
+    """One new token of a generation row; its raw logprob and top ``(token, logprob)`` pairs if asked."""
     token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptScored:
+    """Raw logprobs of each prompt token given the ones before it (``None`` for the first), and the top
+    ``(token, logprob)`` pairs at each position if asked; sent before the first token (echo + logprobs)."""
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -47,7 +58,7 @@ class Failed:
     error: ServeError
 
 
-Event = Sampled | Finished | Scores | Value | Failed
+Event = Sampled | PromptScored | Finished | Scores | Value | Failed
 FINAL = (Finished, Scores, Value, Failed)
 
 
@@ -94,17 +105,10 @@ class AsyncResults:
 
 
 # ----- jobs ------------------------------------------------------------------------------------------------
-@dataclass
-class SamplingParams:
-    """How one row picks its next token: greedy at temperature 0, else softmax(logits / T) in the top-p nucleus."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
 @dataclass(eq=False)
 class GenJob:
-    """Continue ``prompt_ids`` by up to ``max_tokens`` tokens with ``adapter`` (None: the base)."""
+    """Continue ``prompt_ids`` by up to ``max_tokens`` tokens with ``adapter`` (None: the base); ``max_tokens``
+    0 only scores the prompt."""
     lane: ClassVar[str] = "generate"
     adapter: str | None
     prompt_ids: list[int]
@@ -114,7 +118,7 @@ class GenJob:
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set from any thread: the row is dropped at the next step
     generated: list[int] = field(default_factory=list)
-    generator: Any = None  # the row's torch.Generator when it samples
+    sampler: Any = None  # the row's RowSampler, built when it joins the batch
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -11,17 +11,17 @@ from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import protocol as P
-from . import Front
+from . import Front, declare
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health():
+async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=declare())
 async def models(front: Front) -> P.ModelList:
     store, created = front.store, P.now()
     classify = front.task == "classification"
@@ -35,8 +35,10 @@ async def models(front: Front) -> P.ModelList:
     return P.ModelList(data=cards)
 
 
-@router.get("/metrics")
-async def prometheus(front: Front):
+@router.get("/metrics", response_class=Response, responses={
+    **declare(), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                       "description": "Prometheus' text format (version 0.0.4)"}})
+async def prometheus(front: Front) -> Response:
     front.metrics.loaded.set(len(front.store.loaded))
     front.metrics.running.set(front.engine.running())
     return Response(generate_latest(front.metrics.registry), media_type=CONTENT_TYPE_LATEST)
