@@ -22,6 +22,7 @@ from .adapters import AdapterLoadError, AdapterStore, PathRefused, UnknownAdapte
 from .engine import ClsJob, Engine, Event, GenJob
 from .guard import Guard
 from .metrics import ServeMetrics
+from .structured import Grammars, ResponseFormatError
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -117,6 +118,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     engine.metrics = metrics
     store, tokenizer = engine.store, engine.tokenizer
     ctx = context_length(engine)
+    grammars = Grammars(tokenizer, engine.model.config.vocab_size, engine.eos_ids)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -165,6 +167,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def run_generation(req: P._Sampling, adapter: str | None, prompt_ids: list[int], default_max: int):
         job = GenJob(adapter, prompt_ids, budget(prompt_ids, req.max_tokens, default_max), emit=None,
                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop or [])
+        if req.response_format is not None:
+            try:  # compiling a new schema can take a while: off the event loop
+                job.grammar = await asyncio.to_thread(grammars.row, req.response_format.as_dict())
+            except ResponseFormatError as e:
+                raise ApiError(400, str(e), e.param) from None
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: Event) -> None:

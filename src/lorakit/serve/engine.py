@@ -58,6 +58,7 @@ class GenJob:
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     generator: torch.Generator | None = None
+    grammar: object | None = None  # a structured.RowGrammar: the row's JSON constraint (response_format)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -319,12 +320,17 @@ class Engine:
         """Sample the job's next token and emit its new text; True when the job is finished."""
         if job.cancelled:
             return True
+        if job.grammar is not None:
+            logits = job.grammar.constrain(logits)
         token = B.sample(logits, job.temperature, job.top_p, job.generator)
         finish = None
         if token in self.eos_ids:
             finish = "stop"
         else:
             job.generated.append(token)
+        if job.grammar is not None:
+            job.grammar.accept(token)
+            finish = "stop" if job.grammar.done else finish  # the JSON is complete: end of the row, as EOS would
         self.metrics.tokens("completion", 1)
         text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)

@@ -1,0 +1,163 @@
+"""Structured output (``response_format``): a JSON-constrained row and a free row decode in the same
+steps, the constrained output parses and validates against its schema (random weights: the grammar alone
+makes it JSON), the free row is untouched by its neighbour's mask, and bad formats are 400s naming them."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import openai
+import pytest
+
+from lorakit.serve.app import build_engine, create_app
+from lorakit.serve.engine import Event, GenJob
+from tests.serve.helpers import running, save_adapters
+from tests.serve.helpers_json import save_json_llama
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "n", "ok"],
+    "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+MAX = 96  # tokens: the schema's longest output is ~50 byte-level tokens, so no row is cut by the budget
+FREE = 16  # tokens of a free row
+# {"type": "json_object"} bounds nothing: with random weights a row may write one string forever. Seed 4 at
+# temperature 1 closes its object within 10 tokens on the test model, so those rows are checked in full.
+OBJECT_SEED = 4
+
+
+@pytest.fixture(scope="module")
+def json_llama(tmp_path_factory):
+    return save_json_llama(tmp_path_factory.mktemp("json_llama") / "jl")
+
+
+@pytest.fixture(scope="module")
+def json_adapters(json_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("json_adapters")
+    save_adapters(json_llama, root, ["a", "b"])
+    return root
+
+
+def _job(engine, adapter, prompt, fmt=None, temperature=0.0, seed=None):
+    events: list[Event] = []
+    ids = engine.tokenizer(prompt)["input_ids"]
+    job = GenJob(adapter, ids, MAX if fmt else FREE, emit=events.append, temperature=temperature, seed=seed)
+    if fmt is not None:
+        from lorakit.serve.structured import Grammars
+
+        job.grammar = Grammars(engine.tokenizer, engine.model.config.vocab_size, engine.eos_ids).row(fmt)
+    return job, events
+
+
+def _run(engine, jobs) -> list[list[tuple[bool, ...]]]:
+    """Submit ``jobs`` before the engine starts (one admission, one batch); returns, per decode step, which
+    rows were constrained."""
+    steps = []
+    step = engine._step
+
+    def recording():
+        steps.append(tuple(j.grammar is not None for j in engine.rows))
+        step()
+
+    engine._step = recording
+    for job, _ in jobs:
+        engine.submit(job)
+    engine.start()
+    engine.stop(timeout=120)
+    return steps
+
+
+def _done(events) -> Event:
+    assert events[-1].kind == "done", events[-1]
+    return events[-1]
+
+
+def test_constrained_and_free_rows_share_steps(json_llama, json_adapters):
+    prompts = ["the cat sat", "what is two plus two ?"]
+    alone = build_engine(str(json_llama), adapters_dir=json_adapters)
+    free_alone = _job(alone, "b", prompts[1])
+    _run(alone, [free_alone])
+
+    engine = build_engine(str(json_llama), adapters_dir=json_adapters)
+    jobs = [_job(engine, "a", prompts[0], FORMAT), _job(engine, "b", prompts[1]),
+            *[_job(engine, None, prompts[0], FORMAT, temperature=1.0, seed=s) for s in range(4)],
+            _job(engine, None, prompts[1], {"type": "json_object"}, temperature=1.0, seed=OBJECT_SEED)]
+    steps = _run(engine, jobs)
+    assert any(True in s and False in s for s in steps)  # both kinds of row in one decode step
+    for (_, events), fmt in zip(jobs, [FORMAT, None, *[FORMAT] * 4, {"type": "json_object"}], strict=True):
+        done = _done(events)
+        if fmt is None:
+            assert done.finish_reason == "length"
+            continue
+        assert done.finish_reason == "stop", (fmt, done.text)  # the grammar ended the row, not the budget
+        value = json.loads(done.text)
+        if fmt is FORMAT:
+            jsonschema.validate(value, SCHEMA)
+        else:
+            assert isinstance(value, dict)
+    # the free row beside the constrained ones gives what it gives alone (greedy)
+    assert _done(jobs[1][1]).text == _done(free_alone[1]).text
+
+
+@pytest.fixture(scope="module")
+def server(json_llama, json_adapters):
+    engine = build_engine(str(json_llama), adapters_dir=json_adapters, max_batch_size=8)
+    with running(create_app(engine)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_http_chat_and_completions_json_beside_free(client):
+    got: dict = {}
+
+    def chat(key, fmt, model="a"):
+        kw = {"response_format": fmt} if fmt else {}
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "the cat"}],
+                                           max_tokens=MAX if fmt else FREE, temperature=1.0, seed=3, **kw)
+        got[key] = r.choices[0]
+
+    def complete(key, fmt, model="b"):
+        kw = {"extra_body": {"response_format": fmt}} if fmt else {}
+        seed = OBJECT_SEED if fmt and fmt["type"] == "json_object" else 5
+        r = client.completions.create(model=model, prompt="a dog ran", max_tokens=MAX if fmt else FREE,
+                                      temperature=1.0, seed=seed, **kw)
+        got[key] = r.choices[0]
+
+    calls = [(chat, "chat-json", FORMAT), (chat, "chat-free", None), (complete, "cmpl-json", FORMAT),
+             (complete, "cmpl-obj", {"type": "json_object"}), (complete, "cmpl-free", None)]
+    threads = [threading.Thread(target=f, args=(k, fmt)) for f, k, fmt in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    jsonschema.validate(json.loads(got["chat-json"].message.content), SCHEMA)
+    jsonschema.validate(json.loads(got["cmpl-json"].text), SCHEMA)
+    assert got["cmpl-obj"].finish_reason == "stop" and isinstance(json.loads(got["cmpl-obj"].text), dict)
+    assert got["chat-free"].finish_reason == got["cmpl-free"].finish_reason == "length"
+
+
+@pytest.mark.parametrize("fmt, where", [
+    ({"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nope"}}}, "'bad' is not a valid"),
+    ({"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}, "json_schema.name"),
+    ({"type": "json_schema"}, "json_schema is required"),
+])
+def test_bad_response_format_is_a_400_naming_it(client, fmt, where):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}],
+                                       response_format=fmt, max_tokens=4)
+    assert e.value.status_code == 400 and where in e.value.message
