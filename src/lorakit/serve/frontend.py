@@ -17,6 +17,7 @@ from .engine import Engine
 from .errors import InvalidRequest, ServeError
 from .jobs import AsyncResults, ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled
 from .sampling import SamplingParams
+from .structured import Grammars
 
 
 @dataclass
@@ -193,6 +194,7 @@ class Frontend:
         self.context = context_length(engine.model)
         self.vocab = engine.model.get_input_embeddings().num_embeddings  # token ids run 0..vocab-1
         self._token_strs: dict[int, str] = {}
+        self.grammars = Grammars(tokenizer, engine.model.config.vocab_size, engine.eos_ids)
 
     # ----- requests --------------------------------------------------------------------------------------
     def resolve(self, model: str, task: str) -> str | None:
@@ -268,6 +270,13 @@ class Frontend:
             raise InvalidRequest(f"max_tokens={max_tokens} with a {n}-token prompt passes the model's context of "
                                  f"{ctx} tokens", "max_tokens")
         return max_tokens
+
+    async def grammar_rows(self, response_format: dict | None, count: int) -> list:
+        """``count`` row grammars of a ``response_format`` (logits processors; None each for free text). The
+        first compiles it (once per format, cached; off the event loop), the others copy it."""
+        if response_format is None or response_format.get("type") in (None, "text"):
+            return [None] * count
+        return [await asyncio.to_thread(self.grammars.row, response_format) for _ in range(count)]
 
     # ----- hand-off to the engine ------------------------------------------------------------------------
     def generate(self, adapter: str | None, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,

@@ -49,6 +49,24 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class _Sampling(_Request):
     """Fields completions and chat share: OpenAI's, then vLLM's extra sampling fields."""
     model: str
@@ -72,6 +90,7 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None  # structured output (structured.py)
 
     @field_validator("stop")
     @classmethod
@@ -137,7 +156,6 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict | None = None
     # accepted, used for nothing (they change no output): the client's own tracking and billing fields
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None

@@ -26,26 +26,31 @@ def refuse(req: P._Request) -> None:
         raise InvalidRequest(f"{name}={getattr(req, name)!r} is not supported by this server", name)
 
 
-def sampling_of(req: P._Sampling, seed: int | None, logprobs: int | None, prompt_logprobs: int | None):
+def sampling_of(req: P._Sampling, seed: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                grammar=None) -> SamplingParams:
     return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p, seed=seed,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop_token_ids=list(req.stop_token_ids or []),
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, processors=[lambda: grammar] if grammar else [])
 
 
-def start(front: Frontend, req: P._Sampling, adapter: str | None, prompts: list[Prompt], max_tokens: int | None,
-          default: int, logprobs: int | None, prompt_logprobs: int | None = None) -> list[Generation]:
-    """``n`` generations per prompt, in choice order; every budget is checked before the first is submitted."""
+async def start(front: Frontend, req: P._Sampling, adapter: str | None, prompts: list[Prompt],
+                max_tokens: int | None, default: int, logprobs: int | None,
+                prompt_logprobs: int | None = None) -> list[Generation]:
+    """``n`` generations per prompt, in choice order; every budget and the ``response_format`` are checked
+    before the first is submitted."""
     budgets = [front.budget(p.ids, max_tokens, default) for p in prompts]
+    fmt = req.response_format.as_dict() if req.response_format is not None else None
+    grammars = iter(await front.grammar_rows(fmt, len(prompts) * req.n))
     gens: list[Generation] = []
     try:
         for prompt, budget in zip(prompts, budgets, strict=True):
             for seed in sample_seeds(req.seed, req.n):
-                gens.append(front.generate(adapter, prompt.ids, budget, sampling_of(req, seed, logprobs,
-                                                                                    prompt_logprobs),
-                                           req.stop or [], req.skip_special_tokens))
+                sampling = sampling_of(req, seed, logprobs, prompt_logprobs, next(grammars))
+                gens.append(front.generate(adapter, prompt.ids, budget, sampling, req.stop or [],
+                                           req.skip_special_tokens))
     except BaseException:
         for gen in gens:
             gen.cancel()
@@ -128,7 +133,7 @@ async def completions(req: P.CompletionRequest, front: Front) -> P.Completion:
     if len(prompts) > P.MAX_PROMPTS:
         raise InvalidRequest(f"prompt holds {len(prompts)} prompts; at most {P.MAX_PROMPTS} per request", "prompt")
     k = req.logprobs
-    gens = start(front, req, adapter, prompts, req.max_tokens, 16, k, k if req.echo and k is not None else None)
+    gens = await start(front, req, adapter, prompts, req.max_tokens, 16, k, k if req.echo and k is not None else None)
     rid, created = P.new_id("cmpl"), P.now()
     if req.stream:
         return await sse(gens, _completion_chunks(front, req, prompts, gens, rid, created),
@@ -196,9 +201,6 @@ def chat_logprobs(front: Frontend, scores: list[Sampled]) -> P.ChatLogprobs:
 def _chat_checks(req: P.ChatRequest) -> int | None:
     """The request's token budget after the chat-only refusals."""
     refuse(req)
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise InvalidRequest(f"response_format {req.response_format.get('type')!r} is not supported by this server",
-                             "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     if req.max_completion_tokens is not None and req.max_tokens not in (None, req.max_completion_tokens):
@@ -214,7 +216,7 @@ async def chat(req: P.ChatRequest, front: Front) -> P.ChatCompletion:
     ids = front.chat_prompt(messages_of(req.messages), req.add_generation_prompt)
     prompts = [Prompt(ids, "")]
     k = (req.top_logprobs or 0) if req.logprobs else None
-    gens = start(front, req, adapter, prompts, max_tokens, 256, k)
+    gens = await start(front, req, adapter, prompts, max_tokens, 256, k)
     rid, created = P.new_id("chatcmpl"), P.now()
 
     def chunk(choices: list[P.ChatChunkChoice], usage=None) -> P.ChatCompletionChunk:
