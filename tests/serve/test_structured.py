@@ -10,8 +10,10 @@ import threading
 import openai
 import pytest
 
-from lorakit.serve.app import build_engine, create_app
-from lorakit.serve.engine import Event, GenJob
+from lorakit.serve.app import create_app
+from lorakit.serve.jobs import Finished, GenJob
+from lorakit.serve.loading import build_frontend
+from lorakit.serve.sampling import SamplingParams
 from tests.serve.helpers import running, save_adapters
 from tests.serve.helpers_json import save_json_llama
 
@@ -49,71 +51,71 @@ def json_adapters(json_llama, tmp_path_factory):
     return root
 
 
-def _job(engine, adapter, prompt, fmt=None, temperature=0.0, seed=None):
-    events: list[Event] = []
-    ids = engine.tokenizer(prompt)["input_ids"]
-    job = GenJob(adapter, ids, MAX if fmt else FREE, emit=events.append, temperature=temperature, seed=seed)
-    if fmt is not None:
-        from lorakit.serve.structured import Grammars
-
-        job.grammar = Grammars(engine.tokenizer, engine.model.config.vocab_size, engine.eos_ids).row(fmt)
-    return job, events
+class _Collect(list):
+    def put(self, event) -> None:
+        self.append(event)
 
 
-def _run(engine, jobs) -> list[list[tuple[bool, ...]]]:
+def _job(front, adapter, prompt, fmt=None, temperature=0.0, seed=None) -> GenJob:
+    processors = [front.grammars.factory(fmt)] if fmt else []
+    sampling = SamplingParams(temperature=temperature, seed=seed, processors=processors)
+    return GenJob(adapter, front.encode(prompt), MAX if fmt else FREE, _Collect(), sampling)
+
+
+def _run(front, jobs: list[GenJob]) -> list[tuple[bool, ...]]:
     """Submit ``jobs`` before the engine starts (one admission, one batch); returns, per decode step, which
     rows were constrained."""
-    steps = []
+    engine, steps = front.engine, []
     step = engine._step
 
     def recording():
-        steps.append(tuple(j.grammar is not None for j in engine.rows))
+        steps.append(tuple(bool(j.sampling.processors) for j in engine.rows))
         step()
 
     engine._step = recording
-    for job, _ in jobs:
+    for job in jobs:
         engine.submit(job)
     engine.start()
     engine.stop(timeout=120)
     return steps
 
 
-def _done(events) -> Event:
-    assert events[-1].kind == "done", events[-1]
-    return events[-1]
+def _finish(job: GenJob) -> str:
+    assert isinstance(job.results[-1], Finished), job.results[-1]
+    return job.results[-1].reason
 
 
 def test_constrained_and_free_rows_share_steps(json_llama, json_adapters):
     prompts = ["the cat sat", "what is two plus two ?"]
-    alone = build_engine(str(json_llama), adapters_dir=json_adapters)
+    alone = build_frontend(str(json_llama), adapters_dir=json_adapters)
     free_alone = _job(alone, "b", prompts[1])
     _run(alone, [free_alone])
 
-    engine = build_engine(str(json_llama), adapters_dir=json_adapters)
-    jobs = [_job(engine, "a", prompts[0], FORMAT), _job(engine, "b", prompts[1]),
-            *[_job(engine, None, prompts[0], FORMAT, temperature=1.0, seed=s) for s in range(4)],
-            _job(engine, None, prompts[1], {"type": "json_object"}, temperature=1.0, seed=OBJECT_SEED)]
-    steps = _run(engine, jobs)
+    front = build_frontend(str(json_llama), adapters_dir=json_adapters)
+    formats = [FORMAT, None, *[FORMAT] * 4, {"type": "json_object"}]
+    jobs = [_job(front, "a", prompts[0], FORMAT), _job(front, "b", prompts[1]),
+            *[_job(front, None, prompts[0], FORMAT, temperature=1.0, seed=s) for s in range(4)],
+            _job(front, None, prompts[1], {"type": "json_object"}, temperature=1.0, seed=OBJECT_SEED)]
+    steps = _run(front, jobs)
     assert any(True in s and False in s for s in steps)  # both kinds of row in one decode step
-    for (_, events), fmt in zip(jobs, [FORMAT, None, *[FORMAT] * 4, {"type": "json_object"}], strict=True):
-        done = _done(events)
+    for job, fmt in zip(jobs, formats, strict=True):
+        text = front.decode(job.generated)
         if fmt is None:
-            assert done.finish_reason == "length"
+            assert _finish(job) == "length"
             continue
-        assert done.finish_reason == "stop", (fmt, done.text)  # the grammar ended the row, not the budget
-        value = json.loads(done.text)
+        assert _finish(job) == "stop", (fmt, text)  # the grammar ended the row, not the budget
+        value = json.loads(text)
         if fmt is FORMAT:
             jsonschema.validate(value, SCHEMA)
         else:
             assert isinstance(value, dict)
-    # the free row beside the constrained ones gives what it gives alone (greedy)
-    assert _done(jobs[1][1]).text == _done(free_alone[1]).text
+    assert jobs[1].generated == free_alone.generated  # the free row beside constrained ones: as alone (greedy)
 
 
 @pytest.fixture(scope="module")
 def server(json_llama, json_adapters):
-    engine = build_engine(str(json_llama), adapters_dir=json_adapters, max_batch_size=8)
-    with running(create_app(engine)) as url:
+    front = build_frontend(str(json_llama), adapters_dir=json_adapters, max_batch_size=8)
+    with running(create_app(front)) as url:
         yield url
 
 

@@ -100,6 +100,9 @@ class RowGrammar:
     def can_start(self) -> bool:
         return bool(self.allowed.any())
 
+    def __call__(self, logits: Tensor) -> Tensor:  # a row processor of lorakit.serve.sampling
+        return self.constrain(logits)
+
     def constrain(self, logits: Tensor) -> Tensor:
         """``logits (V',)`` with every token the grammar forbids at -inf (ids past V: forbidden)."""
         allowed = self.allowed.to(logits.device)
@@ -176,3 +179,10 @@ class Grammars:
             raise ResponseFormatError("response_format: this model's tokenizer has no token that can start the "
                                       "JSON output (it cannot write '{')")
         return row
+
+    def factory(self, fmt: dict):
+        """A maker of fresh row matchers for ``fmt`` (a row processor factory of ``SamplingParams``), None for
+        plain text; ``fmt`` is compiled and checked now."""
+        if self.row(fmt) is None:
+            return None
+        return lambda: self.row(fmt)
