@@ -179,12 +179,14 @@ class Engine:
             ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
             self._set_rows(names)
-            probs = torch.softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (b, widest head)
             self.metrics.batch(len(seqs), "classify")
             start = 0
             for job in jobs:
                 self.metrics.queued(time.perf_counter() - job.submitted)
-                job.results.put(Scores(probs[start:start + len(job.inputs)].tolist()))
+                width = self.store.num_classes(job.adapter)  # heads narrower than the widest are zero-padded
+                rows = logits[start:start + len(job.inputs), :width]
+                job.results.put(Scores((rows if width == 1 else torch.softmax(rows, -1)).tolist()))
                 start += len(job.inputs)
             self._classifying = []
 

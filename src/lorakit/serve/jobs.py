@@ -43,7 +43,8 @@ class Finished:
 
 @dataclass
 class Scores:
-    """Class probabilities of a classification job, one list per input."""
+    """Per input of a classification job: its head's class probabilities (as many as the head has classes), or
+    ``[value]`` for a regression head (one output)."""
     probs: list[list[float]]
 
 
