@@ -306,7 +306,7 @@ class Engine:
         job.sampler.accept(pick.token)
         job.generated.append(pick.token)
         job.results.put(Sampled(pick.token, pick.logprob, pick.top))
-        if job.sampler.done:  # e.g. a JSON grammar whose output is complete: ends as EOS would, without a step
+        if job.sampler.done:  # e.g. the JSON of a constrained row is complete: ended as EOS would
             job.results.put(Finished("stop"))
             return True
         if len(job.generated) >= job.max_tokens:

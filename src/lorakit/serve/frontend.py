@@ -17,7 +17,7 @@ from .engine import Engine
 from .errors import InvalidRequest, ServeError
 from .jobs import AsyncResults, ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled
 from .sampling import SamplingParams
-from .structured import Grammars, ResponseFormatError
+from .structured import Grammars
 
 
 @dataclass
@@ -272,15 +272,12 @@ class Frontend:
                                  f"{ctx} tokens", "max_tokens")
         return max_tokens
 
-    async def grammar(self, response_format: dict | None):
-        """The row-processor factory of a ``response_format`` (None: free text), compiled off the event loop
-        (once per schema); a bad one is :class:`InvalidRequest` naming the field."""
-        if response_format is None:
-            return None
-        try:
-            return await asyncio.to_thread(self.grammars.factory, response_format)
-        except ResponseFormatError as e:
-            raise InvalidRequest(str(e), e.param) from None
+    async def grammar_rows(self, response_format: dict | None, count: int) -> list:
+        """``count`` row grammars of a ``response_format`` (logits processors; None each for free text). The
+        first compiles it (once per format, cached; off the event loop), the others copy it."""
+        if response_format is None or response_format.get("type") in (None, "text"):
+            return [None] * count
+        return [await asyncio.to_thread(self.grammars.row, response_format) for _ in range(count)]
 
     # ----- hand-off to the engine ------------------------------------------------------------------------
     def generate(self, adapter: str | None, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,

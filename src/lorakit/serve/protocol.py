@@ -50,16 +50,16 @@ class StreamOptions(_Request):
 
 
 class JsonSchemaFormat(_Request):
-    """``response_format.json_schema``: the schema's name (1-64 letters, digits, ``_``, ``-``) and the schema."""
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str
     description: str | None = None
     schema_: dict | bool = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None  # the output always follows the schema, strict or not
+    strict: bool | None = None
 
 
 class ResponseFormat(_Request):
     """OpenAI's ``response_format``: free text, any JSON object, or JSON valid under a schema."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -90,7 +90,7 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
-    response_format: ResponseFormat | None = None  # structured output (vLLM takes it on completions too)
+    response_format: ResponseFormat | None = None  # structured output (structured.py)
 
     @field_validator("stop")
     @classmethod
@@ -286,12 +286,9 @@ class ClassifyRequest(_Request):
 
 
 class ClassifyItem(BaseModel):
-    """One input's result under its model's head: the top class's name and every class's probability
-    (``num_classes`` of them), or, for a regression head (``num_classes`` 1), its ``value``."""
     index: int
-    label: str | None = None
-    probs: list[float] | None = None
-    value: float | None = None
+    label: str
+    probs: list[float]
     num_classes: int
 
 
@@ -316,8 +313,6 @@ class ModelCard(BaseModel):
     target_modules: list[str] | None = None
     size_bytes: int | None = None
     labels: list[str] | None = None  # class names (classification)
-    num_classes: int | None = None  # outputs of the head its requests run (classification; 1: regression)
-    untrained_head: bool | None = None  # classification: True when that head was never trained (a new base head)
     error: str | None = None
 
 

@@ -3,10 +3,10 @@ sampler, then (if asked) the log-probabilities of the model's own distribution.
 
 Each generation row owns a :class:`RowSampler` built from its :class:`SamplingParams`. A processor is an
 object with per-row state: ``__call__(logits)`` edits the row's next-token logits ``(V,)`` (float32, in place
-allowed), ``accept(token)`` hears the token the row took, and ``done`` turns True when the processor ends the
-row (a grammar whose output is complete: the row finishes with ``"stop"`` as if it drew EOS). Built-in processors, in the order they run:
+allowed) and ``accept(token)`` hears the token the row took. Built-in processors, in the order they run:
 :class:`LogitBias`, :class:`MinTokens`, :class:`Penalties`; then those of ``SamplingParams.processors``
-(factories, one processor per row: the way a grammar's mask plugs in). The sampler is greedy at temperature 0,
+(factories, one processor per row: how structured output's grammar mask plugs in, ``structured.RowGrammar``);
+a processor whose ``done`` turns True ends its row (``finish_reason: "stop"``). The sampler is greedy at temperature 0,
 else softmax(logits / T) cut to top-k, top-p and min-p, drawn with the row's own seeded generator.
 
 A row that asks for none of this (no processor, greedy, no logprobs) is on the fast path: the engine takes
@@ -27,7 +27,7 @@ from torch import Tensor
 
 
 class LogitsProcessor(Protocol):
-    done: bool  # True: the row is complete (ends with "stop")
+    done: bool  # True once the row must end (a grammar whose output is complete): finish_reason "stop"
 
     def __call__(self, logits: Tensor) -> Tensor: ...   # (V,) float32 -> (V,)
 
@@ -65,6 +65,7 @@ class Pick:
 # ----- processors ------------------------------------------------------------------------------------------
 class LogitBias:
     """OpenAI's ``logit_bias``: add a fixed bias to some tokens' logits."""
+
     done = False
 
     def __init__(self, bias: dict[int, float]):
@@ -80,6 +81,7 @@ class LogitBias:
 
 class MinTokens:
     """vLLM's ``min_tokens``: the stop tokens cannot be drawn before ``n`` tokens are generated."""
+
     done = False
 
     def __init__(self, n: int, stop_ids: set[int]):
@@ -98,6 +100,7 @@ class Penalties:
     """OpenAI's presence / frequency penalties (over generated tokens: ``- presence * [count > 0] - frequency
     * count``) and the repetition penalty of CTRL / vLLM (over prompt and generated tokens: a seen token's
     positive logit divided by it, a negative one multiplied)."""
+
     done = False
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]):
@@ -198,5 +201,5 @@ class RowSampler:
 
     @property
     def done(self) -> bool:
-        """A processor ended the row (its grammar is complete)."""
+        """A processor ended the row (its grammar's output is complete)."""
         return any(proc.done for proc in self.processors)

@@ -31,16 +31,17 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from .errors import InvalidRequest
+
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CACHED = 64  # compiled grammars kept per tokenizer
 
 
-class ResponseFormatError(ValueError):
+class ResponseFormatError(InvalidRequest):
     """A ``response_format`` that cannot be served (HTTP 400); ``param`` names the field."""
 
     def __init__(self, message: str, param: str = "response_format"):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 def format_key(fmt: dict) -> str | None:
@@ -84,7 +85,8 @@ def check_schema(schema, name: str) -> None:
 
 
 class RowGrammar:
-    """One row's matcher: the mask for its next token, advanced by each token it accepts."""
+    """One row's matcher: the mask for its next token, advanced by each token it accepts. A logits processor
+    of :mod:`lorakit.serve.sampling` (``__call__`` masks, ``accept`` advances, ``done`` ends the row)."""
 
     def __init__(self, matcher, vocab_size: int, stop_ids: set[int]):
         self.matcher, self.vocab_size, self.stop_ids = matcher, vocab_size, stop_ids
@@ -100,15 +102,14 @@ class RowGrammar:
     def can_start(self) -> bool:
         return bool(self.allowed.any())
 
-    def __call__(self, logits: Tensor) -> Tensor:  # a row processor of lorakit.serve.sampling
-        return self.constrain(logits)
-
     def constrain(self, logits: Tensor) -> Tensor:
         """``logits (V',)`` with every token the grammar forbids at -inf (ids past V: forbidden)."""
         allowed = self.allowed.to(logits.device)
         if logits.shape[-1] > allowed.shape[0]:
             allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
         return logits.masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
+
+    __call__ = constrain
 
     def accept(self, token: int) -> None:
         """Advance by ``token``; ``done`` once the JSON is complete and only a stop token may follow."""
@@ -179,10 +180,3 @@ class Grammars:
             raise ResponseFormatError("response_format: this model's tokenizer has no token that can start the "
                                       "JSON output (it cannot write '{')")
         return row
-
-    def factory(self, fmt: dict):
-        """A maker of fresh row matchers for ``fmt`` (a row processor factory of ``SamplingParams``), None for
-        plain text; ``fmt`` is compiled and checked now."""
-        if self.row(fmt) is None:
-            return None
-        return lambda: self.row(fmt)

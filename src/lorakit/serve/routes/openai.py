@@ -27,13 +27,13 @@ def refuse(req: P._Request) -> None:
 
 
 def sampling_of(req: P._Sampling, seed: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                processors: list):
-    return SamplingParams(processors=processors,
+                grammar=None) -> SamplingParams:
+    return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p, seed=seed,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop_token_ids=list(req.stop_token_ids or []),
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, processors=[lambda: grammar] if grammar else [])
 
 
 async def start(front: Frontend, req: P._Sampling, adapter: str | None, prompts: list[Prompt],
@@ -42,15 +42,15 @@ async def start(front: Frontend, req: P._Sampling, adapter: str | None, prompts:
     """``n`` generations per prompt, in choice order; every budget and the ``response_format`` are checked
     before the first is submitted."""
     budgets = [front.budget(p.ids, max_tokens, default) for p in prompts]
-    grammar = await front.grammar(req.response_format.as_dict() if req.response_format else None)
-    processors = [grammar] if grammar is not None else []
+    fmt = req.response_format.as_dict() if req.response_format is not None else None
+    grammars = iter(await front.grammar_rows(fmt, len(prompts) * req.n))
     gens: list[Generation] = []
     try:
         for prompt, budget in zip(prompts, budgets, strict=True):
             for seed in sample_seeds(req.seed, req.n):
-                gens.append(front.generate(adapter, prompt.ids, budget, sampling_of(req, seed, logprobs,
-                                                                                    prompt_logprobs, processors),
-                                           req.stop or [], req.skip_special_tokens))
+                sampling = sampling_of(req, seed, logprobs, prompt_logprobs, next(grammars))
+                gens.append(front.generate(adapter, prompt.ids, budget, sampling, req.stop or [],
+                                           req.skip_special_tokens))
     except BaseException:
         for gen in gens:
             gen.cancel()
@@ -133,8 +133,7 @@ async def completions(req: P.CompletionRequest, front: Front) -> P.Completion:
     if len(prompts) > P.MAX_PROMPTS:
         raise InvalidRequest(f"prompt holds {len(prompts)} prompts; at most {P.MAX_PROMPTS} per request", "prompt")
     k = req.logprobs
-    gens = await start(front, req, adapter, prompts, req.max_tokens, 16, k,
-                       k if req.echo and k is not None else None)
+    gens = await start(front, req, adapter, prompts, req.max_tokens, 16, k, k if req.echo and k is not None else None)
     rid, created = P.new_id("cmpl"), P.now()
     if req.stream:
         return await sse(gens, _completion_chunks(front, req, prompts, gens, rid, created),
