@@ -11,36 +11,20 @@ import httpx
 import pytest
 import torch
 
-import lorakit
-from lorakit.models import load_model, load_with_adapter
+from lorakit.models import load_with_adapter
 from lorakit.serve.app import create_app
 from lorakit.serve.jobs import CommandJob
 from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running, save_bert
+from tests.serve.helpers import running
+from tests.serve.helpers_heads import HEADS, save_heads
 
-HEADS = {"nli": ["entailment", "neutral", "contradiction"], "sst": ["negative", "positive"], "stsb": None}
 TEXTS = {"nli": ["a dog ran", "the cat sat on a mat"], "sst": ["what a film"], "stsb": ["two plus two", "four"]}
 TOL = 1e-5  # float32, same weights: the server's batch only pads and reorders reductions
 
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
-    """A base BERT saved with a 2-class head, and three adapters trained (drawn) with heads of 3, 2, 1."""
-    base = save_bert(tmp_path_factory.mktemp("heads") / "bert", num_labels=2)
-    root = tmp_path_factory.mktemp("head_adapters")
-    for k, (name, labels) in enumerate(HEADS.items()):
-        model = load_model(str(base), "classification", num_labels=1 if labels is None else len(labels),
-                           label_names=labels)
-        model.config.name_or_path = str(base)
-        lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
-                                                   modules_to_save=["classifier"]), adapter=name)
-        g = torch.Generator().manual_seed(k)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
-        lorakit.save_adapter(model, root, adapter=name)
-    return base, root
+    return save_heads(tmp_path_factory.mktemp("heads"))
 
 
 def offline(base, root, name: str) -> list[list[float]]:
