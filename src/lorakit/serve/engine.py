@@ -29,14 +29,10 @@ from . import batch as B
 from .adapters import AdapterStore
 from .errors import InternalError, Overloaded, ServeError
 from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled, Scores, Value
+from .metrics import ServeMetrics
 from .sampling import RowSampler, logprobs_of
 
 log = logging.getLogger("lorakit.serve")
-
-
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
 
 class Engine:
@@ -49,7 +45,7 @@ class Engine:
         self.store, self.task = store, task
         self.model = store.model
         self.max_batch_size = max_batch_size
-        self.metrics = metrics or _NoMetrics()
+        self.metrics = metrics or ServeMetrics()
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids or ())
         eos = getattr(self.model.config, "eos_token_id", None)

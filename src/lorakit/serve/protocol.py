@@ -46,7 +46,6 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
 class JsonSchemaFormat(_Request):

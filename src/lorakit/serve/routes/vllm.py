@@ -34,7 +34,7 @@ async def load_lora(req: P.LoadAdapterRequest, front: Front) -> P.AdapterStatus:
     return P.AdapterStatus(lora_name=req.lora_name)
 
 
-@router.post("/v1/unload_lora_adapter", responses=declare(404, 409, 413, 422, 503))
+@router.post("/v1/unload_lora_adapter", responses=declare(400, 404, 409, 413, 422, 503))
 async def unload_lora(req: P.UnloadAdapterRequest, front: Front) -> P.AdapterStatus:
     await front.unload_adapter(req.lora_name)
     return P.AdapterStatus(lora_name=req.lora_name)
