@@ -371,7 +371,7 @@ def test_loftq_checkpoint_reruns_on_a_full_precision_base_and_is_refused_where_i
     with pytest.raises(ValueError, match="init 'loftq' fits the adapter to the full-precision weight, and this base is"):
         lorakit.load_adapter(quantized, tmp_path / "a")
     assert lorakit.adapter_names(quantized) == []
-    with pytest.raises(ValueError, match="convert_to_lora: adapter 'default' was initialised by 'loftq'"):
+    with pytest.raises(ValueError, match="convert_to_lora: adapter 'default' was initialised by 'loftq_2', whose base is not the original"):
         lorakit.save_adapter(model, tmp_path / "c", convert_to_lora=True)
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="loftq_bits=2: lorakit's LoftQ is 4-bit"):
