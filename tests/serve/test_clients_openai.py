@@ -136,19 +136,19 @@ def test_penalties_and_logit_bias_match_the_reference(client, ref):
 
 
 def test_vllm_sampling_fields(client, ref):
-    ids = ref.encode("say hi")
-    out = ref.greedy(ids, N)
+    # a prompt whose greedy answer brings a new token after the first (stop_token_ids below cuts there)
+    prompt, out, at = next((p, o, i) for p in ("say hi", "the cat sat", "what is two plus", "a dog ran")
+                           for o in [ref.greedy(ref.encode(p), N)] for i in range(1, N) if o[i] not in o[:i])
 
     def ask(**extra):
-        return client.completions.create(model="a", prompt="say hi", max_tokens=N, temperature=1.0, seed=0,
+        return client.completions.create(model="a", prompt=prompt, max_tokens=N, temperature=1.0, seed=0,
                                          extra_body=extra).choices[0]
 
     assert ask(top_k=1).text.strip() == ref.text(out).strip()  # top_k=1 at T=1 is greedy
     assert ask(min_p=1.0).text.strip() == ref.text(out).strip()  # only the most likely token survives
-    first = next(j for j, t in enumerate(out) if t == out[2])  # a stop token ends the row where it first comes
-    stop = ask(stop_token_ids=[out[2]], top_k=1)
-    assert stop.finish_reason == "stop" and stop.text.strip() == ref.text(out[:first]).strip()
-    r = client.completions.create(model="a", prompt="say hi", max_tokens=N, temperature=0,
+    stop = ask(stop_token_ids=[out[at]], top_k=1)
+    assert stop.finish_reason == "stop" and stop.text.strip() == ref.text(out[:at]).strip()
+    r = client.completions.create(model="a", prompt=prompt, max_tokens=N, temperature=0,
                                   extra_body={"min_tokens": 3, "stop_token_ids": [out[0]], "ignore_eos": True})
     assert r.usage.completion_tokens >= 3  # the stop token is held back until min_tokens
     user = ref.tokenizer.convert_tokens_to_ids("<|user|>")  # a special token, forced by logit_bias
@@ -163,8 +163,9 @@ def test_vllm_sampling_fields(client, ref):
 # ----- chat -------------------------------------------------------------------------------------------------------
 def test_chat_max_completion_tokens_content_parts_and_roles(client, ref):
     messages = [{"role": "developer", "content": "the cat"}, {"role": "user", "content": "say hi"}]
-    # a template that does not know "developer" (OpenAI's new name for the system role) gets it as "system"
+    # the tiny chat template has no developer role: OpenAI's new name for the system role is served as system
     want = greedy_text(ref, ref.chat_ids([{"role": "system", "content": "the cat"}, messages[1]]))
+    assert want != greedy_text(ref, ref.chat_ids(messages))  # a template rendering "<|developer|>" would differ
     r = client.chat.completions.create(model="a", messages=messages, max_completion_tokens=N, temperature=0)
     assert r.usage.completion_tokens == N and r.choices[0].finish_reason == "length"
     assert r.choices[0].message.content.strip() == want.strip()

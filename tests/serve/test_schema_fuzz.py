@@ -4,10 +4,15 @@ status code or content type the schema does not declare, or a body that does not
 The server must still be healthy afterwards.
 
 Bounded: ``EXAMPLES`` requests per operation and mode, derandomized (the same requests on every run, so CI
-cannot flake), no Hypothesis database.
+cannot flake), no Hypothesis database. ``LORAKIT_FUZZ_EXAMPLES=N`` (positive; negative gets half) and
+``LORAKIT_FUZZ_SEED=S`` (random instead of derandomized) run a longer fuzz by hand:
+
+    LORAKIT_FUZZ_EXAMPLES=200 LORAKIT_FUZZ_SEED=1 pytest tests/serve/test_schema_fuzz.py -s
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -17,7 +22,9 @@ from tests.serve.helpers import running
 
 schemathesis = pytest.importorskip("schemathesis")
 
-EXAMPLES = {"positive": 20, "negative": 12}
+_N = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", "10"))
+EXAMPLES = {"positive": _N, "negative": max(_N // 2, 1)}
+SEED = os.environ.get("LORAKIT_FUZZ_SEED")
 MODELS = ["a", "llama", "b", "c", "no-such-model"]
 
 
@@ -31,13 +38,13 @@ def server(llama_dir, llama_adapters):
 
 def fuzz_operation(operation, mode, session, url: str, checks) -> tuple[int, list[str]]:
     """Run ``EXAMPLES[mode]`` generated requests against one operation; (requests sent, failures)."""
-    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis.core.failures import FailureGroup
 
     sent, failures = 0, []
 
-    @settings(max_examples=EXAMPLES[mode.value], deadline=None, database=None, derandomize=True,
+    @settings(max_examples=EXAMPLES[mode.value], deadline=None, database=None, derandomize=SEED is None,
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate], print_blob=False)
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
@@ -56,6 +63,8 @@ def fuzz_operation(operation, mode, session, url: str, checks) -> tuple[int, lis
                                 f"{response.headers.get('content-type')}: {' '.join(str(f).split())[:160]} "
                                 f"body={repr(case.body)[:160]}")
 
+    if SEED is not None:
+        run = seed(int(SEED))(run)
     try:
         run()
     except Unsatisfiable:  # negative mode on an operation with nothing to get wrong (GET /health)
@@ -86,5 +95,5 @@ def test_schema_fuzz_finds_no_5xx_and_no_undeclared_response(server):
                 sent, failures = sent + n, failures + bad
         print(f"schema fuzz: {len(operations)} operations, {sent} requests, {len(failures)} failures")
         assert session.get(server + "/health", timeout=10).status_code == 200  # still up
-    assert sent >= len(operations) * 10
+    assert sent >= len(operations) * min(EXAMPLES.values())
     assert not failures, "\n".join(failures[:20])

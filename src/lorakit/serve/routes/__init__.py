@@ -19,7 +19,8 @@ def _front(request: Request) -> Frontend:
 Front = Annotated[Frontend, Depends(_front)]
 
 
-_WHY = {400: "bad request (malformed JSON, a field this server cannot honour, a prompt past the context, a bad adapter path)",
+_WHY = {400: "bad request (malformed JSON, a field this server cannot honour, a prompt past the context, a bad "
+             "adapter path)",
         401: "missing or wrong API key (with --api-key)", 404: "unknown model or adapter",
         409: "the adapter has requests running", 413: "request body over the size limit",
         422: "a missing, mistyped, out-of-range or unknown field", 500: "an adapter that cannot be loaded",
