@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.model import delete_adapter, per_row_adapters, set_adapter
+from lorakit.core.model import delete_adapter, set_adapter
+from lorakit.ops.per_row import per_row_adapters
 
 transformers = pytest.importorskip("transformers")
 
