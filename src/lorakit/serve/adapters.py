@@ -36,6 +36,7 @@ class AdapterInfo:
     target_modules: list[str] | None = None
     size_bytes: int | None = None
     labels: list[str] | None = None
+    num_classes: int | None = None  # outputs of the adapter's own classification head (1: regression); None: none
     error: str | None = None
     stats: dict = field(default_factory=dict)
 
@@ -53,25 +54,31 @@ def describe(name: str, path: Path) -> AdapterInfo:
         targets = raw.get("target_modules")
         info.target_modules = [targets] if isinstance(targets, str) else list(targets or [])
         info.size_bytes = (path / WEIGHTS_NAME).stat().st_size
-        id2label = _metadata(path, raw).get("id2label") or {}
+        meta, info.num_classes = _header(path, raw)
+        id2label = meta.get("id2label") or {}
         info.labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         info.error = str(e) if isinstance(e, ValueError) and WEIGHTS_NAME in str(e) else f"{path / CONFIG_NAME}: {e}"
     return info
 
 
-def _metadata(path: Path, raw: dict) -> dict:
-    """lorakit's metadata: in the weights file's header (read without loading the tensors), or, in older
-    adapters, in ``adapter_config.json``."""
+def _header(path: Path, raw: dict) -> tuple[dict, int | None]:
+    """lorakit's metadata (in the weights file's header, or, in older adapters, in ``adapter_config.json``) and
+    the number of outputs of the adapter's own classification head (None: it has none), read without loading
+    the tensors."""
     from safetensors import safe_open
+
+    from ..models import HEAD_WEIGHTS
 
     try:
         with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
             header = f.metadata() or {}
+            head = next((k for k in f.keys() if k.endswith(HEAD_WEIGHTS)), None)
+            classes = f.get_slice(head).get_shape()[0] if head else None
     except Exception as e:  # noqa: BLE001 -- safetensors' own error type; reported with the adapter
         raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file: {e}") from None
     meta = json.loads(header[LORAKIT_KEY]) if LORAKIT_KEY in header else raw.get(LORAKIT_KEY)
-    return meta if isinstance(meta, dict) else {}
+    return (meta if isinstance(meta, dict) else {}), classes
 
 
 def check_name(name: str) -> str:
@@ -155,6 +162,12 @@ class AdapterStore:
         if name not in self.known:
             raise AdapterNotFound(f"model {name!r} does not exist; available: {[self.base_name, *self.known]}")
         return self.known[name]
+
+    def num_classes(self, name: str | None) -> int:
+        """Outputs of the head that rows of ``name`` run: the adapter's own, else the base model's."""
+        info = self.known.get(name) if name is not None else None
+        own = info.num_classes if info is not None else None
+        return own if own is not None else self.model.config.num_labels
 
     # ----- engine thread only -------------------------------------------------------------------------------
     def ensure(self, name: str | None, pinned: set[str]) -> bool:

@@ -28,15 +28,11 @@ import torch
 from . import batch as B
 from .adapters import AdapterStore
 from .errors import InternalError, Overloaded, ServeError
-from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled, Scores, Value
+from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, Outbox, PromptScored, Sampled, Scores, Value
+from .metrics import ServeMetrics
 from .sampling import RowSampler, logprobs_of
 
 log = logging.getLogger("lorakit.serve")
-
-
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
 
 class Engine:
@@ -49,7 +45,7 @@ class Engine:
         self.store, self.task = store, task
         self.model = store.model
         self.max_batch_size = max_batch_size
-        self.metrics = metrics or _NoMetrics()
+        self.metrics = metrics or ServeMetrics()
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids or ())
         eos = getattr(self.model.config, "eos_token_id", None)
@@ -114,6 +110,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 -- a bug in one step fails its rows, not the server
                 log.exception("engine step failed")
                 self._fail_all(e)
+            Outbox.flush_all()  # this step's events, one hand-over per event loop
 
     def _take(self, block: bool) -> None:
         try:
@@ -179,12 +176,14 @@ class Engine:
             ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
             self._set_rows(names)
-            probs = torch.softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (b, widest head)
             self.metrics.batch(len(seqs), "classify")
             start = 0
             for job in jobs:
                 self.metrics.queued(time.perf_counter() - job.submitted)
-                job.results.put(Scores(probs[start:start + len(job.inputs)].tolist()))
+                width = self.store.num_classes(job.adapter)  # heads narrower than the widest are zero-padded
+                rows = logits[start:start + len(job.inputs), :width]
+                job.results.put(Scores((rows if width == 1 else torch.softmax(rows, -1)).tolist()))
                 start += len(job.inputs)
             self._classifying = []
 

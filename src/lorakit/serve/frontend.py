@@ -194,12 +194,13 @@ def sample_seeds(seed: int | None, n: int) -> list[int | None]:
 class Frontend:
     """Text and names in, typed results out, over one :class:`Engine` (see the module docstring)."""
 
-    def __init__(self, engine: Engine, tokenizer, metrics):
+    def __init__(self, engine: Engine, tokenizer, metrics, base_head_trained: bool = True):
         self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
         self.store, self.task = engine.store, engine.task
         self.context = context_length(engine.model)
         self.vocab = engine.model.get_input_embeddings().num_embeddings  # token ids run 0..vocab-1
         self._token_strs: dict[int, str] = {}
+        self.base_head_trained = base_head_trained  # classification: the base checkpoint brought its head
         self.grammars = Grammars(tokenizer, engine.model.config.vocab_size, engine.eos_ids)
 
     # ----- requests --------------------------------------------------------------------------------------
@@ -328,12 +329,16 @@ class Frontend:
 
     # ----- what the server holds -------------------------------------------------------------------------
     def labels_of(self, adapter: str | None, n: int) -> list[str]:
-        """The adapter's saved class names, else the base config's ``id2label``."""
+        """The class names of the head ``adapter``'s rows run (``n`` classes; 0: however many it has): the
+        adapter's saved names, else the base config's ``id2label`` when that head is the base's, else
+        ``LABEL_<i>``."""
+        n = n or self.store.num_classes(adapter)
         info = self.store.known.get(adapter) if adapter else None
-        if info is not None and info.labels and (n == 0 or len(info.labels) == n):
+        if info is not None and info.labels and len(info.labels) == n:
             return info.labels
-        id2label = self.engine.model.config.id2label or {}
-        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(n or len(id2label))]
+        own_head = info is not None and info.num_classes is not None
+        id2label = {} if own_head else (self.engine.model.config.id2label or {})
+        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
 
 
 def context_length(model) -> int:

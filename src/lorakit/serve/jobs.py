@@ -45,7 +45,8 @@ class Finished:
 
 @dataclass
 class Scores:
-    """Class probabilities of a classification job, one list per input."""
+    """Per input of a classification job: its head's class probabilities (as many as the head has classes), or
+    ``[value]`` for a regression head (one output)."""
     probs: list[list[float]]
 
 
@@ -68,52 +69,52 @@ class Results(Protocol):
     def put(self, event: Event) -> None: ...
 
 
-class _Mailbox:
-    """Events bound for one asyncio loop, handed over in batches: the first event posted wakes the loop
-    (``call_soon_threadsafe``); those posted before it runs ride along. A decode step of 64 rows then costs
-    the engine thread one wake-up instead of 64 (each a write to the loop's self-pipe)."""
+class Outbox:
+    """Events bound for one asyncio loop, handed over in one wake-up of that loop per :meth:`flush` (the engine
+    flushes every outbox once per step: 64 rows' tokens wake the server's loop once, not 64 times)."""
+
+    _all: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()  # loop -> its outbox
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.pending: list[tuple[AsyncResults, Event]] = []
+        self.loop, self.pending = loop, []
 
-    def post(self, results: AsyncResults, event: Event) -> None:
-        with self.lock:
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Outbox:
+        with cls._lock:
+            box = cls._all.get(loop)
+            if box is None:
+                box = cls._all[loop] = cls(loop)
+            return box
+
+    def put(self, results: AsyncResults, event: Event) -> None:
+        with self._lock:
             self.pending.append((results, event))
-            if len(self.pending) > 1:
-                return  # a wake-up is already scheduled
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the event loop is closed
-            for r, _ in self._take():
-                if r.on_lost is not None:
-                    r.on_lost()
 
-    def _take(self) -> list[tuple[AsyncResults, Event]]:
-        with self.lock:
-            items, self.pending = self.pending, []
-        return items
-
-    def _deliver(self) -> None:
-        for results, event in self._take():
-            results.queue.put_nowait(event)
+    @classmethod
+    def flush_all(cls) -> None:
+        """Hand every loop its pending events (engine thread); a closed loop's jobs are told (``on_lost``)."""
+        with cls._lock:
+            batches = [(box.loop, box.pending) for box in cls._all.values() if box.pending]
+            for box in cls._all.values():
+                box.pending = []
+        for loop, batch in batches:
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed
+                for results, _ in batch:
+                    if results.on_lost is not None:
+                        results.on_lost()
 
 
-_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_mailboxes_lock = threading.Lock()
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    with _mailboxes_lock:
-        box = _mailboxes.get(loop)
-        if box is None:
-            box = _mailboxes[loop] = _Mailbox(loop)
-        return box
+def _deliver(batch: list) -> None:
+    for results, event in batch:
+        results.queue.put_nowait(event)
 
 
 class AsyncResults:
-    """Events put from the engine thread, read on ``loop`` with ``async for`` (ends after the final event).
+    """Events put from the engine thread, read on ``loop`` with ``async for`` (ends after the final event);
+    they reach the loop when the engine flushes its step (:class:`Outbox`).
 
     If the loop is gone (the app stopped) ``on_lost`` is called on the engine thread (the job cancels itself).
     """
@@ -121,11 +122,11 @@ class AsyncResults:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop or asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.outbox = Outbox.of(self.loop)
         self.on_lost = None
-        self._box = _mailbox(self.loop)
 
     def put(self, event: Event) -> None:
-        self._box.post(self, event)
+        self.outbox.put(self, event)
 
     def __aiter__(self):
         return self._events()

@@ -48,7 +48,18 @@ def build_frontend(model: str, adapters: dict[str, Path] | None = None, adapters
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     engine = Engine(store, task, pad_id=pad, eos_ids={tokenizer.eos_token_id} - {None},
                     max_batch_size=max_batch_size, metrics=metrics)
-    return Frontend(engine, tokenizer, metrics)
+    trained = task != "classification" or head_in_checkpoint(model, net.config.num_labels)
+    return Frontend(engine, tokenizer, metrics, base_head_trained=trained)
+
+
+def head_in_checkpoint(model: str, num_labels: int) -> bool:
+    """Whether ``model``'s checkpoint holds a classification head of ``num_labels`` classes (else the loaded
+    head was drawn at random: an encoder checkpoint, or a head of another size)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    return classifier and config.num_labels == num_labels
 
 
 def first_readable(known: dict) -> tuple[str | None, int | None, list[str] | None, dict]:

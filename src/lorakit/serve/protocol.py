@@ -46,7 +46,6 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
 class JsonSchemaFormat(_Request):
@@ -286,9 +285,12 @@ class ClassifyRequest(_Request):
 
 
 class ClassifyItem(BaseModel):
+    """One input's result under its model's head: the top class's name and every class's probability
+    (``num_classes`` of them), or, for a regression head (``num_classes`` 1), its ``value``."""
     index: int
-    label: str
-    probs: list[float]
+    label: str | None = None
+    probs: list[float] | None = None
+    value: float | None = None
     num_classes: int
 
 
@@ -313,6 +315,8 @@ class ModelCard(BaseModel):
     target_modules: list[str] | None = None
     size_bytes: int | None = None
     labels: list[str] | None = None  # class names (classification)
+    num_classes: int | None = None  # outputs of the head its requests run (classification; 1: regression)
+    untrained_head: bool | None = None  # classification: True when that head was never trained (a new base head)
     error: str | None = None
 
 

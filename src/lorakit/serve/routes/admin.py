@@ -26,13 +26,21 @@ async def models(front: Front) -> P.ModelList:
     store, created = front.store, P.now()
     classify = front.task == "classification"
     cards = [P.ModelCard(id=store.base_name, created=created, root=store.base_name, loaded=True,
-                         labels=front.labels_of(None, 0) if classify else None)]
+                         **(_head(front, None) if classify else {}))]
     for name, info in list(store.known.items()):
         cards.append(P.ModelCard(id=name, created=created, root=str(info.path.name), parent=store.base_name,
                                  loaded=name in store.loaded, rank=info.rank, target_modules=info.target_modules,
                                  size_bytes=info.size_bytes, error=info.error,
-                                 labels=info.labels if classify else None))
+                                 **(_head(front, name) if classify and not info.error else {})))
     return P.ModelList(data=cards)
+
+
+def _head(front, name: str | None) -> dict:
+    """What a model card says of the head that ``name``'s requests run (classification)."""
+    classes = front.store.num_classes(name)
+    own = name is not None and front.store.known[name].num_classes is not None
+    return {"labels": None if classes == 1 else front.labels_of(name, classes), "num_classes": classes,
+            "untrained_head": False if own else not front.base_head_trained}
 
 
 @router.get("/metrics", response_class=Response, responses={

@@ -16,10 +16,14 @@ router = APIRouter()
 @router.post("/v1/classify", responses=declare(400, 404, 413, 422, 500, 503))
 async def classify(req: P.ClassifyRequest, front: Front) -> P.ClassifyResponse:
     adapter = front.resolve(req.model, "classification")
-    probs, n = await front.classify(adapter, req.input)
-    labels = front.labels_of(adapter, len(probs[0]))
-    data = [P.ClassifyItem(index=i, label=labels[max(range(len(p)), key=p.__getitem__)], probs=p,
-                           num_classes=len(p)) for i, p in enumerate(probs)]
+    scores, n = await front.classify(adapter, req.input)
+    classes = front.store.num_classes(adapter)
+    if classes == 1:  # a regression head: its value
+        data = [P.ClassifyItem(index=i, value=s[0], num_classes=1) for i, s in enumerate(scores)]
+    else:
+        labels = front.labels_of(adapter, classes)
+        data = [P.ClassifyItem(index=i, label=labels[max(range(len(p)), key=p.__getitem__)], probs=p,
+                               num_classes=classes) for i, p in enumerate(scores)]
     return P.ClassifyResponse(id=P.new_id("classify"), created=P.now(), model=req.model, data=data,
                               usage=P.Usage(prompt_tokens=n, total_tokens=n))
 
@@ -30,7 +34,7 @@ async def load_lora(req: P.LoadAdapterRequest, front: Front) -> P.AdapterStatus:
     return P.AdapterStatus(lora_name=req.lora_name)
 
 
-@router.post("/v1/unload_lora_adapter", responses=declare(400, 404, 409, 413, 422, 503))  # 400: malformed JSON
+@router.post("/v1/unload_lora_adapter", responses=declare(400, 404, 409, 413, 422, 503))
 async def unload_lora(req: P.UnloadAdapterRequest, front: Front) -> P.AdapterStatus:
     await front.unload_adapter(req.lora_name)
     return P.AdapterStatus(lora_name=req.lora_name)
