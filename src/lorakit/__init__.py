@@ -28,6 +28,9 @@ from .core.model import (
 )
 from .core.quantized import merge_errors, quantize
 from .core.variants import loraplus_param_groups
+from .variants import tokens as _tokens
+
+_tokens.register()  # trainable tokens join core's tables (explicitly, here: importing the module does not)
 
 __version__ = "0.1.0"
 

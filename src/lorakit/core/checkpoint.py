@@ -44,8 +44,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file, key and expected vs found."""
 
 
+#: Other PEFT checkpoint formats lorakit reads and writes (filled by variants): ``peft_type`` -> object with
+#: ``to_lora(raw, tensors) -> (raw, tensors)`` (read as lorakit's LoRA layout) and ``from_lora(peft, tensors)
+#: -> (peft, tensors) | None`` (written in that format when it applies, else None).
+FORMATS: dict[str, object] = {}
+
+
+def _own_format(adapter: nn.Module) -> bool:
+    """An adapter that says its own checkpoint tensors (``export_tensors()``) instead of lora_A / lora_B."""
+    return callable(getattr(adapter, "export_tensors", None))
+
+
 # ----- state dict -------------------------------------------------------------------------------------
 def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
+    if _own_format(adapter):
+        return {f"{path}.{k}": v for k, v in adapter.export_tensors().items()}
     extra = {f"{path}.{k}": v for k, v in adapter.extra_tensors().items()}
     if convert and changed_base(adapter):  # the equivalent plain LoRA (rank 2r) for the original base
         A, B = plain_lora_pair(adapter)
@@ -108,6 +121,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     peft, meta = _peft_config(model, config, adapter)
     if convert_to_lora:
         peft, meta = converted_config(model, adapter, peft, meta)
+    for fmt in FORMATS.values():
+        if (converted := fmt.from_lora(peft, tensors)) is not None:
+            peft, tensors = converted
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -121,14 +137,16 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     The metadata (base fingerprint, fused slices, class names) sits in the safetensors header's
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
-    paths = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    paths = [p for p, m in held if not _own_format(m.adapters[adapter])]
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
     d["fan_in_fan_out"] = any(
         getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
     )
-    d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
+    d["target_modules"] = leaves if paths and find_targets(model, config.replace(target_modules=leaves)) == paths \
+        else paths
     if svd_adapters(model, adapter):
         d["rank_pattern"], d["alpha_pattern"] = {}, {}  # every saved AdaLoRA layer gets its own entry below
     for p, m in model.named_modules():
@@ -150,6 +168,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
         meta["quantization"] = quantization  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
+    for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
+        meta.update(getattr(m.adapters[adapter], "export_metadata", dict)())
     return d, meta
 
 
@@ -261,8 +281,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
     adalora = raw.get("peft_type") == "ADALORA"  # read as the exactly equivalent plain LoRA, from its tensors
+    other = FORMATS.get(raw.get("peft_type"))
     try:
-        config = None if adalora else LoraConfig.from_peft_dict(raw)
+        config = None if adalora or other else LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
     except RecursionError:
@@ -273,9 +294,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {_one_line(e)}") from None
-    if adalora:
+    if adalora or other:
         try:
-            raw, tensors = peft_adalora_to_lora(raw, tensors)
+            raw, tensors = other.to_lora(raw, tensors) if other else peft_adalora_to_lora(raw, tensors)
             config = LoraConfig.from_peft_dict(raw)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
@@ -289,8 +310,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     return config, {**raw, LORAKIT_KEY: meta}, tensors
 
 
-# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config)
-_METADATA = {
+# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add theirs)
+METADATA = {
     "base_fingerprint": lambda v: v is None or isinstance(v, str),
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
     "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
@@ -303,9 +324,9 @@ def _check_metadata(meta: object, where: str) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} must be an object, found {type(meta).__name__}")
     for key, value in meta.items():
-        if key not in _METADATA:
+        if key not in METADATA:
             raise CheckpointError(f"{where}: unknown key {key!r}")
-        if not _METADATA[key](value):
+        if not METADATA[key](value):
             raise CheckpointError(f"{where}: {key} has an invalid value {short_repr(value)}")
     return meta
 
@@ -332,7 +353,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
-        _check_ranks(config, tensors, find_targets(model, config), weights_file)
+        _check_ranks(config, tensors, find_targets(model, config) if config.target_modules != [] else [], weights_file)
         planned, copies = plan_adapter(model, config, name)
     except CheckpointError:
         raise
@@ -371,7 +392,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             dest.copy_(t)
     commit_adapter(model, name, planned, copies)
     if expected_fp:
-        found_fp = base_fingerprint(model, [p.path for p in planned])
+        found_fp = base_fingerprint(model, [p.path for p in planned if not _own_format(p.adapter)])
         if found_fp is not None and found_fp != expected_fp:
             warnings.warn(
                 f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
@@ -402,6 +423,9 @@ def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, boo
     targets: dict[str, tuple[Tensor, bool]] = {}
     for p in planned:
         adapter = p.adapter
+        if _own_format(adapter):
+            targets.update({f"{PREFIX}{p.path}.{k}": (v.data, False) for k, v in adapter.export_tensors().items()})
+            continue
         if isinstance(p.layer, LoraEmbedding):
             targets[f"{PREFIX}{p.path}.lora_embedding_A"] = (adapter.lora_A.weight.data, True)
             targets[f"{PREFIX}{p.path}.lora_embedding_B"] = (adapter.lora_B.weight.data, False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,6 +35,11 @@ class _Planned:
     new_layer: bool
 
 
+#: Layers an adapter places besides its LoRA targets (filled by variants, e.g. trainable tokens): each entry is
+#: ``fn(model, config, name, lora_paths) -> [(path, layer, adapter, new_layer)]``, built without touching the model.
+EXTRA_LAYERS: list[Callable[[nn.Module, LoraConfig, str, list[str]], list[tuple]]] = []
+
+
 def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[_Planned], dict[str, nn.Module]]:
     """Build adapter ``name`` for ``model`` without touching the model.
 
@@ -44,11 +49,16 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     """
     _check_new_adapter(model, name, config)
     planned = []
-    for path in find_targets(model, config):
+    for path in find_targets(model, config) if config.target_modules != [] else []:
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
         planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
+    lora_paths = [p.path for p in planned]
+    for extra in EXTRA_LAYERS:
+        planned += [_Planned(*entry) for entry in extra(model, config, name, lora_paths)]
+    if not planned:
+        raise ValueError("the config adapts nothing: target_modules=[] needs trainable_token_indices")
     stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
     if stray:  # a typo would otherwise adapt every slice of the fused projection
         raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
