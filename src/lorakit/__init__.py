@@ -28,6 +28,7 @@ from .core.model import (
 )
 from .core.quantized import merge_errors, quantize
 from .core.variants import loraplus_param_groups
+from .hotswap import hotswap_adapter, prepare_for_hotswap
 from .variants import tokens as _tokens
 
 _tokens.register()  # trainable tokens join core's tables (explicitly, here: importing the module does not)
@@ -50,6 +51,8 @@ __all__ = [
     "use_adapter",
     "per_row_adapters",
     "combine_adapters",
+    "prepare_for_hotswap",
+    "hotswap_adapter",
     "lora_state_dict",
     "save_adapter",
     "load_adapter",
