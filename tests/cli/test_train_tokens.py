@@ -89,3 +89,7 @@ def test_tokens_alone_and_refusals(llama_dir, chat_data, tmp_path, capsys):
     assert "trainable    32 of" in capsys.readouterr().out  # 2 rows x 16: nothing else trains
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "TRAINABLE_TOKENS" and cfg["token_indices"] == [56, 57]
+    assert main(["inspect", str(out / "adapter"), "--json"]) == 0
+    (rows,) = json.loads(capsys.readouterr().out)["trainable_tokens"]
+    assert (rows["module"], rows["ids"], rows["rows"], rows["vocab_size"]) == ("model.embed_tokens", [56, 57], 2, 58)
+    assert rows["added_tokens"] == {"<|im_start|>": 56, "<|im_end|>": 57}

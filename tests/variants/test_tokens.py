@@ -184,3 +184,21 @@ def test_added_tokens_are_recorded_and_checked(tmp_path):
 
     _, raw, _ = read_adapter(tmp_path)
     assert raw["lorakit"]["added_tokens"] == {"<a>": 38, "<b>": 39} and raw["lorakit"]["vocab_size"] == 40
+
+
+def test_token_rows_on_a_4bit_base():
+    """QLoRA: the linear layers in NF4, the embedding (and tied head) full precision with their trained rows; the
+    same quantization of the reference gives the same output (identical codes; fp32 tolerance)."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.core.quantized import PRESETS
+
+    x = tokens_in_input()
+    model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS))
+    randomize_rows(model)
+    ref = reference(trained_rows(model), True)
+    lorakit.quantize(model, **PRESETS["nf4"])
+    lorakit.quantize(ref, **PRESETS["nf4"])
+    torch.testing.assert_close(model(x).logits, ref(x).logits, **FP32)
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert model.model.embed_tokens.adapters["default"].trainable_tokens_delta.grad.abs().sum() > 0
