@@ -131,6 +131,11 @@ def test_everything_is_checked_before_a_weight_changes(tmp_path):
     with pytest.raises(KeyError, match="no adapter named 'x'"):
         lorakit.hotswap_adapter(model, other_dir, adapter="x")
     assert torch.equal(model(x), before)
+    lorakit.merge(model)
+    with pytest.raises(RuntimeError, match="'default' is merged or inside per_row_adapters"):
+        lorakit.hotswap_adapter(model, adapter_dir(tmp_path, 3, 4, 4.0))
+    lorakit.unmerge(model)
+    torch.testing.assert_close(model(x), before, **FP32)
     dora = lorakit.add_lora(base(), lorakit.LoraConfig(r=4, target_modules=["q"], use_dora=True))
     with pytest.raises(ValueError, match="is a DoraAdapter at q, not a plain"):
         lorakit.prepare_for_hotswap(dora, max_rank=8)

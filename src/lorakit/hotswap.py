@@ -173,6 +173,10 @@ def _stage(model, layers, adapter, config, tensors, where) -> dict[str, tuple[Te
     unexpected = sorted(set(tensors) - known)
     if unexpected:
         raise ValueError(f"hotswap_adapter: {where} has tensors lorakit cannot swap in: {unexpected[:3]}")
+    busy = [p for p, m in layers.items() if adapter in m.merged or m.row_plan is not None]
+    if busy:
+        raise RuntimeError(f"hotswap_adapter: adapter {adapter!r} is merged or inside per_row_adapters() at "
+                           f"{busy[0]}; unmerge(model) / leave the context first")
     staged = {}
     for path, layer in layers.items():
         held = layer.adapters[adapter]
