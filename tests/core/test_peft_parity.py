@@ -298,7 +298,6 @@ TOKEN_CASES = {  # name: (tied embeddings, PEFT config kwargs or None for TRAINA
     "lora+tokens-untied": (False, {"target_modules": ["v_proj"],
                                    "trainable_token_indices": {"embed_tokens": TOKEN_IDS, "lm_head": [4, 6]}}),
     "tokens-alone-tied": (True, None),
-    "tokens-alone-untied": (False, None),
 }
 
 

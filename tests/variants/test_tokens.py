@@ -96,10 +96,12 @@ def test_only_the_chosen_rows_train(tied):
 def test_merge_unload_disabled_save_load(tied, tmp_path):
     x = tokens_in_input()
     base = llama(tied)(x).logits
-    model = lorakit.add_lora(llama(tied), lorakit.LoraConfig(target_modules=["v_proj"], trainable_token_indices=IDS))
+    config = lorakit.LoraConfig(target_modules=["v_proj"], trainable_token_indices=IDS, modules_to_save=["norm"])
+    model = lorakit.add_lora(llama(tied), config)
     randomize_rows(model)
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.adapters["default"].lora_B.weight.normal_()
+        model.model.norm.copies["default"].weight.add_(0.5)  # modules_to_save beside token rows
     out = model(x).logits
     with lorakit.disabled(model):
         assert torch.equal(model(x).logits, base)
