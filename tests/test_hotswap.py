@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.core.checkpoint import read_adapter
 from lorakit.hotswap import HotswapAdapter
 
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
@@ -83,9 +84,12 @@ def test_compiled_model_swaps_five_adapters_without_recompiling(tmp_path):
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert dynamo.utils.counters["recompiles"] == {}
     torch.testing.assert_close(torch.tensor(model.q.adapters["default"].scaling), torch.tensor(16.0 / 4))
-    back = tmp_path / "back"  # the swapped-in adapter saves as itself: rank 16, its own alpha
+    lorakit.hotswap_adapter(model, paths[1])  # rank 4 in the rank-16 tensors
+    back = tmp_path / "back"  # the swapped-in adapter saves as itself: rank 4 (no padding), its own alpha
     lorakit.save_adapter(model, back)
-    torch.testing.assert_close(eager_output(back, x), eager_output(paths[-1], x), **FP32)
+    saved = read_adapter(back)[0]
+    assert (saved.r, saved.alpha) == (4, 8.0)  # load_adapter checks the file's A has that rank
+    torch.testing.assert_close(eager_output(back, x), eager_output(paths[1], x), **FP32)
 
 
 def test_unprepared_swaps_equal_ranks_recompiling_on_a_new_alpha(tmp_path):

@@ -67,6 +67,14 @@ class HotswapAdapter(Adapter):
         A, B = super().plain_pair()
         return A[: self.live_rank], B[:, : self.live_rank]
 
+    def export_tensors(self) -> dict[str, Tensor]:
+        """The live pair under PEFT's key suffixes (the padding is not saved): rank ``live_rank``."""
+        A, B = self.plain_pair()
+        if isinstance(self.lora_A, nn.Embedding):  # PEFT: lora_embedding_A (r, num), lora_embedding_B (dim, r)
+            return {"lora_embedding_A": A, "lora_embedding_B": B}
+        return {"lora_A.weight": A.reshape(-1, *self.lora_A.weight.shape[1:]),
+                "lora_B.weight": B.reshape(B.shape[0], -1, *self.lora_B.weight.shape[2:])}
+
     def load_live(self, A: Tensor, B: Tensor, scaling: float) -> None:
         """Write the plain pair ``A`` (r, k), ``B`` (d, r) with ``r <= max rank``, zero beyond, and the scaling."""
         r, full = A.shape[0], self.rank

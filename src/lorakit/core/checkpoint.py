@@ -55,6 +55,11 @@ def _own_format(adapter: nn.Module) -> bool:
     return callable(getattr(adapter, "export_tensors", None))
 
 
+def _lora_target(layer: nn.Module) -> bool:
+    """A layer named in ``target_modules`` (a layer holding trainable token rows is not)."""
+    return getattr(layer, "lora_target", True)
+
+
 # ----- state dict -------------------------------------------------------------------------------------
 def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
     if _own_format(adapter):
@@ -138,7 +143,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
     held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
-    paths = [p for p, m in held if not _own_format(m.adapters[adapter])]
+    paths = [p for p, m in held if _lora_target(m)]
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
@@ -392,7 +397,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             dest.copy_(t)
     commit_adapter(model, name, planned, copies)
     if expected_fp:
-        found_fp = base_fingerprint(model, [p.path for p in planned if not _own_format(p.adapter)])
+        found_fp = base_fingerprint(model, [p.path for p in planned if _lora_target(p.layer)])
         if found_fp is not None and found_fp != expected_fp:
             warnings.warn(
                 f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "

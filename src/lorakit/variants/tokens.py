@@ -97,6 +97,8 @@ class TokenAdapter(nn.Module):
 class TokenLayer(LoraLayer):
     """A layer whose weight rows are the vocabulary, holding :class:`TokenAdapter` s (never LoRA pairs)."""
 
+    lora_target = False  # not listed in target_modules: trainable_token_indices names it
+
     def make_adapter(self, r, scaling, config, module_name):
         raise ValueError(f"{module_name} trains token rows (trainable_token_indices); LoRA cannot adapt it as well")
 
