@@ -69,9 +69,7 @@ class HotswapAdapter(Adapter):
 
     def export_tensors(self) -> dict[str, Tensor]:
         """The live pair under PEFT's key suffixes (the padding is not saved): rank ``live_rank``."""
-        A, B = self.plain_pair()
-        if isinstance(self.lora_A, nn.Embedding):  # PEFT: lora_embedding_A (r, num), lora_embedding_B (dim, r)
-            return {"lora_embedding_A": A, "lora_embedding_B": B}
+        A, B = self.plain_pair()  # (an embedding layer writes PEFT's lora_embedding_A/B from plain_pair itself)
         return {"lora_A.weight": A.reshape(-1, *self.lora_A.weight.shape[1:]),
                 "lora_B.weight": B.reshape(B.shape[0], -1, *self.lora_B.weight.shape[2:])}
 

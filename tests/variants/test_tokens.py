@@ -192,7 +192,7 @@ def test_token_rows_on_a_4bit_base():
     """QLoRA: the linear layers in NF4, the embedding (and tied head) full precision with their trained rows; the
     same quantization of the reference gives the same output (identical codes; fp32 tolerance)."""
     pytest.importorskip("bitsandbytes")
-    from lorakit.core.quantized import PRESETS
+    from lorakit.variants.quantized import PRESETS
 
     x = tokens_in_input()
     model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS))

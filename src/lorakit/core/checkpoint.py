@@ -26,14 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .adalora import SVDAdapter, peft_adalora_to_lora, svd_adapters
 from .config import LORAKIT_KEY, LoraConfig, short_repr
-from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
+from .layers import LoraLayer, changed_base, plain_lora_pair
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
-from .quantized import PRESETS, base_quantization
 from .saved import SavedModule
+from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
 from .targets import find_targets
-from .variants import changed_base, plain_lora_pair
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,39 +42,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file, key and expected vs found."""
 
 
-#: Other PEFT checkpoint formats lorakit reads and writes (filled by variants): ``peft_type`` -> object with
-#: ``to_lora(raw, tensors) -> (raw, tensors)`` (read as lorakit's LoRA layout) and ``from_lora(peft, tensors)
-#: -> (peft, tensors) | None`` (written in that format when it applies, else None).
-FORMATS: dict[str, object] = {}
-
-
-def _own_format(adapter: nn.Module) -> bool:
-    """An adapter that says its own checkpoint tensors (``export_tensors()``) instead of lora_A / lora_B."""
-    return callable(getattr(adapter, "export_tensors", None))
-
-
-def _lora_target(layer: nn.Module) -> bool:
-    """A layer named in ``target_modules`` (a layer holding trainable token rows is not)."""
-    return getattr(layer, "lora_target", True)
-
-
 # ----- state dict -------------------------------------------------------------------------------------
 def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
-    if _own_format(adapter):
-        return {f"{path}.{k}": v for k, v in adapter.export_tensors().items()}
     extra = {f"{path}.{k}": v for k, v in adapter.extra_tensors().items()}
     if convert and changed_base(adapter):  # the equivalent plain LoRA (rank 2r) for the original base
         A, B = plain_lora_pair(adapter)
         return {f"{path}.lora_A.weight": A.reshape(-1, *adapter.lora_A.weight.shape[1:]),
                 f"{path}.lora_B.weight": B.reshape(B.shape[0], -1, *adapter.lora_B.weight.shape[2:]), **extra}
-    if isinstance(layer, LoraEmbedding):
-        return {f"{path}.lora_embedding_A": adapter.lora_A.weight.T, f"{path}.lora_embedding_B": adapter.lora_B.weight,
-                **extra}
-    if isinstance(adapter, SlicedAdapter | SVDAdapter):  # written as the equivalent plain LoRA
-        A, B = adapter.plain_pair()
-    else:
-        A, B = adapter.lora_A.weight, adapter.lora_B.weight
-    return {f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B, **extra}
+    return {f"{path}.{k}": v for k, v in layer.file_tensors(adapter).items()}  # the layer and adapter say how
 
 
 def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora: bool = False) -> dict[str, Tensor]:
@@ -126,8 +99,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     peft, meta = _peft_config(model, config, adapter)
     if convert_to_lora:
         peft, meta = converted_config(model, adapter, peft, meta)
-    for fmt in FORMATS.values():
-        if (converted := fmt.from_lora(peft, tensors)) is not None:
+    for write_as in PEFT_WRITERS:  # another PEFT format where it applies (trainable tokens alone)
+        if (converted := write_as(peft, tensors)) is not None:
             peft, tensors = converted
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +116,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
     held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
-    paths = [p for p, m in held if _lora_target(m)]
+    paths = [p for p, m in held if m.lora_target]
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
@@ -152,25 +125,17 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     )
     d["target_modules"] = leaves if paths and find_targets(model, config.replace(target_modules=leaves)) == paths \
         else paths
-    if svd_adapters(model, adapter):
-        d["rank_pattern"], d["alpha_pattern"] = {}, {}  # every saved AdaLoRA layer gets its own entry below
-    for p, m in model.named_modules():
-        adapter_obj = m.adapters[adapter] if isinstance(m, LoraLayer) and adapter in m.adapters else None
-        if isinstance(adapter_obj, SlicedAdapter):  # exported as plain LoRA of rank n_on * r, same scaling
-            n_on = len(adapter_obj.on_slices)
-            d["rank_pattern"] = {**d["rank_pattern"], p: n_on * config.rank_for(p)}
-            factor = math.sqrt(n_on) if config.use_rslora else n_on
-            d["alpha_pattern"] = {**d["alpha_pattern"], p: config.alpha_for(p) * factor}
-        elif isinstance(adapter_obj, SVDAdapter):  # plain LoRA of the live rank, same scaling
-            live = adapter_obj.plain_pair()[0].shape[0]
-            d["rank_pattern"] = {**d["rank_pattern"], p: live}
-            d["alpha_pattern"] = {**d["alpha_pattern"], p: adapter_obj.scaling * (math.sqrt(live) if config.use_rslora
-                                                                                  else live)}
+    for p in paths:  # an adapter exported as another pair (fused slices, AdaLoRA) names its rank and alpha
+        pattern = model.get_submodule(p).adapters[adapter].export_pattern(config.alpha_for(p))
+        if pattern is not None:
+            d["rank_pattern"] = {**d["rank_pattern"], p: pattern[0]}
+            d["alpha_pattern"] = {**d["alpha_pattern"], p: pattern[1]}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
-    if quantization := base_quantization([model.get_submodule(p) for p in paths]):
-        meta["quantization"] = quantization  # the 4/8-bit base it was trained on (QLoRA)
+    quantized = {q for p in paths if (q := model.get_submodule(p).quantization()) is not None}
+    if len(quantized) == 1 and quantized <= QUANTIZATIONS:
+        meta["quantization"] = quantized.pop()  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
     for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
@@ -182,11 +147,13 @@ def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> 
     """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
     scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
     dropped (it was taken on the replaced base)."""
-    if peft.get("init_lora_weights") == "loftq":
-        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by LoftQ, whose base is the quantized "
-                         "weight (not the original minus a low-rank part): no plain LoRA for the original base equals it")
     held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     changed = [changed_base(a) for a in held]
+    init = held[0].config.init
+    if not any(changed) and INITIALIZERS[parse_init(init)[0]].changes_base:  # changed for good (kept no A0, B0)
+        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by {init!r}, whose base is not the "
+                         "original minus a low-rank part (LoftQ's is the quantized weight): no plain LoRA for the "
+                         "original base equals it")
     if not any(changed):
         return peft, meta
     if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
@@ -285,10 +252,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         raise CheckpointError(f"{config_file}: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
-    adalora = raw.get("peft_type") == "ADALORA"  # read as the exactly equivalent plain LoRA, from its tensors
-    other = FORMATS.get(raw.get("peft_type"))
+    peft_type = raw.get("peft_type")  # another type (AdaLoRA) is read as the exactly equivalent plain LoRA
+    convert = PEFT_TYPES.get(peft_type) if isinstance(peft_type, str) else None
     try:
-        config = None if adalora or other else LoraConfig.from_peft_dict(raw)
+        config = None if convert else LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
     except RecursionError:
@@ -299,9 +266,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {_one_line(e)}") from None
-    if adalora or other:
+    if convert:
         try:
-            raw, tensors = other.to_lora(raw, tensors) if other else peft_adalora_to_lora(raw, tensors)
+            raw, tensors = convert(raw, tensors)
             config = LoraConfig.from_peft_dict(raw)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
@@ -315,23 +282,25 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     return config, {**raw, LORAKIT_KEY: meta}, tensors
 
 
-# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add theirs)
-METADATA = {
+# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add
+# theirs to core.tables.METADATA)
+_METADATA = {
     "base_fingerprint": lambda v: v is None or isinstance(v, str),
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
     "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
                                                        for k, x in v.items()),
-    "quantization": lambda v: isinstance(v, str) and v in PRESETS,  # a QLoRA adapter's base: a key of core.quantized.PRESETS
+    "quantization": lambda v: isinstance(v, str) and v in QUANTIZATIONS,  # a QLoRA adapter's base (core.tables)
 }
 
 
 def _check_metadata(meta: object, where: str) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} must be an object, found {type(meta).__name__}")
+    checks = {**_METADATA, **METADATA}
     for key, value in meta.items():
-        if key not in METADATA:
+        if key not in checks:
             raise CheckpointError(f"{where}: unknown key {key!r}")
-        if not METADATA[key](value):
+        if not checks[key](value):
             raise CheckpointError(f"{where}: {key} has an invalid value {short_repr(value)}")
     return meta
 
@@ -397,7 +366,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             dest.copy_(t)
     commit_adapter(model, name, planned, copies)
     if expected_fp:
-        found_fp = base_fingerprint(model, [p.path for p in planned if _lora_target(p.layer)])
+        found_fp = base_fingerprint(model, [p.path for p in planned if p.layer.lora_target])
         if found_fp is not None and found_fp != expected_fp:
             warnings.warn(
                 f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
@@ -427,20 +396,8 @@ def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, boo
     """PEFT key -> (tensor to fill, whether the file stores it transposed)."""
     targets: dict[str, tuple[Tensor, bool]] = {}
     for p in planned:
-        adapter = p.adapter
-        if _own_format(adapter):
-            targets.update({f"{PREFIX}{p.path}.{k}": (v.data, False) for k, v in adapter.export_tensors().items()})
-            continue
-        if isinstance(p.layer, LoraEmbedding):
-            targets[f"{PREFIX}{p.path}.lora_embedding_A"] = (adapter.lora_A.weight.data, True)
-            targets[f"{PREFIX}{p.path}.lora_embedding_B"] = (adapter.lora_B.weight.data, False)
-            # PEFT's save_embedding_layers also stores the (possibly resized) base table: optional
-            targets[f"{PREFIX}{p.path}.base_layer.weight"] = (p.layer.base_layer.weight.data, False)
-        else:
-            targets[f"{PREFIX}{p.path}.lora_A.weight"] = (adapter.lora_A.weight.data, False)
-            targets[f"{PREFIX}{p.path}.lora_B.weight"] = (adapter.lora_B.weight.data, False)
-        for suffix, tensor in adapter.extra_tensors().items():
-            targets[f"{PREFIX}{p.path}.{suffix}"] = (tensor.data, False)
+        for suffix, slot in p.layer.file_slots(p.adapter).items():
+            targets[f"{PREFIX}{p.path}.{suffix}"] = slot
         bias = getattr(p.layer.base_layer, "bias", None)
         if config.bias == "lora_only" and bias is not None:
             targets[f"{PREFIX}{p.path}.base_layer.bias"] = (bias.data, False)

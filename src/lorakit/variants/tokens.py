@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import checkpoint
-from ..core import model as core_model
-from ..core.config import LoraConfig, module_matches, short_repr
+from ..core import tables
+from ..core.checkpoint import PREFIX
+from ..core.config import LORAKIT_KEY, LoraConfig, module_matches, short_repr
 from ..core.layers import LoraLayer
 from ..core.saved import SavedModule
 from ..core.targets import find_modules_to_save, outside_adapters
@@ -87,6 +87,12 @@ class TokenAdapter(nn.Module):
         """Checkpoint tensors by key suffix (PEFT's LoRA layout); a tied adapter's rows are its source's."""
         return {} if self.tied else {LORA_KEY: self.trainable_tokens_delta}
 
+    def extra_tensors(self) -> dict[str, Tensor]:
+        return {}  # everything it saves is in export_tensors
+
+    def export_pattern(self, alpha: float) -> None:
+        return None  # no rank: token layers are not in target_modules / rank_pattern
+
     def export_metadata(self) -> dict[str, Any]:
         """What a loader needs to rebuild the vocabulary: the table's size and the tokens added to it."""
         if self.tied:
@@ -101,6 +107,9 @@ class TokenLayer(LoraLayer):
 
     def make_adapter(self, r, scaling, config, module_name):
         raise ValueError(f"{module_name} trains token rows (trainable_token_indices); LoRA cannot adapt it as well")
+
+    def file_slots(self, adapter: TokenAdapter) -> dict[str, tuple[Tensor, bool]]:
+        return {k: (v.data, False) for k, v in adapter.export_tensors().items()}
 
     def with_rows(self, out: Tensor, x: Tensor, adapter: TokenAdapter) -> Tensor:
         raise NotImplementedError
@@ -247,11 +256,11 @@ def record_added_tokens(model: nn.Module, tokens: dict[str, int], adapter: str =
 
 # ----- PEFT's TRAINABLE_TOKENS format (trainable tokens alone) ------------------------------------------------
 PEFT_TT_KEYS = {"peft_type", "token_indices", "target_modules", "init_weights", "task_type", "inference_mode",
-                "base_model_name_or_path", "auto_mapping", "peft_version", "revision", checkpoint.LORAKIT_KEY}
+                "base_model_name_or_path", "auto_mapping", "peft_version", "revision", LORAKIT_KEY}
 
 
 class PeftTrainableTokens:
-    """Reads and writes PEFT's ``TRAINABLE_TOKENS`` adapters (core's ``checkpoint.FORMATS`` entry)."""
+    """Reads and writes PEFT's ``TRAINABLE_TOKENS`` adapters (core.tables ``PEFT_TYPES`` and ``PEFT_WRITERS`` entries)."""
 
     @staticmethod
     def to_lora(raw: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
@@ -265,7 +274,7 @@ class PeftTrainableTokens:
                              f"got {short_repr(ids)} and {short_repr(target)}")
         spec = ids if names is None else {n: ids for n in names}
         rows = {k[: -len(DELTA) - 1]: v for k, v in tensors.items() if k.endswith("." + DELTA)}
-        kept = {p: v for p, v in rows.items() if names is None or any(module_matches(p[len(checkpoint.PREFIX):], n)
+        kept = {p: v for p, v in rows.items() if names is None or any(module_matches(p[len(PREFIX):], n)
                                                                       for n in names)}
         if names is None:
             kept = dict(list(rows.items())[:1])
@@ -276,7 +285,7 @@ class PeftTrainableTokens:
         if extra:
             raise ValueError(f"TRAINABLE_TOKENS file holds {extra[0]!r}, which is not a {DELTA} tensor")
         config = {"peft_type": "LORA", "target_modules": [], "trainable_token_indices": spec,
-                  **{k: raw[k] for k in ("task_type", "base_model_name_or_path", checkpoint.LORAKIT_KEY) if k in raw}}
+                  **{k: raw[k] for k in ("task_type", "base_model_name_or_path", LORAKIT_KEY) if k in raw}}
         return config, {f"{p}.{LORA_KEY}": v for p, v in kept.items()}
 
     @staticmethod
@@ -289,7 +298,7 @@ class PeftTrainableTokens:
         lists = [spec] if isinstance(spec, list) else list(spec.values())
         if any(v != lists[0] for v in lists) or len(rows) != len(tensors):
             return None  # several lists of ids: PEFT's TRAINABLE_TOKENS has one; kept in the LoRA layout
-        paths = [p[len(checkpoint.PREFIX):] for p in rows]
+        paths = [p[len(PREFIX):] for p in rows]
         config = {"peft_type": "TRAINABLE_TOKENS", "token_indices": lists[0], "init_weights": True,
                   "target_modules": paths[0] if len(paths) == 1 else paths, "inference_mode": True,
                   **{k: peft.get(k) for k in ("task_type", "base_model_name_or_path")}}
@@ -300,10 +309,15 @@ def _check_added(v: object) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and k and type(i) is int and i >= 0 for k, i in v.items())
 
 
+def _check_vocab(v: object) -> bool:
+    return type(v) is int and v > 0
+
+
 def register() -> None:
     """Put trainable tokens into core's tables (idempotent)."""
-    if plan_tokens not in core_model.EXTRA_LAYERS:
-        core_model.EXTRA_LAYERS.append(plan_tokens)
-    checkpoint.FORMATS["TRAINABLE_TOKENS"] = PeftTrainableTokens
-    checkpoint.METADATA["vocab_size"] = lambda v: type(v) is int and v > 0
-    checkpoint.METADATA["added_tokens"] = _check_added
+    if plan_tokens not in tables.EXTRA_LAYERS:
+        tables.EXTRA_LAYERS.append(plan_tokens)
+    tables.PEFT_TYPES["TRAINABLE_TOKENS"] = PeftTrainableTokens.to_lora
+    if PeftTrainableTokens.from_lora not in tables.PEFT_WRITERS:
+        tables.PEFT_WRITERS.append(PeftTrainableTokens.from_lora)
+    tables.METADATA.update(vocab_size=_check_vocab, added_tokens=_check_added)
