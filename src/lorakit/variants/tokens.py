@@ -20,7 +20,8 @@ Checkpoints use PEFT's layouts: beside LoRA (``LoraConfig.trainable_token_indice
 PEFT's ``TRAINABLE_TOKENS`` config with ``<module path>.trainable_tokens_delta``. A tied head saves nothing of
 its own (PEFT's ``TRAINABLE_TOKENS`` files also hold the tied copy; it is read and checked equal).
 
-Registered into core's tables by :func:`register` (called once by ``lorakit/__init__``).
+Registered into core's tables (:mod:`lorakit.core.tables`) by :func:`register`, which
+:func:`lorakit.variants.register` calls.
 """
 
 from __future__ import annotations
