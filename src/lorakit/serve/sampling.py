@@ -148,6 +148,7 @@ def draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | No
         sorted_p, order = probs.sort(descending=True)
         mass = params.top_p * float(sorted_p.sum())  # of what top-k / min-p left
         keep = sorted_p.cumsum(-1) - sorted_p < mass  # the smallest prefix whose mass reaches it
+        keep[0] = True  # the most likely token always stays (a top_p that is 0 in float32, e.g. 5e-324)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
