@@ -28,6 +28,9 @@ from .core.model import (
 )
 from .core.quantized import merge_errors, quantize
 from .core.variants import loraplus_param_groups
+from .variants import params as _params
+
+_params.register()  # LoraConfig.target_parameters (LoRA on parameters and MoE experts)
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,7 @@ from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .quantized import PRESETS, base_quantization
 from .saved import SavedModule
-from .targets import find_targets
+from .targets import find_parameter_targets, find_targets
 from .variants import changed_base, plain_lora_pair
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,6 +46,8 @@ class CheckpointError(ValueError):
 
 # ----- state dict -------------------------------------------------------------------------------------
 def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
+    if (export := getattr(adapter, "peft_tensors", None)) is not None:  # the adapter knows its PEFT layout
+        return {f"{path}{k}": v for k, v in export().items()}
     extra = {f"{path}.{k}": v for k, v in adapter.extra_tensors().items()}
     if convert and changed_base(adapter):  # the equivalent plain LoRA (rank 2r) for the original base
         A, B = plain_lora_pair(adapter)
@@ -121,14 +123,20 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     The metadata (base fingerprint, fused slices, class names) sits in the safetensors header's
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
-    paths = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters}
+    paths = list(layers)
     d = config.to_peft_dict()
+    owned = {p: m.parameter_names for p, m in layers.items() if hasattr(m, "parameter_names")}
+    if owned:
+        d["target_parameters"] = _parameter_names(model, config, owned)
+    paths = [p for p in paths if p not in owned]  # modules (target_modules)
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
     d["fan_in_fan_out"] = any(
         getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
     )
-    d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
+    if paths:
+        d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
     if svd_adapters(model, adapter):
         d["rank_pattern"], d["alpha_pattern"] = {}, {}  # every saved AdaLoRA layer gets its own entry below
     for p, m in model.named_modules():
@@ -145,12 +153,24 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
                                                                                   else live)}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
+    meta = {"base_fingerprint": base_fingerprint(model, list(layers)), "slices": config.slices}
     if quantization := base_quantization([model.get_submodule(p) for p in paths]):
         meta["quantization"] = quantization  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
     return d, meta
+
+
+def _parameter_names(model: nn.Module, config: LoraConfig, owned: dict[str, list[str]]) -> list[str]:
+    """PEFT's ``target_parameters`` for the adapted parameters: ``<module leaf>.<parameter>`` names when they
+    select exactly those (``"experts.gate_up_proj"``), else full paths (``"all-experts"`` is lorakit's)."""
+    keys = [f"{p}.{n}" for p, names in owned.items() for n in names]
+    leaves = sorted({".".join(k.split(".")[-2:]) for k in keys})
+    try:
+        same = find_parameter_targets(model, config.replace(target_parameters=leaves)) == owned
+    except ValueError:
+        same = False
+    return leaves if same else keys
 
 
 def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
@@ -212,11 +232,9 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
     h = hashlib.sha256()
     for path in paths:
         module = model.get_submodule(path)
-        if isinstance(module, LoraLayer):
-            if module.merged:
-                return None
-            module = module.base_layer
-        w = module.weight
+        if isinstance(module, LoraLayer) and module.merged:
+            return None
+        w = module.weight  # a LoRA layer's: its base weight
         if w.is_meta or not w.is_floating_point():
             return None
         flat = w.detach().reshape(-1)
@@ -333,6 +351,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
         _check_ranks(config, tensors, find_targets(model, config), weights_file)
+        _check_parameter_ranks(model, config, tensors, weights_file)
         planned, copies = plan_adapter(model, config, name)
     except CheckpointError:
         raise
@@ -397,11 +416,31 @@ def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str
                                   f"rank {r} for {path}")
 
 
+def _check_parameter_ranks(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path):
+    """:func:`_check_ranks` for ``target_parameters``: the A of a parameter with ``E`` experts has ``E*r`` rows
+    (PEFT's nesting: the module's last targeted parameter at its path, each earlier one a ``.base_layer`` deeper)."""
+    for path, names in find_parameter_targets(model, config).items():
+        owner = model.get_submodule(path)
+        owner = getattr(owner, "base_layer", owner)
+        for i, name in enumerate(names):
+            key = f"{PREFIX}{path}{'.base_layer' * (len(names) - 1 - i)}.lora_A.weight"
+            param = getattr(owner, name)
+            rows = config.rank_for(f"{path}.{name}") * (param.shape[0] if param.dim() == 3 else 1)
+            if key not in tensors:
+                raise CheckpointError(f"{weights_file}: no lora_A tensor for parameter {path}.{name} (expected key {key})")
+            if tensors[key].dim() != 2 or tensors[key].shape[0] != rows:
+                raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(tensors[key].shape)}, but "
+                                      f"{CONFIG_NAME} gives {rows} rows (rank x experts) for {path}.{name}")
+
+
 def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, bool]]:
     """PEFT key -> (tensor to fill, whether the file stores it transposed)."""
     targets: dict[str, tuple[Tensor, bool]] = {}
     for p in planned:
         adapter = p.adapter
+        if (export := getattr(adapter, "peft_tensors", None)) is not None:
+            targets.update({f"{PREFIX}{p.path}{k}": (t.data, False) for k, t in export().items()})
+            continue
         if isinstance(p.layer, LoraEmbedding):
             targets[f"{PREFIX}{p.path}.lora_embedding_A"] = (adapter.lora_A.weight.data, True)
             targets[f"{PREFIX}{p.path}.lora_embedding_B"] = (adapter.lora_B.weight.data, False)

@@ -24,6 +24,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "lora_dropout": ("field", "dropout"),
     "target_modules": ("field", "target_modules"),
     "exclude_modules": ("field", "exclude_modules"),
+    "target_parameters": ("field", "target_parameters"),
     "layers_to_transform": ("field", "layers"),
     "layers_pattern": ("field", "layers_pattern"),
     "bias": ("field", "bias"),
@@ -51,7 +52,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "lorakit": ("harmless", None),  # lorakit's metadata in checkpoints before it moved to the weights header
     "lora_bias": ("refused", None),
     "layer_replication": ("refused", None),
-    "target_parameters": ("refused", None),
     "use_qalora": ("refused", None),
     "trainable_token_indices": ("refused", None),
     "alora_invocation_tokens": ("refused", None),
@@ -69,6 +69,7 @@ INITS: dict[str, bool | str] = {
     "kaiming": True,
     "gaussian": "gaussian",
 }
+ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -106,6 +107,15 @@ class LoraConfig:
             ``{"c_attn": [True, False, True]}`` adapts GPT-2's q and v but not k (loralib's
             ``enable_lora``). Each enabled slice gets its own rank-r pair.
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
+        target_parameters: parameters to adapt directly (PEFT's ``target_parameters``), for weights that are
+            not in an ``nn.Linear``: above all the fused expert stacks of MoE models. A list names parameters
+            by path or suffix (``"experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``);
+            ``"all-experts"`` takes every 3-D parameter (every expert of every MoE layer) and is saved as the
+            names it matched. A 3-D parameter gets one rank-``r`` pair per expert. ``rank_pattern`` /
+            ``alpha_pattern`` keys match the parameter's path. With ``target_modules=None`` no module is
+            adapted; ``target_modules="all-linear", target_parameters="all-experts"`` adapts every linear
+            layer and every expert. As in PEFT: no dropout, no DoRA, and every adapter of a model targets the
+            same parameters of a module (see :mod:`lorakit.variants.params`).
 
     Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
     or ``use_rslora=1`` (booleans are strict; a bool is not a number) raise ``ValueError`` naming the field.
@@ -128,12 +138,14 @@ class LoraConfig:
     slices: dict[str, list[bool]] = field(default_factory=dict)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    target_parameters: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         if self.alpha is None:
             self.alpha = float(self.r)
-        if isinstance(self.target_modules, tuple | set):
-            self.target_modules = list(self.target_modules)
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(getattr(self, name), tuple | set):
+                setattr(self, name, list(getattr(self, name)))
         if _is_int(self.layers):
             self.layers = [self.layers]
         self.validate()
@@ -166,6 +178,7 @@ class LoraConfig:
                     isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
                     f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
                 )
+        self._validate_target_parameters()
         if self.layers is not None:
             _check(
                 isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
@@ -199,6 +212,19 @@ class LoraConfig:
                 f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
             )
 
+    def _validate_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        _check(value == ALL_EXPERTS or (isinstance(value, list) and value
+                                          and all(isinstance(s, str) and s for s in value)),
+               f"target_parameters must be a non-empty list of parameter names or {ALL_EXPERTS!r}, got "
+               f"{short_repr(value)}")
+        _check(self.dropout == 0, f"dropout={self.dropout} cannot be used with target_parameters (an update of "
+               "the weight itself has no input to drop; PEFT refuses it too); use dropout=0")
+        _check(not self.use_dora, "use_dora cannot be used with target_parameters (as in PEFT)")
+        _check(self.init in INITS, f"init {self.init!r} cannot be used with target_parameters; use one of {sorted(INITS)}")
+
     # ----- per-module values ---------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
@@ -221,6 +247,8 @@ class LoraConfig:
         for key, (kind, name) in PEFT_KEYS.items():
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
+        if self.target_modules is None and self.target_parameters is not None:
+            d["target_modules"] = []  # PEFT: no modules (None would add its default modules for the architecture)
         d["init_lora_weights"] = INITS.get(self.init, self.init)  # pissa, olora...: PEFT's own names
         if self.init.startswith("loftq"):  # PEFT's spelling: "loftq" + loftq_config (lorakit's is NF4)
             d["init_lora_weights"] = "loftq"
@@ -262,8 +290,11 @@ class LoraConfig:
         except ValueError:
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit") from None
         kwargs["init"] = init  # a base-replacing init (pissa...) is rerun on the base when loading, as PEFT does
-        if isinstance(kwargs.get("target_modules"), list):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"], key=str)
+        if kwargs.get("target_modules") == [] and kwargs.get("target_parameters"):
+            del kwargs["target_modules"]  # PEFT's "parameters only"
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = sorted(kwargs[name], key=str)
         if isinstance(kwargs.get("modules_to_save"), list):
             kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
         if "r" in kwargs and "alpha" not in kwargs:

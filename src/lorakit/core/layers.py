@@ -364,6 +364,11 @@ def _conv1d_type() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
+#: LoRA layers for parameters (``LoraConfig.target_parameters``): ``factory(module, parameter_names)``.
+#: Filled by a variant (``lorakit.variants.params.register``); core names none.
+PARAMETER_LAYERS: dict[str, type[LoraLayer]] = {}
+
+
 def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
     """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable)."""
     if isinstance(module, LoraLayer):

@@ -18,11 +18,11 @@ from torch import nn
 
 from ..ops.per_row import make_row_update
 from .config import LoraConfig, module_matches
-from .layers import Adapter, LoraLayer, lora_layer_type
+from .layers import PARAMETER_LAYERS, Adapter, LoraLayer, lora_layer_type
 from .quantized import keep_trainable_layout, weight_count
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
-from .targets import find_modules_to_save, find_targets, outside_adapters
+from .targets import find_modules_to_save, find_parameter_targets, find_targets, outside_adapters
 from .variants import check_base_kept, check_rows
 
 
@@ -49,6 +49,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
         planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
+    planned += _plan_parameters(model, config, {p.path for p in planned})
     stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
     if stray:  # a typo would otherwise adapt every slice of the fused projection
         raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
@@ -73,6 +74,26 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
             original = module.original if isinstance(module, SavedModule) else module
             copies[path] = SavedModule(original).add_copy(name)
     return planned, copies
+
+
+def _plan_parameters(model: nn.Module, config: LoraConfig, module_paths: set[str]) -> list[_Planned]:
+    """The parameter layers of ``config.target_parameters`` (a variant's layer type, from core's table)."""
+    targets = find_parameter_targets(model, config)
+    if targets and "default" not in PARAMETER_LAYERS:
+        raise ValueError("target_parameters needs a parameter layer type; call lorakit.variants.params.register()")
+    planned = []
+    for path, names in targets.items():
+        if path in module_paths:
+            raise ValueError(f"{path} is selected by both target_modules and target_parameters; pick one")
+        module = model.get_submodule(path)
+        new_layer = not isinstance(module, LoraLayer)
+        layer = PARAMETER_LAYERS["default"](module, names) if new_layer else module
+        if sorted(layer.parameter_names) != sorted(names):
+            raise ValueError(f"target_parameters selects {sorted(names)} of {path}, whose other adapters adapt "
+                             f"{sorted(layer.parameter_names)}; every adapter must target the same parameters of a "
+                             "module (as in PEFT)")
+        planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
+    return planned
 
 
 def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:

@@ -1,0 +1,1 @@
+"""Successors of plain LoRA, each registering into core's tables explicitly."""
