@@ -1,4 +1,5 @@
-"""``lorakit inspect ADAPTER``: config, parameter count, size on disk, per-layer rank and ||B·A||."""
+"""``lorakit inspect ADAPTER``: config, parameter count, size on disk, per-layer rank and ||B·A||; for expert
+stacks (``target_parameters``) the number of experts, their rank and each expert's ||B_e·A_e||·s."""
 
 from __future__ import annotations
 
@@ -41,14 +42,11 @@ def describe(path: str | Path) -> dict:
             raise CheckpointError(f"{weights_file}: {key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} are not a "
                                   "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
         module = stem.removeprefix("base_model.model.")
-        r, scaling = A.shape[0], config.scaling(module)
-        delta_norm = torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling
-        layers.append({"module": module, "rank": r, "scaling": scaling, "delta_norm": delta_norm,
-                       "params": A.numel() + B.numel()})
+        layers.append(_layer(module, A, B, config))
     size = sum(f.stat().st_size for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
     return {
         "path": str(path),
-        "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias",
+        "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "bias",
                                            "modules_to_save", "use_rslora", "use_dora", "init_lora_weights", "task_type",
                                            "base_model_name_or_path")},
         "base_quantization": raw[LORAKIT_KEY].get("quantization"),  # QLoRA: the 4/8-bit base it was trained on
@@ -57,6 +55,21 @@ def describe(path: str | Path) -> dict:
         "size_bytes": size,
         "layers": layers,
     }
+
+
+def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config) -> dict:
+    """One pair's row. An expert stack (``target_parameters``: A ``(E*r, in)``, B ``(out, r*E)``, PEFT's
+    layout) gets its expert count and the norm of each expert's update ``s·B[e]·A[e]``."""
+    r, scaling = A.shape[0], config.scaling(module)
+    row = {"module": module, "rank": r, "scaling": scaling, "params": A.numel() + B.numel()}
+    E = A.shape[0] // config.r if config.target_parameters and A.shape[0] % config.r == 0 else 1
+    if E > 1 and A.dim() == 2:
+        r = config.r
+        A_e, B_e = A.view(E, r, -1), B.view(B.shape[0], r, E).permute(2, 0, 1)  # (E, r, in), (E, out, r)
+        norms = torch.linalg.matrix_norm(torch.bmm(B_e, A_e)) * scaling
+        return {**row, "rank": r, "experts": E, "expert_norms": norms.tolist(),
+                "delta_norm": norms.pow(2).sum().sqrt().item()}
+    return {**row, "delta_norm": torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,4 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'module':<{width}}  rank  scaling   ||B·A||·s")
     for layer in info["layers"]:
         print(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>7.3f}  {layer['delta_norm']:>10.4g}")
+        if "experts" in layer:  # one rank-r update per expert: its norm
+            norms = " ".join(f"{n:.3g}" for n in layer["expert_norms"])
+            print(f"{'':<{width}}  {layer['experts']} experts x rank {layer['rank']}, ||B_e·A_e||·s: {norms}")
     return 0

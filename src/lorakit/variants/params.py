@@ -228,7 +228,7 @@ def _routing_args(module: nn.Module, names: list[str], args: tuple, kwargs: dict
 
 def routed_forward(experts: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                    parts: dict[str, ExpertLora]) -> Tensor:
-    """transformers' experts computation (its ``grouped_mm`` path's semantics) with LoRA on the routed tokens.
+    """transformers' experts computation (the semantics of its ``grouped_mm`` path) with LoRA on routed tokens.
 
     The ``S = T*k`` (token, expert) pairs are sorted by expert; expert ``e`` runs its ``n_e`` rows ``x_e``
     through ``W[e]`` plus ``s·(x_e @ A[e]^T) @ B[e]^T``: ``(n_e, r)`` then ``(n_e, d)``, so the extra memory
@@ -238,40 +238,85 @@ def routed_forward(experts: nn.Module, hidden: Tensor, top_k_index: Tensor, top_
     T, k = top_k_index.shape
     ids = top_k_index.reshape(-1)
     order = torch.argsort(ids, stable=True)  # (S,) pairs grouped by expert
-    counts = torch.bincount(ids, minlength=experts.num_experts).tolist()  # the one host sync
+    groups = _Groups(ids[order], experts.num_experts)
     x = hidden[order // k]  # (S, H)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
-    h = _expert_linear(experts, up, x, counts, parts.get(up))  # (S, 2I) or (S, I)
+    h = _expert_linear(experts, up, x, groups, parts.get(up))  # (S, 2I) or (S, I)
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    h = _expert_linear(experts, "down_proj", h, counts, parts.get("down_proj"))  # (S, H)
+    h = _expert_linear(experts, "down_proj", h, groups, parts.get("down_proj"))  # (S, H)
     if getattr(experts, "has_post_expert_norm", False):
         h = experts.post_expert_norm(h)
     h = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
     out = torch.empty_like(h).index_copy(0, order, h)  # back to (token, slot) order
-    return out.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+    return out.view(T, k, h.shape[-1]).sum(dim=1).to(hidden.dtype)
 
 
-def _expert_linear(experts: nn.Module, name: str, x: Tensor, counts: list[int], part: ExpertLora | None) -> Tensor:
-    """Rows of ``x`` (sorted by expert, ``counts[e]`` each) through ``W[e]`` (+ bias, + the LoRA update)."""
+class _Groups:
+    """Rows sorted by expert: ``ids`` ``(S,)``, the grouped-matmul offsets and (lazily) the counts."""
+
+    def __init__(self, ids: Tensor, num_experts: int):
+        self.ids = ids
+        self.counts = torch.bincount(ids, minlength=num_experts)  # (E,)
+        self.offsets = self.counts.cumsum(0).to(torch.int32)
+
+    def sizes(self) -> list[int]:
+        return self.counts.tolist()  # a host sync: the loop path only
+
+
+def _expert_linear(experts: nn.Module, name: str, x: Tensor, groups: _Groups, part: ExpertLora | None) -> Tensor:
+    """Rows of ``x`` ``(S, k)`` (sorted by expert) through ``W[e]`` (+ bias, + the LoRA update): ``(S, d)``.
+
+    One grouped matmul for the base and two for the update (``(S, r)``, then ``(S, d)``) where
+    ``torch.nn.functional.grouped_mm`` takes the operands (16-byte strides; the rank is zero-padded to a
+    multiple of 16 bytes, which changes no value); else a loop over the experts."""
     W = getattr(experts, name)
-    bias = getattr(experts, f"{name}_bias") if experts.has_bias else None
-    A, B = part.factors() if part is not None else (None, None)
+    Wt = W if experts.is_transposed else W.transpose(1, 2)  # (E, k, d)
     x = x.to(W.dtype)
+    At = Bt = None
+    if part is not None:
+        A, B = part.factors()  # (E, r, k), (E, d, r)
+        pad = -part.rank % max(1, 16 // A.element_size())
+        At = F.pad(A, (0, 0, 0, pad)).transpose(1, 2)  # (E, k, r')
+        Bt = F.pad(B, (0, pad)).transpose(1, 2).contiguous()  # (E, r', d)
+    if _grouped_ok(x, Wt, At, Bt):
+        y = F.grouped_mm(x, Wt, offs=groups.offsets)
+        if part is not None:
+            a = F.grouped_mm(x.to(At.dtype), At, offs=groups.offsets)  # (S, r')
+            y = torch.add(y, F.grouped_mm(a, Bt, offs=groups.offsets).to(y.dtype), alpha=part.scaling)
+    else:
+        y = _loop_linear(x, Wt, At, Bt, groups.sizes(), part.scaling if part is not None else 0.0)
+    if experts.has_bias:
+        y = y + getattr(experts, f"{name}_bias")[groups.ids]
+    return y
+
+
+def _loop_linear(x: Tensor, Wt: Tensor, At: Tensor | None, Bt: Tensor | None, sizes: list[int], s: float) -> Tensor:
     pieces, start = [], 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(sizes):
         if n == 0:
             continue
         xe = x[start:start + n]
         start += n
-        y = xe @ W[e] if experts.is_transposed else F.linear(xe, W[e])  # (n, d)
-        if bias is not None:
-            y = y + bias[e]
-        if part is not None:
-            y = y + F.linear(F.linear(xe.to(A.dtype), A[e]), B[e]).to(y.dtype) * part.scaling  # (n, r) -> (n, d)
+        y = xe @ Wt[e]  # (n, d)
+        if At is not None:
+            y = torch.add(y, ((xe.to(At.dtype) @ At[e]) @ Bt[e]).to(y.dtype), alpha=s)  # (n, r') -> (n, d)
         pieces.append(y)
     if not pieces:  # no tokens at all
-        return x.new_zeros(0, W.shape[-1] if experts.is_transposed else W.shape[-2])
+        return x.new_zeros(0, Wt.shape[-1])
     return torch.cat(pieces)
+
+
+def _grouped_ok(*operands: Tensor | None) -> bool:
+    """``F.grouped_mm`` exists and takes these operands: every stride but the unit one, and every start, a
+    multiple of 16 bytes; one floating dtype."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    ts = [t for t in operands if t is not None]
+    dtype, device = ts[0].dtype, ts[0].device.type
+    if any(t.dtype != dtype for t in ts) or not (device == "cpu" or device == "cuda" and dtype == torch.bfloat16):
+        return False  # CUDA's kernel is bf16-only
+    return all(t.data_ptr() % 16 == 0 and all(st == 1 or st * t.element_size() % 16 == 0 for st in t.stride())
+               for t in ts)
 
 
 def _geometry(param: Tensor, transposed: bool) -> tuple[int, int, int]:
