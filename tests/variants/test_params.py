@@ -8,6 +8,7 @@ gradients (sums over tokens in another order) to 1e-4 relative.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -156,7 +157,9 @@ def test_save_load_round_trip_and_inspect(tmp_path):
     saved = json.loads((path / "adapter_config.json").read_text())
     assert saved["target_parameters"] == sorted(EXPERTS)  # "all-experts" is saved as what it matched
     loaded = tiny_moe("qwen3_moe")
-    lorakit.load_adapter(loaded, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the base fingerprint matches (same model, planned in model order)
+        lorakit.load_adapter(loaded, path)
     torch.testing.assert_close(loaded(x).logits, out, atol=0, rtol=0)
     info = describe(path)
     experts = [row for row in info["layers"] if "experts" in row]
@@ -232,3 +235,20 @@ def test_trains_only_expert_factors_and_loss_falls():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_qlora_base_expert_adapters_beside_quantized_linear_layers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    x = token_ids()
+    model = lorakit.quantize(tiny_moe("qwen3_moe"), bits=4)  # 4-bit q/k/v/o; the 3-D expert stacks stay fp32
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS))
+    _randomize(model)
+    ref = lorakit.quantize(_reference("qwen3_moe", model), bits=4)  # the same 4-bit layers, W + ΔW in the experts
+    torch.testing.assert_close(model(x).logits, ref(x).logits, **FP32)
+    both = lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS)
+    lorakit.add_lora(model, both, "both")
+    _randomize(model, "both", seed=4)
+    path = lorakit.save_adapter(model, tmp_path, "both")
+    loaded = lorakit.quantize(tiny_moe("qwen3_moe"), bits=4)
+    lorakit.load_adapter(loaded, path)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)

@@ -49,7 +49,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
         planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
-    planned += _plan_parameters(model, config, {p.path for p in planned})
+    params = _plan_parameters(model, config, {p.path for p in planned})
+    if params:  # every planned layer in model order (what the base fingerprint hashes)
+        order = {path: i for i, (path, _) in enumerate(outside_adapters(model))}
+        planned = sorted(planned + params, key=lambda p: order[p.path])
     stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
     if stray:  # a typo would otherwise adapt every slice of the fused projection
         raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
