@@ -13,12 +13,12 @@ import types
 import typing
 from pathlib import Path
 
-from ..core.adalora import AdaLoraConfig
 from ..core.config import ALL_EXPERTS, LoraConfig
-from ..core.quantized import PRESETS
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
 from ..train.state import write_text_atomic
+from ..variants.adalora import AdaLoraConfig
+from ..variants.quantized import PRESETS
 from .options import (
     UsageError,
     check_output_dir,
@@ -374,8 +374,8 @@ def _adalora_rank(args: argparse.Namespace) -> int:
 
 def _allocator(model, args: argparse.Namespace, n_examples: int, train_cfg: TrainConfig):
     """AdaLoRA's rank allocator over the whole run (its steps counted as the loop counts them)."""
-    from ..core.adalora import AdaLoraAllocator
     from ..train.loop import total_steps
+    from ..variants.adalora import AdaLoraAllocator
 
     if train_cfg.fsdp:
         raise ValueError("--method adalora does not support --fsdp (the allocator reads whole P, Λ, Q); use DDP")

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.config import LoraConfig
-from ..core.layers import PARAMETER_LAYERS, Adapter, LoraLayer
+from ..core.layers import Adapter, LoraLayer
+from ..core.tables import PARAMETER_LAYERS
 
 
 class ExpertLora(Adapter):
@@ -107,16 +108,22 @@ class ParamAdapter(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(iter(self.parts.values())).dtype
 
-    def peft_tensors(self) -> dict[str, Tensor]:
+    def export_tensors(self) -> dict[str, Tensor]:
         """Checkpoint key suffix (after the module path) -> tensor, in PEFT's nesting: the module's last
-        targeted parameter at the path itself, each earlier one one ``.base_layer`` deeper."""
+        targeted parameter at the path itself, each earlier one a ``base_layer.`` deeper."""
         names = list(self.parts)
         out = {}
         for i, name in enumerate(names):
-            stem = ".base_layer" * (len(names) - 1 - i)
-            out[f"{stem}.lora_A.weight"] = self.parts[name].lora_A.weight
-            out[f"{stem}.lora_B.weight"] = self.parts[name].lora_B.weight
+            stem = "base_layer." * (len(names) - 1 - i)
+            out[f"{stem}lora_A.weight"] = self.parts[name].lora_A.weight
+            out[f"{stem}lora_B.weight"] = self.parts[name].lora_B.weight
         return out
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        return {}  # everything is in export_tensors
+
+    def export_pattern(self, alpha: float) -> None:
+        return None  # the parts are stored as they are: the config's ranks and alphas
 
 
 class ParamLayer(LoraLayer):
@@ -159,6 +166,13 @@ class ParamLayer(LoraLayer):
 
     def base_weight(self) -> Tensor:
         return self.weight.detach()
+
+    # ----- checkpoint layout (PEFT's ParamWrapper keys after the module path) ----------------------------------
+    def file_tensors(self, adapter: ParamAdapter) -> dict[str, Tensor]:
+        return adapter.export_tensors()
+
+    def file_slots(self, adapter: ParamAdapter) -> dict[str, tuple[Tensor, bool]]:
+        return {k: (t.data, False) for k, t in adapter.export_tensors().items()}
 
     # ----- building adapters ------------------------------------------------------------------------------
     def new_adapter(self, config: LoraConfig, module_name: str) -> ParamAdapter:
