@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
 # architecture -> config kwargs; every one stores its experts as gate_up_proj / down_proj parameters
 ARCHS = {
     "mixtral": dict(head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
@@ -18,7 +18,7 @@ ARCHS = {
                         kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_shared_experts=1),
     # experts stored transposed ((E, in, out)) with biases, interleaved gate/up and a clamped SwiGLU
     "gpt_oss": dict(head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
-                    layer_types=["full_attention", "sliding_attention"], sliding_window=8),
+                    layer_types=["sliding_attention"], sliding_window=4),
 }
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
