@@ -44,6 +44,7 @@ def describe(path: str | Path) -> dict:
         module = stem.removeprefix("base_model.model.")
         layers.append(_layer(module, A, B, config))
     size = sum(f.stat().st_size for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
+    meta = raw[LORAKIT_KEY]
     return {
         "path": str(path),
         "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "bias",
@@ -54,6 +55,7 @@ def describe(path: str | Path) -> dict:
         "lora_parameters": sum(layer["params"] for layer in layers),
         "size_bytes": size,
         "layers": layers,
+        "trainable_tokens": _token_rows(config, tensors, meta),
     }
 
 
@@ -70,6 +72,24 @@ def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config) -> dict:
         return {**row, "rank": r, "experts": E, "expert_norms": norms.tolist(),
                 "delta_norm": norms.pow(2).sum().sqrt().item()}
     return {**row, "delta_norm": torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling}
+
+
+def _token_rows(config, tensors: dict, meta: dict) -> list[dict]:
+    """Per layer with trainable tokens: its path, the trained ids, how many rows, ||rows||, and the tokens the
+    adapter added to the tokenizer (``lorakit train --add-tokens``)."""
+    from ..core.config import module_matches
+    from ..variants.tokens import LORA_KEY
+
+    spec = config.trainable_token_indices
+    out = []
+    for key in sorted(k for k in tensors if k.endswith("." + LORA_KEY)):
+        module = key.removeprefix("base_model.model.").removesuffix("." + LORA_KEY)
+        ids = spec if isinstance(spec, list) else next((v for k, v in (spec or {}).items() if module_matches(module, k)),
+                                                       None)
+        out.append({"module": module, "ids": ids, "rows": tensors[key].shape[0],
+                    "norm": torch.linalg.matrix_norm(tensors[key].float()).item(),
+                    "added_tokens": meta.get("added_tokens"), "vocab_size": meta.get("vocab_size")})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,4 +112,8 @@ def run(args: argparse.Namespace) -> int:
         if "experts" in layer:  # one rank-r update per expert: its norm
             norms = " ".join(f"{n:.3g}" for n in layer["expert_norms"])
             print(f"{'':<{width}}  {layer['experts']} experts x rank {layer['rank']}, ||B_e·A_e||·s: {norms}")
+    for t in info["trainable_tokens"]:
+        added = f", added to the tokenizer: {', '.join(t['added_tokens'])}" if t["added_tokens"] else ""
+        print(f"\ntrainable tokens  {t['module']}: {t['rows']} rows, ids {t['ids']}, ||rows|| {t['norm']:.4g}, "
+              f"vocabulary {t['vocab_size']}{added}")
     return 0

@@ -14,6 +14,12 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`QUANTIZATIONS`: the base quantizations a checkpoint's ``"quantization"`` metadata may name.
 - :data:`PARAMETER_LAYERS`: ``"default"`` -> the layer type that adapts parameters (``target_parameters``):
   ``cls(module, parameter_names)`` (LoRA on MoE experts).
+- :data:`EXTRA_LAYERS`: ``fn(model, config, name, lora_paths) -> [(path, layer, adapter, new_layer)]``: layers an
+  adapter places besides its LoRA targets, built without touching the model (trainable tokens).
+- :data:`PEFT_WRITERS`: ``fn(peft, tensors) -> (peft, tensors) | None``: a checkpoint written in another PEFT
+  format when that applies (trainable tokens alone: ``TRAINABLE_TOKENS``).
+- :data:`METADATA`: more keys of lorakit's checkpoint metadata -> check of the value (trainable tokens:
+  ``vocab_size``, ``added_tokens``).
 """
 
 from __future__ import annotations
@@ -72,6 +78,9 @@ ON_ATTACH: list[Callable[[Any], None]] = []
 PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
 QUANTIZATIONS: set[str] = set()
 PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
+EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
+PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
+METADATA: dict[str, Callable[[Any], bool]] = {}
 
 
 def parse_init(init: str) -> tuple[str, int | None]:

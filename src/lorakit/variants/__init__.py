@@ -6,6 +6,7 @@
 - :mod:`.quantized`: QLoRA, LoRA on bitsandbytes' 4-bit and 8-bit base layers.
 - :mod:`.loraplus`: LoRA+ optimizer parameter groups.
 - :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``).
+- :mod:`.tokens`: trainable tokens (``trainable_token_indices``), chosen embedding rows trained.
 
 Importing a module here registers nothing: :func:`register` (called once by ``import lorakit``) does.
 
@@ -43,7 +44,7 @@ with argument 16) to an :class:`~lorakit.core.tables.Init`; see :mod:`.inits` fo
 
 from __future__ import annotations
 
-from . import adalora, dora, inits, params, quantized
+from . import adalora, dora, inits, params, quantized, tokens
 from .adalora import AdaLoraAllocator, AdaLoraConfig
 from .loraplus import loraplus_param_groups
 from .quantized import merge_errors, quantize
@@ -56,6 +57,7 @@ def register() -> None:
     inits.register()
     quantized.register()
     params.register()
+    tokens.register()
 
 
 __all__ = ["register", "AdaLoraConfig", "AdaLoraAllocator", "loraplus_param_groups", "quantize", "merge_errors"]
