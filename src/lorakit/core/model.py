@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..ops.per_row import make_row_update
-from .config import LoraConfig, module_matches
+from .config import LoraConfig, check_scaling, module_matches
 from .layers import Adapter, LoraLayer, lora_layer_type
 from .quantized import keep_trainable_layout, weight_count
 from .save_guard import guard_save_pretrained
@@ -48,7 +48,9 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
-        planned.append(_Planned(path, layer, layer.new_adapter(config, path), new_layer))
+        adapter = layer.new_adapter(config, path)
+        check_scaling(config, adapter.dtype, path)  # a scaling over fp16's max overflows in every forward
+        planned.append(_Planned(path, layer, adapter, new_layer))
     stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
     if stray:  # a typo would otherwise adapt every slice of the fused projection
         raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
