@@ -8,7 +8,7 @@ the model is built from a config (random weights, seeded alike), quantized, give
 every linear layer but the head: QLoRA's recipe) and trained on random tokens (batch 2 x 128, AdamW).
 Reported:
 
-- bytes of the base's linear weights, quantization constants included (``lorakit.core.quantized.weight_bytes``:
+- bytes of the base's linear weights, quantization constants included (``lorakit.variants.quantized.weight_bytes``:
   4-bit codes + per-block absmax (+ their own constants with double quantization) + code table; int8 codes
   + one scale per row), output head and embeddings excluded (never quantized);
 - in a fresh subprocess per base: resident memory of the ready model (RSS after building, quantizing and
@@ -54,7 +54,7 @@ def build(mode: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.core.quantized import PRESETS, weight_bytes
+    from lorakit.variants.quantized import PRESETS, weight_bytes
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))

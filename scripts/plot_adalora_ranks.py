@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from lorakit.core.adalora import budget_schedule
+from lorakit.variants.adalora import budget_schedule
 
 # module path after "layer.<i>." -> column label (BERT-style encoders)
 SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",

@@ -7,7 +7,7 @@
     lorakit.merge(model)                              # zero added latency
 """
 
-from .core.adalora import AdaLoraAllocator, AdaLoraConfig
+from . import variants
 from .core.checkpoint import load_adapter, lora_state_dict, save_adapter
 from .core.config import LoraConfig
 from .core.model import (
@@ -15,19 +15,20 @@ from .core.model import (
     adapter_config,
     adapter_names,
     add_lora,
-    combine_adapters,
     delete_adapter,
     disabled,
     merge,
-    per_row_adapters,
     set_adapter,
     trainable_parameters,
     unload,
     unmerge,
     use_adapter,
 )
-from .core.quantized import merge_errors, quantize
-from .core.variants import loraplus_param_groups
+from .ops.combine import combine_adapters
+from .ops.per_row import per_row_adapters
+from .variants import AdaLoraAllocator, AdaLoraConfig, loraplus_param_groups, merge_errors, quantize
+
+variants.register()  # DoRA, AdaLoRA, PiSSA/OLoRA/LoftQ, quantized bases join core's tables (idempotent)
 
 __version__ = "0.1.0"
 

@@ -139,10 +139,13 @@ def _check_hub(repo_id: str) -> None:
         raise ModelError(f"model {where}, and the hub cannot be asked ({reason})") from None
 
 
+HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")  # a saved head's output layer
+
+
 def num_labels_in(tensors: dict) -> int | None:
     """The number of classes of a saved classification head (``classifier`` / ``score``), if any."""
     for key, t in tensors.items():
-        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+        if key.endswith(HEAD_WEIGHTS):
             return t.shape[0]
     return None
 
@@ -150,7 +153,7 @@ def num_labels_in(tensors: dict) -> int | None:
 def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None, quantize: str | None = "auto"):
     """Base model (``model`` or the adapter's ``base_model_name_or_path``) + tokenizer + the adapter.
 
-    ``quantize``: the base's 4/8-bit form, a key of ``core.quantized.PRESETS`` (``"nf4"``, ``"fp4"``, ``"int8"``);
+    ``quantize``: the base's 4/8-bit form, a key of ``variants.quantized.PRESETS`` (``"nf4"``, ``"fp4"``, ``"int8"``);
     ``"auto"``: the one the adapter was trained on (QLoRA adapters record it; others: full precision);
     ``None`` / ``"none"``: full precision. Returns ``(model, tokenizer, task)``.
     """
@@ -175,14 +178,14 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None,
 
 
 def base_quantization_for(recorded: dict[str, str | None], quantize: str | None = "auto") -> str | None:
-    """The ``core.quantized.PRESETS`` key to quantize a base with after loading the adapters (``None``: full
+    """The ``variants.quantized.PRESETS`` key to quantize a base with after loading the adapters (``None``: full
     precision), checked before anything loads.
 
     ``recorded``: adapter path -> the ``"quantization"`` its metadata records (QLoRA adapters do). ``quantize``:
     a preset; ``"auto"``: the recorded one (the adapters must agree; none recorded: full precision);
     ``None`` / ``"none"``: full precision.
     """
-    from .core.quantized import EXTRA_HINT, PRESETS
+    from .variants.quantized import EXTRA_HINT, PRESETS
 
     if quantize not in (*PRESETS, "auto", "none", None):
         raise ValueError(f"quantize must be one of {sorted(PRESETS)}, 'auto' or 'none', got {quantize!r}")
@@ -206,6 +209,6 @@ def quantize_base(model: nn.Module, preset: str | None) -> None:
     """After the adapters are loaded, as ``lorakit train --quantize`` did it (LoftQ adapters refit on the
     full-precision weights, then get the same codes)."""
     if preset is not None:
-        from .core.quantized import PRESETS, quantize
+        from .variants.quantized import PRESETS, quantize
 
         quantize(model, **PRESETS[preset])

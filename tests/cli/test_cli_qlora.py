@@ -16,7 +16,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cls_data, tmp_path, capsys,  # noqa: F811
                                                                      monkeypatch):
-    seen, real = [], lorakit.core.quantized.quantize
+    seen, real = [], lorakit.variants.quantized.quantize
 
     def spy(model, **kwargs):
         seen.append(kwargs)
@@ -25,7 +25,7 @@ def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cl
         return result
 
     monkeypatch.setattr(lorakit, "quantize", spy)  # train's
-    monkeypatch.setattr(lorakit.core.quantized, "quantize", spy)  # eval's
+    monkeypatch.setattr(lorakit.variants.quantized, "quantize", spy)  # eval's
     out = tmp_path / "run"
     assert main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out),
                  "--quantize", "nf4", *FAST]) == 0

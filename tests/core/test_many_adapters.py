@@ -12,7 +12,7 @@ from torch import nn
 
 import lorakit
 from lorakit.core.layers import LoraLayer
-from lorakit.core.model import _wrappers
+from lorakit.core.model import wrappers
 from lorakit.core.saved import SavedModule
 from lorakit.core.targets import outside_adapters
 from tests.conftest import MLP
@@ -84,7 +84,7 @@ def test_outside_adapters_is_named_modules_less_the_adapters_insides():
     inside = _inside_adapters(model)
     expected = [(p, m) for p, m in model.named_modules() if id(m) not in inside]
     assert [(p, id(m)) for p, m in outside_adapters(model)] == [(p, id(m)) for p, m in expected]
-    layers, saved = _wrappers(model)
+    layers, saved = wrappers(model)
     assert layers == [model.fc1, model.fc2] and saved == [model.head]
 
 

@@ -21,7 +21,7 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import LoraLayer
 from lorakit.core.model import lora_layers
-from lorakit.ops.per_row import GatheredUpdate, LoopUpdate, loop_update, make_row_update
+from lorakit.ops.per_row import LoopUpdate, RowPlan, StackedWeights, loop_update, make_row_update
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -104,7 +104,7 @@ def test_row_update_matches_loop_reference(kind, grad):
     model, x = make_case(kind)
     layer = layer_of(model)
     update = make_row_update(layer, NAMES)
-    assert isinstance(update, LoopUpdate if kind == "conv2d" else GatheredUpdate)
+    assert isinstance(update, LoopUpdate if kind == "conv2d" else RowPlan)
     with torch.set_grad_enabled(grad):
         got, want = update(x), loop_update(layer, x, NAMES)
         assert_close(got, want, torch.float32, kind)
@@ -119,7 +119,7 @@ def test_shared_and_base_only_rows(kind):
     layer = layer_of(model)
     shared = ["b"] * len(NAMES)
     update = make_row_update(layer, shared)
-    assert isinstance(update, GatheredUpdate) and update.shared
+    assert isinstance(update, RowPlan) and isinstance(update.weights, StackedWeights) and update.shared
     assert_close(update(x), loop_update(layer, x, shared), torch.float32, kind)
     base_only = [None] * len(NAMES)
     assert float(loop_update(layer, x, base_only).abs().max()) == 0.0
@@ -184,7 +184,7 @@ def test_per_row_no_grad_reuses_weights_across_calls(kind):
     with torch.inference_mode(), lorakit.per_row_adapters(model, NAMES):
         first, second = model(x), model(x)
         plan = layer_of(model).row_plan
-        assert plan._cached is not None
+        assert plan.weights.cached is not None
     assert_close(first, want.detach(), torch.float32, kind)
     assert torch.equal(first, second)
     assert layer_of(model).row_plan is None  # the context restored the layer

@@ -13,8 +13,8 @@ import torch
 
 import lorakit
 from lorakit.core.model import lora_layers
-from lorakit.ops.per_row import loop_update
-from lorakit.ops.pool import AdapterPool, PooledUpdate
+from lorakit.ops.per_row import RowPlan, loop_update
+from lorakit.ops.pool import AdapterPool, PoolWeights
 from tests.conftest import llama, randomize_lora
 from tests.ops.test_per_row import KINDS, NAMES, assert_close, layer_of, make_case, reference_rows
 
@@ -30,13 +30,14 @@ def test_pool_matches_loop_reference(kind):
     with torch.no_grad(), pool.rows(NAMES):
         got = model(x)
         if kind != "conv2d":
-            assert isinstance(layer.row_plan, PooledUpdate)
+            assert isinstance(layer.row_plan, RowPlan) and isinstance(layer.row_plan.weights, PoolWeights)
     want, _ = reference_rows(model, x, NAMES, 1.0)
     assert_close(got, want.detach(), torch.float32, kind)
     assert layer.row_plan is None
     if kind != "conv2d":  # the layer's update alone against the one-layer oracle
         with torch.no_grad():
-            plan = PooledUpdate(pool.stacks[layer], pool.index(NAMES), None)
+            index = pool.index(NAMES)
+            plan = RowPlan(PoolWeights(pool.stacks[layer], index, None), index, False, kind == "embedding")
             assert_close(plan(x), loop_update(layer, x, NAMES), torch.float32, f"{kind} layer")
 
 
@@ -48,7 +49,7 @@ def test_pool_shared_rows_and_base_rows(kind):
     pool.add("b")
     shared = ["b"] * len(NAMES)
     with torch.no_grad(), pool.rows(shared):
-        assert layer_of(model).row_plan.shared_slot == pool.slot_of["b"]
+        assert layer_of(model).row_plan.weights.shared_slot == pool.slot_of["b"]
         got = model(x)
     with torch.no_grad(), lorakit.use_adapter(model, "b"):
         want = model(x)

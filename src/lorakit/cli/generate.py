@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.checkpoint import load_adapter, read_adapter
     from ..core.config import LORAKIT_KEY
-    from ..core.model import per_row_adapters
     from ..models import base_quantization_for, load_model, load_tokenizer, quantize_base
+    from ..ops.per_row import per_row_adapters
     from ..train.evaluate import generate_texts
 
     adapters = _parse_adapters(args.adapter)

@@ -188,7 +188,7 @@ def _check_writable(path: Path, option: str, shown: Path | None = None) -> None:
 # ----- options several subcommands share ----------------------------------------------------------------------
 def add_base_quantize(p: argparse.ArgumentParser, default: str = "the one the adapter was trained on") -> None:
     """``--quantize`` for the commands that load a base under trained adapters (eval, generate, serve)."""
-    from ..core.quantized import PRESETS
+    from ..variants.quantized import PRESETS
 
     p.add_argument("--quantize", choices=[*sorted(PRESETS), "none"],
                    help=f"the base's 4/8-bit form (bitsandbytes); default: {default} (QLoRA adapters record it), "

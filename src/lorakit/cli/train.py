@@ -13,12 +13,12 @@ import types
 import typing
 from pathlib import Path
 
-from ..core.adalora import AdaLoraConfig
 from ..core.config import LoraConfig
-from ..core.quantized import PRESETS
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
 from ..train.state import write_text_atomic
+from ..variants.adalora import AdaLoraConfig
+from ..variants.quantized import PRESETS
 from .options import (
     UsageError,
     check_output_dir,
@@ -263,7 +263,7 @@ def _train(args: argparse.Namespace, say) -> int:
 
     from .. import add_lora, quantize, save_adapter, trainable_parameters
     from ..models import default_model_path, load_model, load_tokenizer
-    from ..train.data import collate, default_data_dir, resolve_splits
+    from ..train.data import collate, default_data_dir, label_names_in, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
     from ..train.loop import batches_per_epoch, train
     from ..train.tasks import load_task_data
@@ -278,6 +278,9 @@ def _train(args: argparse.Namespace, say) -> int:
         raise FileNotFoundError(f"--data {args.data}: no train file found")
     tokenizer = load_tokenizer(model_path)
     kw = {"max_length": args.max_length}
+    names = label_names_in(args.data or default_data_dir()) if args.task == "classification" else None
+    if names:  # the data folder's labels.txt: integer labels index into it
+        kw["label_names"] = names
     train_data = load_task_data(splits["train"], args.task, tokenizer, **kw)
     if args.task == "classification":
         kw["label_names"] = train_data.label_names
@@ -359,8 +362,8 @@ def _adalora_rank(args: argparse.Namespace) -> int:
 
 def _allocator(model, args: argparse.Namespace, n_examples: int, train_cfg: TrainConfig):
     """AdaLoRA's rank allocator over the whole run (its steps counted as the loop counts them)."""
-    from ..core.adalora import AdaLoraAllocator
     from ..train.loop import total_steps
+    from ..variants.adalora import AdaLoraAllocator
 
     if train_cfg.fsdp:
         raise ValueError("--method adalora does not support --fsdp (the allocator reads whole P, Λ, Q); use DDP")

@@ -26,15 +26,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .adalora import SVDAdapter, peft_adalora_to_lora, svd_adapters
 from .config import LORAKIT_KEY, LoraConfig, short_repr
-from .layers import LoraEmbedding, LoraLayer, SlicedAdapter
+from .layers import LoraLayer, changed_base, plain_lora_pair
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
-from .quantized import PRESETS, base_quantization
 from .saved import SavedModule
+from .tables import INITIALIZERS, PEFT_TYPES, QUANTIZATIONS, parse_init
 from .targets import find_targets
 from .tensor_file import save_tensors
-from .variants import changed_base, plain_lora_pair
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,14 +50,7 @@ def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False
         A, B = plain_lora_pair(adapter)
         return {f"{path}.lora_A.weight": A.reshape(-1, *adapter.lora_A.weight.shape[1:]),
                 f"{path}.lora_B.weight": B.reshape(B.shape[0], -1, *adapter.lora_B.weight.shape[2:]), **extra}
-    if isinstance(layer, LoraEmbedding):
-        return {f"{path}.lora_embedding_A": adapter.lora_A.weight.T, f"{path}.lora_embedding_B": adapter.lora_B.weight,
-                **extra}
-    if isinstance(adapter, SlicedAdapter | SVDAdapter):  # written as the equivalent plain LoRA
-        A, B = adapter.plain_pair()
-    else:
-        A, B = adapter.lora_A.weight, adapter.lora_B.weight
-    return {f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B, **extra}
+    return {f"{path}.{k}": v for k, v in layer.file_tensors(adapter).items()}  # the layer and adapter say how
 
 
 def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora: bool = False) -> dict[str, Tensor]:
@@ -130,25 +121,17 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
         getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
     )
     d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
-    if svd_adapters(model, adapter):
-        d["rank_pattern"], d["alpha_pattern"] = {}, {}  # every saved AdaLoRA layer gets its own entry below
-    for p, m in model.named_modules():
-        adapter_obj = m.adapters[adapter] if isinstance(m, LoraLayer) and adapter in m.adapters else None
-        if isinstance(adapter_obj, SlicedAdapter):  # exported as plain LoRA of rank n_on * r, same scaling
-            n_on = len(adapter_obj.on_slices)
-            d["rank_pattern"] = {**d["rank_pattern"], p: n_on * config.rank_for(p)}
-            factor = math.sqrt(n_on) if config.use_rslora else n_on
-            d["alpha_pattern"] = {**d["alpha_pattern"], p: config.alpha_for(p) * factor}
-        elif isinstance(adapter_obj, SVDAdapter):  # plain LoRA of the live rank, same scaling
-            live = adapter_obj.plain_pair()[0].shape[0]
-            d["rank_pattern"] = {**d["rank_pattern"], p: live}
-            d["alpha_pattern"] = {**d["alpha_pattern"], p: adapter_obj.scaling * (math.sqrt(live) if config.use_rslora
-                                                                                  else live)}
+    for p in paths:  # an adapter exported as another pair (fused slices, AdaLoRA) names its rank and alpha
+        pattern = model.get_submodule(p).adapters[adapter].export_pattern(config.alpha_for(p))
+        if pattern is not None:
+            d["rank_pattern"] = {**d["rank_pattern"], p: pattern[0]}
+            d["alpha_pattern"] = {**d["alpha_pattern"], p: pattern[1]}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
-    if quantization := base_quantization([model.get_submodule(p) for p in paths]):
-        meta["quantization"] = quantization  # the 4/8-bit base it was trained on (QLoRA)
+    quantized = {q for p in paths if (q := model.get_submodule(p).quantization()) is not None}
+    if len(quantized) == 1 and quantized <= QUANTIZATIONS:
+        meta["quantization"] = quantized.pop()  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
     return d, meta
@@ -158,11 +141,13 @@ def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> 
     """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
     scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
     dropped (it was taken on the replaced base)."""
-    if peft.get("init_lora_weights") == "loftq":
-        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by LoftQ, whose base is the quantized "
-                         "weight (not the original minus a low-rank part): no plain LoRA for the original base equals it")
     held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     changed = [changed_base(a) for a in held]
+    init = held[0].config.init
+    if not any(changed) and INITIALIZERS[parse_init(init)[0]].changes_base:  # changed for good (kept no A0, B0)
+        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by {init!r}, whose base is not the "
+                         "original minus a low-rank part (LoftQ's is the quantized weight): no plain LoRA for the "
+                         "original base equals it")
     if not any(changed):
         return peft, meta
     if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
@@ -261,9 +246,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         raise CheckpointError(f"{config_file}: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
-    adalora = raw.get("peft_type") == "ADALORA"  # read as the exactly equivalent plain LoRA, from its tensors
+    peft_type = raw.get("peft_type")  # another type (AdaLoRA) is read as the exactly equivalent plain LoRA
+    convert = PEFT_TYPES.get(peft_type) if isinstance(peft_type, str) else None
     try:
-        config = None if adalora else LoraConfig.from_peft_dict(raw)
+        config = None if convert else LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
     except RecursionError:
@@ -274,9 +260,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file: {_one_line(e)}") from None
-    if adalora:
+    if convert:
         try:
-            raw, tensors = peft_adalora_to_lora(raw, tensors)
+            raw, tensors = convert(raw, tensors)
             config = LoraConfig.from_peft_dict(raw)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
@@ -330,7 +316,7 @@ _METADATA = {
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
     "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
                                                        for k, x in v.items()),
-    "quantization": lambda v: isinstance(v, str) and v in PRESETS,  # a QLoRA adapter's base: a key of core.quantized.PRESETS
+    "quantization": lambda v: isinstance(v, str) and v in QUANTIZATIONS,  # a QLoRA adapter's base (core.tables)
 }
 
 
@@ -373,6 +359,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    _fit_heads(model, copies, tensors)
     targets = _load_targets(model, config, planned, copies)
     optional = {k for k in targets if k.endswith(".base_layer.weight")}
     missing = sorted(set(targets) - set(tensors) - optional)
@@ -417,6 +404,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     return name
 
 
+def _fit_heads(model: nn.Module, copies: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
+    """An adapter's own classification head may have its own number of classes: in its ``modules_to_save``
+    copies (new, not attached yet), a ``Linear`` with the model's ``num_labels`` outputs takes the number of
+    rows the file gives it (same inputs), so adapters of 2 and 3 classes and a regression head (1) share a base.
+    Any other shape difference is left for the shape check to refuse."""
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    for path, copy in copies.items():
+        for sub_name, sub in copy.named_modules():
+            if not isinstance(sub, nn.Linear) or sub.out_features != classes:
+                continue
+            found = tensors.get(f"{PREFIX}{path}{'.' if sub_name else ''}{sub_name}.weight")
+            if found is None or found.dim() != 2 or found.shape[1] != sub.in_features or found.shape[0] == classes:
+                continue
+            rows = found.shape[0]
+            sub.weight = nn.Parameter(sub.weight.new_empty(rows, sub.in_features), sub.weight.requires_grad)
+            if sub.bias is not None:
+                sub.bias = nn.Parameter(sub.bias.new_empty(rows), sub.bias.requires_grad)
+            sub.out_features = rows
+
+
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:
     """Each target has an A in the file (whose rank :func:`check_adapter_tensors` compared with the config's):
     checked before any adapter is allocated (a config saying ``r: 1000000000000`` must not allocate terabytes
@@ -431,17 +438,8 @@ def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, boo
     """PEFT key -> (tensor to fill, whether the file stores it transposed)."""
     targets: dict[str, tuple[Tensor, bool]] = {}
     for p in planned:
-        adapter = p.adapter
-        if isinstance(p.layer, LoraEmbedding):
-            targets[f"{PREFIX}{p.path}.lora_embedding_A"] = (adapter.lora_A.weight.data, True)
-            targets[f"{PREFIX}{p.path}.lora_embedding_B"] = (adapter.lora_B.weight.data, False)
-            # PEFT's save_embedding_layers also stores the (possibly resized) base table: optional
-            targets[f"{PREFIX}{p.path}.base_layer.weight"] = (p.layer.base_layer.weight.data, False)
-        else:
-            targets[f"{PREFIX}{p.path}.lora_A.weight"] = (adapter.lora_A.weight.data, False)
-            targets[f"{PREFIX}{p.path}.lora_B.weight"] = (adapter.lora_B.weight.data, False)
-        for suffix, tensor in adapter.extra_tensors().items():
-            targets[f"{PREFIX}{p.path}.{suffix}"] = (tensor.data, False)
+        for suffix, slot in p.layer.file_slots(p.adapter).items():
+            targets[f"{PREFIX}{p.path}.{suffix}"] = slot
         bias = getattr(p.layer.base_layer, "bias", None)
         if config.bias == "lora_only" and bias is not None:
             targets[f"{PREFIX}{p.path}.base_layer.bias"] = (bias.data, False)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import torch
 
+from .tables import INITIALIZERS, parse_init
+
 Bias = Literal["none", "all", "lora_only"]
 
 # Every key of PEFT's ``adapter_config.json`` (the fields of ``peft.LoraConfig``), classified, one line each:
@@ -65,12 +67,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
-# Initialisations, one line each: lorakit's ``init`` name -> PEFT's ``init_lora_weights`` value. Loading maps
-# PEFT's value back (and ``False``, PEFT's "no init", to kaiming: the weights come from the file anyway).
-INITS: dict[str, bool | str] = {
-    "kaiming": True,
-    "gaussian": "gaussian",
-}
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -95,8 +91,8 @@ class LoraConfig:
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
             paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
             ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"`` (QLoRA, see
-            :func:`lorakit.core.quantized.loftq_init`): A and B from the base weight, which is replaced by the
-            residual (see :mod:`lorakit.core.variants`; ``save_adapter(..., convert_to_lora=True)`` writes
+            :func:`lorakit.variants.inits.loftq_init`): A and B from the base weight, which is replaced by the
+            residual (see :mod:`lorakit.variants.inits`; ``save_adapter(..., convert_to_lora=True)`` writes
             the equivalent plain LoRA for the original base). ``from_peft_dict`` maps PEFT's
             ``init_lora_weights`` values (``True`` is ``"kaiming"``).
         use_dora: DoRA (arXiv 2402.09353): a learned magnitude per output feature times the normalised
@@ -150,9 +146,7 @@ class LoraConfig:
             f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
         )
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
-        from .variants import parse_init  # variants builds on layers, which import this module
-
-        parse_init(self.init)  # INITS' names, pissa, pissa_niter_<K>, olora (core.variants.INITIALIZERS)
+        parse_init(self.init)  # a name in core.tables.INITIALIZERS, or <name>_<K> for a counted one
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
         _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
         for name in ("target_modules", "exclude_modules"):
@@ -224,10 +218,9 @@ class LoraConfig:
         for key, (kind, name) in PEFT_KEYS.items():
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
-        d["init_lora_weights"] = INITS.get(self.init, self.init)  # pissa, olora...: PEFT's own names
-        if self.init.startswith("loftq"):  # PEFT's spelling: "loftq" + loftq_config (lorakit's is NF4)
-            d["init_lora_weights"] = "loftq"
-            d["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(self.init.partition("_")[2] or 1)}
+        name, arg = parse_init(self.init)
+        to_peft = INITIALIZERS[name].to_peft
+        d.update(to_peft(arg) if to_peft is not None else {"init_lora_weights": self.init})  # pissa...: PEFT's names
         return d
 
     @classmethod
@@ -250,16 +243,10 @@ class LoraConfig:
         init = kwargs.get("init", True)
         if not isinstance(init, bool | str):
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit")
-        from_peft = {value: name for name, value in INITS.items() if isinstance(value, str)}
-        init = "kaiming" if isinstance(init, bool) else from_peft.get(init, init)  # False: weights from the file
-        if init == "loftq":  # PEFT's LoftQ recipe lives in loftq_config
-            loftq = d.get("loftq_config") or {}
-            bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
-            if type(bits) is not int or bits != 4:
-                raise ValueError(f"loftq_bits={short_repr(bits)}: lorakit's LoftQ is 4-bit")
-            init = f"loftq_{iters}" if iters != 1 else "loftq"
-        from .variants import parse_init
-
+        init = "kaiming" if isinstance(init, bool) else init  # False: PEFT's "no init", the weights come from the file
+        entry = INITIALIZERS.get(init)
+        if entry is not None and entry.from_peft is not None:  # PEFT's recipe in other keys (loftq_config)
+            init = entry.from_peft(d)
         try:
             parse_init(init)
         except ValueError:

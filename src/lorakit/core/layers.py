@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import LoraConfig
+from .tables import INITIALIZERS, LAYER_TYPES, VARIANTS, parse_init
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -28,8 +29,9 @@ def _hooked(module: nn.Module) -> bool:
 class Adapter(nn.Module):
     """One adapter on one layer: ``lora_A``, ``lora_B``, dropout and scaling together.
 
-    The methods below the forward are the variant seam (contract in :mod:`lorakit.core.variants`): a
-    variant (DoRA, ...) is a subclass that overrides them, so :class:`LoraLayer` never asks which one it holds.
+    The methods below the forward are the variant seam (contract in :mod:`lorakit.variants`): a variant
+    (DoRA, ...) is a subclass that overrides them, so :class:`LoraLayer`, checkpoints and the per-row path
+    never ask which one they hold.
     """
 
     #: the layer output is ``base(x) + B·A·x·scaling`` with (A, B) from :meth:`plain_pair`: per-row stacking,
@@ -93,6 +95,16 @@ class Adapter(nn.Module):
         loaded by copy after a shape check)."""
         return {}
 
+    def export_tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint holds for this adapter: key suffix after the module path -> tensor, in PEFT's
+        layout. A variant whose own weights are not PEFT's ``lora_A``/``lora_B`` writes its :meth:`plain_pair`."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight, **self.extra_tensors()}
+
+    def export_pattern(self, alpha: float) -> tuple[int, float] | None:
+        """``(rank, alpha)`` of the exported pair for ``rank_pattern`` / ``alpha_pattern`` when they are not
+        the config's (``alpha``: the config's for this module); None: they are."""
+        return None
+
     def delta_matrix(self) -> Tensor:
         """``B @ A * scaling`` as a ``(d, k)`` fp32 matrix."""
         A, B = self.plain_pair()
@@ -143,6 +155,14 @@ class SlicedAdapter(Adapter):
         out = out.index_copy(-2, self.on_slices, b)  # enabled slices get their update, others stay zero
         return out.flatten(-2) * self.scaling
 
+    def export_tensors(self) -> dict[str, Tensor]:  # the equivalent plain LoRA of rank n_on * r
+        A, B = self.plain_pair()
+        return {"lora_A.weight": A, "lora_B.weight": B, **self.extra_tensors()}
+
+    def export_pattern(self, alpha: float) -> tuple[int, float]:  # same scaling at rank n_on * r
+        n_on = len(self.on_slices)
+        return n_on * self.rank, alpha * (math.sqrt(n_on) if self.config.use_rslora else n_on)
+
     def plain_pair(self) -> tuple[Tensor, Tensor]:
         """A: ``(n_on*r, k)``; B: ``(d, n_on*r)`` block-structured, zero outside enabled slices."""
         r, ds = self.rank, self.d_slice
@@ -165,7 +185,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_plan = None  # set by per_row_adapters(): callable x -> per-row LoRA update
         # outputs of these base types are fresh tensors: the update may be added into them in place
-        self.fresh_output = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer) is _conv1d_type()
+        self.fresh_output = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer) is conv1d_type()
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -212,30 +232,56 @@ class LoraLayer(nn.Module):
         """A per-output-feature vector ``(d,)`` shaped to broadcast against the layer's output."""
         return v
 
+    def quantization(self) -> str | None:
+        """The name of the base's quantization (a QLoRA base), None for a full-precision one."""
+        return None
+
+    # ----- checkpoint layout (PEFT's keys after the module path) -------------------------------------------
+    def file_tensors(self, adapter: Adapter) -> dict[str, Tensor]:
+        """Key suffix -> tensor written for ``adapter`` (the adapter says what it exports)."""
+        return adapter.export_tensors()
+
+    def file_slots(self, adapter: Adapter) -> dict[str, tuple[Tensor, bool]]:
+        """Key suffix -> (tensor a load fills, whether the file holds it transposed); suffixes under
+        ``base_layer.`` are optional in a file."""
+        slots = {"lora_A.weight": (adapter.lora_A.weight.data, False), "lora_B.weight": (adapter.lora_B.weight.data, False)}
+        return slots | {k: (t.data, False) for k, t in adapter.extra_tensors().items()}
+
     # ----- building adapters ------------------------------------------------------------------------------
     def new_adapter(self, config: LoraConfig, module_name: str) -> Adapter:
         """Build one adapter for this layer without attaching it: the layer type's A/B pair
         (:meth:`make_adapter`), initialised by ``config.init`` (an initialiser may stage a new base weight
-        on the adapter, written by :meth:`attach`), then wrapped by the config's variant (DoRA, ...)."""
-        from .variants import initialize, wrap_variant  # variants imports this module
-
+        on the adapter, written by :meth:`attach`), then wrapped by the first variant in
+        :data:`~lorakit.core.tables.VARIANTS` that wants the config (DoRA, ...)."""
         adapter = self.make_adapter(config.rank_for(module_name), config.scaling(module_name), config, module_name)
-        initialize(self, adapter, config.init)
-        return wrap_variant(self, adapter, config)
+        if not adapter.lora_A.weight.is_meta:
+            name, arg = parse_init(config.init)
+            with torch.no_grad():
+                change = INITIALIZERS[name].fn(self, adapter, arg)
+            if change is not None:
+                adapter.base_change = change  # written by attach
+        wrap = next((v for v in VARIANTS if v.wanted(config)), None)
+        return adapter if wrap is None else wrap.wrap(self, adapter)
 
     def attach(self, name: str, adapter: Adapter) -> None:
-        """Hold ``adapter`` as ``name``; a base weight its initialiser staged (PiSSA, OLoRA...) is written now."""
-        from .variants import commit_base
-
-        commit_base(self, adapter)
+        """Hold ``adapter`` as ``name``; a base weight its initialiser staged (PiSSA, OLoRA...) is written now,
+        and ``(A0, B0)`` kept on the adapter (non-persistent buffers) for :meth:`release` and conversion."""
+        change = adapter.__dict__.pop("base_change", None)
+        if change is not None:
+            self.write_base(change.new_base)
+            if change.A0 is not None:  # None: a change for good, nothing to restore or convert
+                adapter.register_buffer("init_A", change.A0, persistent=False)
+                adapter.register_buffer("init_B", change.B0, persistent=False)
         self.adapters[name] = adapter
 
     def release(self, name: str) -> Adapter:
-        """Remove adapter ``name`` (unmerged); a base weight its initialiser replaced is restored."""
-        from .variants import restore_base
-
+        """Remove adapter ``name`` (unmerged); a base weight its initialiser replaced gets
+        ``scaling * B0 @ A0`` back."""
         adapter = self.adapters[name]
-        restore_base(self, adapter)
+        if changed_base(adapter):
+            weight = self.base_weight().float()
+            back = self.to_base_layout(adapter.scaling * (adapter.init_B.float() @ adapter.init_A.float()))
+            self.write_base(weight + back.to(weight.device))
         del self.adapters[name]
         return adapter
 
@@ -319,6 +365,17 @@ class LoraEmbedding(LoraLayer):
         B = nn.Linear(r, base.embedding_dim, bias=False, **kw)
         return Adapter(A, B, 0.0, scaling, config)  # no dropout on token ids
 
+    def file_tensors(self, adapter):  # PEFT's embedding keys: A stored (r, num)
+        extra = adapter.extra_tensors()
+        return {"lora_embedding_A": adapter.lora_A.weight.T, "lora_embedding_B": adapter.lora_B.weight, **extra}
+
+    def file_slots(self, adapter):
+        slots = {"lora_embedding_A": (adapter.lora_A.weight.data, True),
+                 "lora_embedding_B": (adapter.lora_B.weight.data, False),
+                 # PEFT's save_embedding_layers also stores the (possibly resized) base table: optional
+                 "base_layer.weight": (self.base_layer.weight.data, False)}
+        return slots | {k: (t.data, False) for k, t in adapter.extra_tensors().items()}
+
     def init_adapter(self, adapter, init):
         if not adapter.lora_A.weight.is_meta:
             with torch.no_grad():
@@ -358,27 +415,28 @@ class LoraConv(LoraLayer):
         return v.view(-1, *[1] * (self.base_layer.weight.dim() - 2))  # channels: dim -(spatial dims + 1)
 
 
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
     """transformers' GPT-2 ``Conv1D``, if transformers is already imported (never imported here)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
 
 
 def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
-    """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable)."""
+    """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable). Registered layer
+    types (:data:`~lorakit.core.tables.LAYER_TYPES`: quantized bases, which subclass ``nn.Linear``) first."""
     if isinstance(module, LoraLayer):
         return None
-    from .quantized import LoraQuantLinear, quantized_base_types  # bitsandbytes' layers subclass nn.Linear
-
+    for fits in LAYER_TYPES:
+        if (lora_type := fits(module)) is not None:
+            return lora_type
     table: list[tuple[type, type[LoraLayer]]] = [
-        *((t, LoraQuantLinear) for t in quantized_base_types()),
         (nn.Linear, LoraLinear),
         (nn.Embedding, LoraEmbedding),
         (nn.Conv1d, LoraConv),
         (nn.Conv2d, LoraConv),
         (nn.Conv3d, LoraConv),
     ]
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     if conv1d is not None:
         table.append((conv1d, LoraLinear))
     for base_type, lora_type in table:
@@ -401,3 +459,22 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
+
+
+def changed_base(adapter: Adapter) -> bool:
+    """Whether ``adapter``'s initialiser replaced its layer's base weight (it holds ``init_A``/``init_B``)."""
+    return "init_A" in adapter._buffers  # not hasattr: a miss goes through nn.Module.__getattr__ (slow)
+
+
+def plain_lora_pair(adapter: Adapter) -> tuple[Tensor, Tensor]:
+    """The plain LoRA pair, for the **original** base, equivalent to ``adapter`` on its layer's base.
+
+    Unchanged base: ``plain_pair()``. Changed base (``original = new + s·B0·A0``):
+    ``new + s·B·A = original + s·(B·A - B0·A0) = original + s·[B, -B0]·[A; A0]`` (rank 2r, same scaling).
+    """
+    if not adapter.additive:
+        raise ValueError(f"a {type(adapter).__name__} is not a plain LoRA update and cannot be converted")
+    A, B = adapter.plain_pair()
+    if not changed_base(adapter):
+        return A, B
+    return torch.cat([A, adapter.init_A.to(A.dtype)]), torch.cat([B, -adapter.init_B.to(B.dtype)], dim=1)

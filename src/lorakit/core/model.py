@@ -1,4 +1,4 @@
-"""LoRA over a whole model: add, freeze, switch, merge, unload, combine, per-row adapters.
+"""LoRA over a whole model: add, freeze, switch, merge, unload.
 
 Every function takes an ordinary ``nn.Module`` and changes it in place; there is no wrapper model.
 The adapter name is the only handle: each wrapped layer keeps its adapters in one ``ModuleDict``.
@@ -6,43 +6,40 @@ The adapter name is the only handle: each wrapped layer keeps its adapters in on
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..ops.per_row import make_row_update
 from .config import LoraConfig, check_scaling, module_matches
-from .layers import Adapter, LoraLayer, lora_layer_type
-from .quantized import keep_trainable_layout, weight_count
+from .layers import Adapter, LoraLayer, changed_base, lora_layer_type
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
+from .tables import INITIALIZERS, ON_ATTACH, parse_init
 from .targets import find_modules_to_save, find_targets, outside_adapters
-from .variants import check_base_kept, check_rows
 
 
 # ----- injection -----------------------------------------------------------------------------------------
 @dataclass
-class _Planned:
+class Planned:
     path: str
     layer: LoraLayer  # an existing wrapper, or a new one not yet placed in the model
     adapter: Adapter
     new_layer: bool
 
 
-def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[_Planned], dict[str, nn.Module]]:
+def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[Planned], dict[str, nn.Module]]:
     """Build adapter ``name`` for ``model`` without touching the model.
 
     Returns the planned layers and the new ``modules_to_save`` copies (path -> module). Nothing is
     attached until :func:`commit_adapter`, so a caller can fill and validate weights first. Every check
     that :func:`commit_adapter` would need is made here.
     """
-    _check_new_adapter(model, name, config)
+    check_new_adapter(model, name, config)
     planned = []
     for path in find_targets(model, config):
         module = model.get_submodule(path)
@@ -50,7 +47,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         layer = lora_layer_type(module)(module) if new_layer else module
         adapter = layer.new_adapter(config, path)
         check_scaling(config, adapter.dtype, path)  # a scaling over fp16's max overflows in every forward
-        planned.append(_Planned(path, layer, adapter, new_layer))
+        planned.append(Planned(path, layer, adapter, new_layer))
     stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
     if stray:  # a typo would otherwise adapt every slice of the fused projection
         raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
@@ -77,7 +74,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     return planned, copies
 
 
-def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
+def check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     """What every new adapter (added, loaded or combined) must satisfy; raises before anything changes."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -85,7 +82,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     _check_no_context(model, f"add adapter {name!r}")
-    merged = _merged_names(model)
+    merged = merged_names(model)
     if merged:
         raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) before adding {name!r}")
     # The base biases are shared by every adapter: an adapter that trains them would change the others'
@@ -100,7 +97,7 @@ def _check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     check_base_kept(model, f"adding adapter {name!r}", config)  # PiSSA & co. replace shared base weights
 
 
-def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies: dict[str, nn.Module],
+def commit_adapter(model: nn.Module, name: str, planned: list[Planned], copies: dict[str, nn.Module],
                    activate: bool = True) -> None:
     """Attach a planned adapter (``activate``: make it active and the one that trains).
 
@@ -123,7 +120,8 @@ def commit_adapter(model: nn.Module, name: str, planned: list[_Planned], copies:
     if activate:
         set_adapter(model, name)
     guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
-    keep_trainable_layout(model)  # 4-bit layers repacked for CPU inference have no backward
+    for hook in ON_ATTACH:  # e.g. 4-bit layers repacked for CPU inference get a layout with a backward
+        hook(model)
 
 
 def _follow_mode(wrapper: nn.Module, inner: nn.Module) -> None:
@@ -188,14 +186,14 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
 def _check_no_context(model: nn.Module, action: str) -> None:
     """Changing adapters or weights inside ``disabled()`` / ``per_row_adapters()`` would run stale plans
     (new layers outside the context, merged weights under a per-row update): refused."""
-    layers, saved = _wrappers(model)
+    layers, saved = wrappers(model)
     if any(obj.disabled for obj in layers + saved):
         raise RuntimeError(f"cannot {action} inside disabled(); leave the context first")
     if any(layer.row_plan is not None for layer in layers) or any(m.row_names is not None for m in saved):
         raise RuntimeError(f"cannot {action} inside per_row_adapters(); leave the context first")
 
 
-def _merged_names(model: nn.Module) -> list[str]:
+def merged_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for layer in lora_layers(model) for n in layer.merged))
 
 
@@ -208,9 +206,6 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
     return (m for _, m in outside_adapters(model) if isinstance(m, LoraLayer))
 
-
-def _saved_modules(model: nn.Module) -> Iterator[SavedModule]:
-    return (m for _, m in outside_adapters(model) if isinstance(m, SavedModule))
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -243,6 +238,13 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(weight_count(p) for p in seen.values())
 
 
+def weight_count(p: torch.Tensor) -> int:
+    """How many weights a parameter holds: a packed 4-bit one (bitsandbytes' ``quant_state``) holds two or more
+    per stored element."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None and not p.dtype.is_floating_point else p.numel()
+
+
 def _unknown(model: nn.Module, adapter: str) -> KeyError:
     return KeyError(f"no adapter named {adapter!r}; the model has {adapter_names(model)}")
 
@@ -255,12 +257,12 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     trainable for ``name`` trains (its A and B, the biases its ``bias`` names, its ``modules_to_save``
     copies); every other parameter is frozen. With ``None`` nothing trains.
     """
-    layers, saved = _wrappers(model)
+    layers, saved = wrappers(model)
     if name is not None and not any(name in layer.adapters for layer in layers):
         raise _unknown(model, name)
     if name is None:
         check_base_kept(model, "set_adapter(model, None)")
-    merged = _merged_names(model)
+    merged = merged_names(model)
     if merged and name not in merged:
         raise RuntimeError(f"adapter {merged} is merged; unmerge(model) before switching to {name!r}")
     for layer in layers:
@@ -270,7 +272,7 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     _set_trainable(model, name)
 
 
-def _wrappers(model: nn.Module) -> tuple[list[LoraLayer], list[SavedModule]]:
+def wrappers(model: nn.Module) -> tuple[list[LoraLayer], list[SavedModule]]:
     """The LoRA layers and ``modules_to_save`` holders of ``model``, in one pass over its modules."""
     layers, saved = [], []
     for _, m in outside_adapters(model):
@@ -290,7 +292,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise _unknown(model, name)
-    if name in _merged_names(model):
+    if name in merged_names(model):
         raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) first")
     _check_no_context(model, f"delete adapter {name!r}")
     was_active = active_adapter(model) == name
@@ -313,7 +315,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _set_submodule(model, path, original)
     remaining = [n for n in names if n != name]
     if was_active and remaining:
-        merged = _merged_names(model)
+        merged = merged_names(model)
         new = next((n for n in remaining if n in merged), remaining[0])  # a merged adapter must stay active
         warnings.warn(f"deleted the active adapter {name!r}; {new!r} is active now", UserWarning, stacklevel=2)
         set_adapter(model, new)
@@ -322,7 +324,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextmanager
 def use_adapter(model: nn.Module, name: str | None):
     """Run with adapter ``name`` active; the previous choice (and what trains) is restored on exit."""
-    layers, saved = _wrappers(model)
+    layers, saved = wrappers(model)
     before = [(obj, obj.active) for obj in layers + saved]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     set_adapter(model, name)
@@ -344,8 +346,8 @@ def disabled(model: nn.Module):
     Biases trained with ``bias="all"``/``"lora_only"`` are the base layers' own and stay in effect:
     then the output is not the original base model's, and a warning says so.
     """
-    layers, saved = _wrappers(model)
-    if merged := _merged_names(model):
+    layers, saved = wrappers(model)
+    if merged := merged_names(model):
         raise RuntimeError(f"adapter {merged} is merged into the weights; unmerge(model) first")
     check_base_kept(model, "disabled(model)")
     for a in adapter_names(model):
@@ -366,43 +368,6 @@ def disabled(model: nn.Module):
             obj.disabled = state
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-@contextmanager
-def per_row_adapters(model: nn.Module, names: list[str | None]):
-    """Row ``i`` of the batch runs adapter ``names[i]`` (``None``: the base model), in one forward.
-
-    Linear-like and embedding layers use stacked adapter weights gathered per row (one batched matmul
-    pair per layer whatever the number of adapters); dropout is not applied. Inside :func:`disabled`
-    every row runs the base model. ``modules_to_save`` copies run on their rows along the batch's first
-    dimension, so they must return one tensor with the batch first: recurrent modules are refused.
-    """
-    names = list(names)
-    known = set(adapter_names(model))
-    unknown = sorted({n for n in names if n is not None and n not in known})
-    if unknown:
-        raise KeyError(f"per_row_adapters: no adapter named {unknown}; the model has {sorted(known)}")
-    layers, saved = _wrappers(model)
-    if _merged_names(model):
-        raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
-    for m in saved:
-        if isinstance(m.original, nn.RNNBase) and any(n in m.copies for n in names):
-            raise ValueError(f"per_row_adapters cannot split the rows of modules_to_save module "
-                             f"{type(m.original).__name__} (a recurrent module returns a tuple, batch not first)")
-    check_rows(model, layers, names)
-    plans = [make_row_update(layer, names) for layer in layers]
-    before = [(layer, layer.row_plan) for layer in layers], [(m, m.row_names) for m in saved]
-    for layer, plan in zip(layers, plans, strict=True):
-        layer.row_plan = plan
-    for m in saved:
-        m.row_names = names
-    try:
-        yield model
-    finally:  # nested contexts restore the outer rows
-        for layer, plan in before[0]:
-            layer.row_plan = plan
-        for m, row_names in before[1]:
-            m.row_names = row_names
 
 
 # ----- merge -------------------------------------------------------------------------------------------
@@ -469,92 +434,34 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-# ----- combining -----------------------------------------------------------------------------------------
-def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how: str = "linear",
-                     rank: int | None = None) -> None:
-    """Add adapter ``name`` built from existing adapters with per-adapter ``weights``.
+# ----- base weights an initialiser replaced (PiSSA, OLoRA...) ---------------------------------------------
+def base_owner(layers: Iterable[nn.Module]) -> str | None:
+    """The adapter whose initialiser replaced base weights among ``layers`` (a model's modules or its
+    LoRA layers), if any; there is at most one per model."""
+    for layer in layers:
+        if isinstance(layer, LoraLayer):
+            for name, adapter in layer.adapters.items():
+                if changed_base(adapter):
+                    return name
+    return None
 
-    With ``s_i`` each adapter's scaling and ``w_i`` its weight (the new adapter has scaling 1):
 
-    - ``"cat"``:    A = [A_1; A_2; ...], B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (rank = sum of ranks), so
-      ``B A = sum_i w_i s_i B_i A_i`` exactly.
-    - ``"linear"``: A = sum_i c_i A_i, B = sum_i sign(w_i) c_i B_i with ``c_i = sqrt(|w_i| s_i)`` (equal
-      ranks; PEFT's "linear": cross terms make it an approximation of the weighted sum).
-    - ``"svd"``:    the best rank-``rank`` approximation (truncated SVD) of ``sum_i w_i s_i B_i A_i``;
-      ``rank`` defaults to the largest input rank; exact when it covers the sum of ranks.
+def check_base_kept(model: nn.Module, doing: str, config: LoraConfig | None = None) -> None:
+    """Refuse ``doing`` when it would run base weights an initialiser replaced as if they were the original.
 
-    Everything is computed and checked before the model changes. A ``modules_to_save`` copy trained by
-    one of the adapters goes with the new adapter; two adapters that both train the same module cannot
-    be combined (a full module has no weighted sum), as in PEFT. The new adapter is not activated.
+    An adapter whose initialiser replaced base weights (PiSSA, OLoRA...) must be the only adapter on its
+    model: the base model (``disabled``, base rows), and any other adapter, would see the residual.
+    ``config``: the config of an adapter about to be added.
     """
-    if how not in ("linear", "cat", "svd"):
-        raise ValueError(f"how must be linear|cat|svd, got {how!r}")
-    if not isinstance(weights, dict) or not weights:
-        raise ValueError("combine_adapters needs at least one adapter weight")
-    for a, w in weights.items():
-        if a not in adapter_names(model):
-            raise _unknown(model, a)
-        if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
-            raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
-        raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
-    for layer in lora_layers(model):
-        for a in weights:
-            if a in layer.adapters and not layer.adapters[a].additive:
-                raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
-                                 "not a plain B·A update; only plain LoRA adapters combine")
-    configs = [adapter_config(model, a) for a in weights]
-    keep = list(dict.fromkeys(k for c in configs for k in c.modules_to_save or []))
-    config = configs[0].replace(use_rslora=False, slices={}, rank_pattern={}, alpha_pattern={}, bias="none",
-                                modules_to_save=keep or None, use_dora=False, init="kaiming")
-    _check_new_adapter(model, name, config)
-    planned = []
-    for path, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        parts = [(layer.adapters[a], w) for a, w in weights.items() if a in layer.adapters]
-        if not parts:
-            continue
-        try:
-            A, B = _combined_pair(parts, how, rank)
-        except ValueError as e:
-            raise ValueError(f"combine_adapters at {path}: {e}") from None
-        adapter = layer.make_adapter(A.shape[0], 1.0, config.replace(r=A.shape[0], alpha=float(A.shape[0])), path)
-        adapter.load_pair(A, B)
-        if not all(torch.isfinite(p).all() for p in adapter.parameters()):  # in the adapter's dtype
-            raise ValueError(f"combine_adapters: the combined adapter is not finite at {path} ({adapter.dtype})")
-        planned.append(_Planned(path, layer, adapter, new_layer=False))
-    copies = {}
-    for path, saved in model.named_modules():
-        if isinstance(saved, SavedModule):
-            owners = [a for a in weights if a in saved.copies]
-            if len(owners) > 1:
-                raise ValueError(f"combine_adapters: adapters {owners} both train modules_to_save {path!r}; "
-                                 "a fully trained module cannot be combined")
-            if owners:
-                copies[path] = copy.deepcopy(saved.copies[owners[0]])
-    commit_adapter(model, name, planned, copies, activate=False)
-    for p in planned:
-        p.adapter.requires_grad_(False)  # it trains once set active
-    for module in copies.values():
-        module.requires_grad_(False)
-
-
-def _combined_pair(parts: list[tuple[Adapter, float]], how: str, rank: int | None):
-    pairs = [(a.plain_pair(), a.scaling, w) for a, w in parts]
-    with torch.no_grad():
-        if how == "cat":
-            A = torch.cat([A.float() for (A, _), _, _ in pairs])
-            B = torch.cat([B.float() * s * w for (_, B), s, w in pairs], dim=1)
-        elif how == "linear":
-            ranks = {A.shape[0] for (A, _), _, _ in pairs}
-            if len(ranks) > 1:
-                raise ValueError(f"how='linear' needs adapters of equal rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'")
-            A = sum((abs(w) * s) ** 0.5 * A.float() for (A, _), s, w in pairs)
-            B = sum((1 if w >= 0 else -1) * (abs(w) * s) ** 0.5 * B.float() for (_, B), s, w in pairs)
-        else:
-            delta = sum(w * s * (B.float() @ A.float()) for (A, B), s, w in pairs)
-            k = rank or max(A.shape[0] for (A, _), _, _ in pairs)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            A, B = Vh[:k], U[:, :k] * S[:k]
-    return A, B
+    modules = [m for _, m in outside_adapters(model)]  # not model.modules(): that visits every adapter's insides
+    owner = base_owner(modules)
+    if owner is not None:
+        init = adapter_config(model, owner).init
+        raise ValueError(f"{doing}: adapter {owner!r} replaced the base weights (init {init!r}), so only it can "
+                         f"run on this model; delete_adapter(model, {owner!r}) restores them, "
+                         "save_adapter(..., convert_to_lora=True) writes it as a plain LoRA for the original base")
+    if config is not None and INITIALIZERS[parse_init(config.init)[0]].changes_base:
+        names = sorted({n for m in modules if isinstance(m, LoraLayer) for n in m.adapters})
+        if names:
+            raise ValueError(f"init {config.init!r} replaces base weights, which adapters {names} of this model "
+                             "use; add it to a model without adapters")

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, is_linear_like, lora_layer_type
+from .saved import SavedModule
 
 # The paper's choice (query and value projections) for common transformers architectures.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -35,8 +36,6 @@ def outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     not grow with the number of adapters: ``model.modules()`` visits every adapter's submodules, which made
     adding the n-th adapter cost O(n) walks of O(n) modules each.
     """
-    from .saved import SavedModule
-
     stack, seen = [("", model)], set()
     while stack:
         path, module = stack.pop()
@@ -53,8 +52,6 @@ def outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of every module a LoRA layer can wrap, or already wraps; never inside a wrapper."""
-    from .saved import SavedModule
-
     def walk(module: nn.Module, prefix: str):
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
@@ -142,8 +139,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
     """A listed name that matches modules, none of them adaptable, is an error naming it (PEFT-like lists
     may name modules a model lacks: those pass)."""
-    from .saved import SavedModule
-
     adaptable = [path for path, _ in adaptable_modules(model)]
     modules = list(outside_adapters(model))
     wrapped = [p for p, m in modules if isinstance(m, LoraLayer | SavedModule)]

@@ -1,30 +1,120 @@
 """One batch, one adapter per row: the LoRA update of row ``i`` uses adapter ``names[i]``.
 
-Gathered path (BGMV-style, as Punica / S-LoRA): the adapters in use are stacked once,
-``A_s: (n+1, r_max, k)`` and ``B_s: (n+1, d, r_max)`` with the scaling folded into B, slot ``n`` all
+Gathered path (BGMV-style, as Punica / S-LoRA): the adapters in use are stacked,
+``A_s: (n+1, k, r_max)`` and ``B_s: (n+1, r_max, d)`` with the scaling folded into B, slot ``n`` all
 zeros for base rows (``None``; stacked only when there are some), ranks zero-padded to ``r_max``. Each
-row gathers its slot and the update is two batched matmuls::
+row gathers its slot and the update is two batched matmuls (:func:`bgmv`)::
 
-    a[i] = x[i] @ A_s[idx[i]].T        # (s, r_max)
-    y[i] = a[i] @ B_s[idx[i]].T        # (s, d)
+    a[i] = x[i] @ A_s[idx[i]]        # (s, r_max)
+    y[i] = a[i] @ B_s[idx[i]]        # (s, d)
 
-Cost is that of a single adapter of rank r_max, whatever the number of distinct adapters.
-``loop_update`` runs each adapter on its own rows: the reference (test oracle) and the path for
-convolutions.
+Cost is that of a single adapter of rank r_max, whatever the number of distinct adapters. A
+:class:`RowPlan` (what ``LoraLayer.row_plan`` holds) runs :func:`bgmv` on weights from one of two
+sources: :class:`StackedWeights`, stacked per context from the adapters (here), or the resident stacks
+of :class:`lorakit.ops.pool.AdapterPool`. :func:`loop_update` runs each adapter on its own rows: the
+reference (test oracle) and the path for convolutions.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..core.layers import LoraConv, LoraEmbedding, LoraLayer
+from ..core.layers import Adapter, LoraConv, LoraEmbedding, LoraLayer
+from ..core.model import adapter_names, base_owner, check_base_kept, merged_names, wrappers
+
+
+def bgmv(x: Tensor, A: Tensor, B: Tensor, index: Tensor | None, embedding: bool) -> Tensor:
+    """The batched-adapter update ``y[i] = x[i] @ A_i @ B_i`` (scaling already in B).
+
+    ``index=None``: every row runs one adapter, ``A: (k, r)``, ``B: (r, d)``. Otherwise ``B: (b, r, d)``
+    gathered per row and ``A: (b, k, r)`` gathered per row, or for embeddings (``x``: token ids) the whole
+    stack ``(n, k, r)``, read at ``(index[i], x[i])``.
+    """
+    if index is None:
+        return (A[x] if embedding else x.to(A.dtype) @ A) @ B  # (b, ..., d)
+    b = x.shape[0]
+    if embedding:
+        a = A[index.view(b, *([1] * (x.dim() - 1))), x].reshape(b, -1, A.shape[-1])  # (b, s, r)
+        lead = x.shape
+    else:
+        x = x.to(A.dtype)
+        a = torch.bmm(x.reshape(b, -1, x.shape[-1]), A)  # (b, s, r)
+        lead = x.shape[:-1]
+    y = torch.bmm(a, B)  # (b, s, d)
+    return y.view(*lead, y.shape[-1])
+
+
+class RowWeights(Protocol):
+    """A source of :func:`bgmv`'s right-hand operands for one layer and one batch composition."""
+
+    def get(self) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(eq=False)
+class RowPlan:
+    """The per-row update of one layer: ``x -> bgmv(x, *weights.get(), index)``."""
+
+    weights: RowWeights
+    index: Tensor  # (b,) the slot of each row
+    shared: bool  # every row runs one adapter: its matrices directly, no gather
+    embedding: bool  # x holds token ids
+
+    def __call__(self, x: Tensor) -> Tensor:
+        check_rows_match(self.index, x)
+        A, B = self.weights.get()
+        return bgmv(x, A, B, None if self.shared else self.index, self.embedding)
+
+
+class StackedWeights:
+    """Per-row weights stacked from the adapters on entering a context.
+
+    With grad enabled the stacks are rebuilt per call so that gradients reach every adapter's A and B.
+    Under ``torch.no_grad`` / ``inference_mode`` the per-row weights are gathered once and reused by every
+    call inside the context (decoding runs the same rows for every new token); they hold ``b`` adapter
+    copies per layer (``b * r_max * (k + d)`` values), less than the KV cache of those rows.
+    """
+
+    def __init__(self, adapters: list[Adapter], index: Tensor, zero_slot: bool, shared: bool, embedding: bool):
+        self.adapters, self.index, self.zero_slot = adapters, index, zero_slot
+        self.shared, self.embedding = shared, embedding
+        self.cached: tuple[Tensor, Tensor] | None = None
+
+    def stacks(self) -> tuple[Tensor, Tensor]:
+        """``A_s: (n, r_max, k)``, ``B_s: (n, d, r_max)``, scaling folded into B; one more zero slot
+        (index ``n``) when some row is a base row."""
+        pairs = [(A, B * adapter.scaling) for adapter in self.adapters for A, B in [adapter.plain_pair()]]
+        r_max = max(A.shape[0] for A, _ in pairs)
+        A_s = [F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A, _ in pairs]
+        B_s = [F.pad(B, (0, r_max - B.shape[1])) for _, B in pairs]
+        if self.zero_slot:
+            A_s, B_s = A_s + [torch.zeros_like(A_s[0])], B_s + [torch.zeros_like(B_s[0])]
+        return torch.stack(A_s), torch.stack(B_s)
+
+    def get(self) -> tuple[Tensor, Tensor]:
+        """``A: (b, k, r_max)`` (embeddings: the whole stack), ``B: (b, r_max, d)``; shared: the one adapter's
+        ``(k, r_max)`` and ``(r_max, d)``."""
+        if self.cached is not None and not torch.is_grad_enabled():  # with grad: fresh, so gradients flow
+            return self.cached
+        A_s, B_s = self.stacks()
+        if self.shared:
+            A_g, B_g = A_s[0].T, B_s[0].T
+        else:
+            A_g = A_s.transpose(1, 2) if self.embedding else A_s[self.index].transpose(1, 2)
+            B_g = B_s[self.index].transpose(1, 2)
+        if not torch.is_grad_enabled():
+            self.cached = (A_g, B_g)
+        return A_g, B_g
 
 
 def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
     """Reference: the LoRA update of each row computed by running its adapter on its rows alone."""
-    _check_rows(names, x)
+    check_rows_match(names, x)
     out = None
     for name in dict.fromkeys(names):
         if name is None or name not in layer.adapters:
@@ -41,91 +131,95 @@ def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
     return out
 
 
-class GatheredUpdate:
-    """Per-row LoRA update for one linear-like or embedding layer from stacked, gathered weights.
-
-    With grad enabled the stacks are rebuilt per call so that gradients reach every adapter's A and B.
-    Under ``torch.no_grad`` / ``inference_mode`` the per-row weights are gathered once and reused by every
-    call inside the context (decoding runs the same rows for every new token); they hold ``b`` adapter
-    copies per layer (``b * r_max * (k + d)`` values), less than the KV cache of those rows.
-    """
-
-    def __init__(self, layer: LoraLayer, names: list[str | None]):
-        used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
-        self.adapters = [layer.adapters[n] for n in used]
-        slot = {n: j for j, n in enumerate(used)}  # base rows get the zero slot len(used)
-        slots = [slot.get(n, len(used)) for n in names]
-        self.index = torch.tensor(slots, device=layer.weight.device)
-        self.zero_slot = len(used) in slots  # only stacked when some row is a base row
-        self.shared = len(used) == 1 and not self.zero_slot  # every row runs one adapter: no gather
-        self.embedding = isinstance(layer, LoraEmbedding)
-        self._cached: tuple[Tensor, Tensor] | None = None
-
-    def stacks(self) -> tuple[Tensor, Tensor]:
-        """``A_s: (n, r_max, k)``, ``B_s: (n, d, r_max)``, scaling folded into B; one more zero slot
-        (index ``n``) when some row is a base row."""
-        pairs = [(A, B * adapter.scaling) for adapter in self.adapters for A, B in [adapter.plain_pair()]]
-        r_max = max(A.shape[0] for A, _ in pairs)
-        A_s = [F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A, _ in pairs]
-        B_s = [F.pad(B, (0, r_max - B.shape[1])) for _, B in pairs]
-        if self.zero_slot:
-            A_s, B_s = A_s + [torch.zeros_like(A_s[0])], B_s + [torch.zeros_like(B_s[0])]
-        return torch.stack(A_s), torch.stack(B_s)
-
-    def weights(self) -> tuple[Tensor, Tensor]:
-        """Right-hand operands: ``A_g: (b, k, r_max)``, ``B_g: (b, r_max, d)`` gathered per row.
-
-        Embeddings keep the whole stack ``A_g: (n, k, r_max)`` (rows read it by token id). With
-        ``shared``: ``(k, r_max)`` and ``(r_max, d)``, the one adapter's matrices.
-        """
-        if self._cached is not None and not torch.is_grad_enabled():  # with grad: fresh, so gradients flow
-            return self._cached
-        A_s, B_s = self.stacks()
-        if self.shared:
-            A_g, B_g = A_s[0].T, B_s[0].T
-        else:
-            A_g = A_s.transpose(1, 2) if self.embedding else A_s[self.index].transpose(1, 2)
-            B_g = B_s[self.index].transpose(1, 2)
-        if not torch.is_grad_enabled():
-            self._cached = (A_g, B_g)
-        return A_g, B_g
-
-    def __call__(self, x: Tensor) -> Tensor:
-        _check_rows(self.index, x)
-        A_g, B_g = self.weights()
-        b = x.shape[0]
-        if self.embedding:  # x holds token ids (b, ...); row i reads rows x[i] of A_g[idx[i]]
-            if self.shared:
-                return A_g[x] @ B_g  # (b, ..., d)
-            a = A_g[self.index.view(b, *([1] * (x.dim() - 1))), x].reshape(b, -1, A_g.shape[-1])  # (b, s, r_max)
-            lead = x.shape
-        else:
-            x = x.to(A_g.dtype)
-            if self.shared:
-                return (x @ A_g) @ B_g  # (b, ..., d)
-            a = torch.bmm(x.reshape(b, -1, x.shape[-1]), A_g)  # (b, s, r_max)
-            lead = x.shape[:-1]
-        y = torch.bmm(a, B_g)  # (b, s, d)
-        return y.view(*lead, y.shape[-1])
-
-
+@dataclass(eq=False)
 class LoopUpdate:
     """Per-row update by :func:`loop_update` (convolutions, and the layers no row's adapter touches)."""
 
-    def __init__(self, layer: LoraLayer, names: list[str | None]):
-        self.layer, self.names = layer, names
+    layer: LoraLayer
+    names: list[str | None]
 
     def __call__(self, x: Tensor) -> Tensor:
         return loop_update(self.layer, x, self.names)
 
 
-def _check_rows(names, x: Tensor) -> None:
+@dataclass(eq=False)
+class ZeroUpdate:
+    """No row's adapter touches the layer: the update is zero."""
+
+    names: list[str | None]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        check_rows_match(self.names, x)
+        return torch.zeros((), device=x.device)
+
+
+def check_rows_match(names, x: Tensor) -> None:
     if len(names) != x.shape[0]:
         raise ValueError(f"per_row_adapters got {len(names)} adapter names for a batch of {x.shape[0]} rows")
 
 
-def make_row_update(layer: LoraLayer, names: list[str | None]) -> GatheredUpdate | LoopUpdate:
+def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | LoopUpdate:
     """The per-row update for ``layer``: gathered for linear-like and embedding layers, loop for convs."""
     if isinstance(layer, LoraConv) or not any(n in layer.adapters for n in names if n is not None):
         return LoopUpdate(layer, names)
-    return GatheredUpdate(layer, names)
+    used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
+    slot = {n: j for j, n in enumerate(used)}  # base rows get the zero slot len(used)
+    slots = [slot.get(n, len(used)) for n in names]
+    index = torch.tensor(slots, device=layer.weight.device)
+    zero_slot = len(used) in slots  # only stacked when some row is a base row
+    shared = len(used) == 1 and not zero_slot  # every row runs one adapter: no gather
+    embedding = isinstance(layer, LoraEmbedding)
+    weights = StackedWeights([layer.adapters[n] for n in used], index, zero_slot, shared, embedding)
+    return RowPlan(weights, index, shared, embedding)
+
+
+def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None]) -> None:
+    """Refuse base rows or other adapters beside a base-replacing adapter, and non-additive adapters
+    (DoRA), whose update is not the stacked ``B·A`` the per-row path computes."""
+    owner = base_owner(layers)
+    if owner is not None and any(n != owner for n in names):
+        check_base_kept(model, "per_row_adapters with rows of other adapters or of the base model")
+    used = set(names)
+    for layer in layers:
+        for name in used & set(layer.adapters):
+            if not layer.adapters[name].additive:
+                raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
+                                 ", which per-row batching does not support; run it with use_adapter()")
+
+
+@contextmanager
+def per_row_adapters(model: nn.Module, names: list[str | None]):
+    """Row ``i`` of the batch runs adapter ``names[i]`` (``None``: the base model), in one forward.
+
+    Linear-like and embedding layers use stacked adapter weights gathered per row (one batched matmul
+    pair per layer whatever the number of adapters); dropout is not applied. Inside
+    :func:`~lorakit.core.model.disabled` every row runs the base model. ``modules_to_save`` copies run on
+    their rows along the batch's first dimension, so they must return one tensor with the batch first:
+    recurrent modules are refused.
+    """
+    names = list(names)
+    known = set(adapter_names(model))
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise KeyError(f"per_row_adapters: no adapter named {unknown}; the model has {sorted(known)}")
+    layers, saved = wrappers(model)
+    if merged_names(model):
+        raise RuntimeError("per_row_adapters needs unmerged adapters; unmerge(model) first")
+    for m in saved:
+        if isinstance(m.original, nn.RNNBase) and any(n in m.copies for n in names):
+            raise ValueError(f"per_row_adapters cannot split the rows of modules_to_save module "
+                             f"{type(m.original).__name__} (a recurrent module returns a tuple, batch not first)")
+    check_rows(model, layers, names)
+    plans = [make_row_update(layer, names) for layer in layers]
+    before = [(layer, layer.row_plan) for layer in layers], [(m, m.row_names) for m in saved]
+    for layer, plan in zip(layers, plans, strict=True):
+        layer.row_plan = plan
+    for m in saved:
+        m.row_names = names
+    try:
+        yield model
+    finally:  # nested contexts restore the outer rows
+        for layer, plan in before[0]:
+            layer.row_plan = plan
+        for m, row_names in before[1]:
+            m.row_names = row_names

@@ -1,6 +1,6 @@
 """A resident pool of stacked adapters (S-LoRA's unified pool): a new batch composition costs an index.
 
-:func:`~lorakit.core.model.per_row_adapters` stacks the adapters it is given on entry, every layer, every
+:func:`~lorakit.ops.per_row.per_row_adapters` stacks the adapters it is given on entry, every layer, every
 time. A server whose batch changes at every decode step (continuous batching) cannot pay that per step.
 :class:`AdapterPool` keeps every loaded adapter's weights stacked per layer, once, in slots::
 
@@ -9,9 +9,10 @@ time. A server whose batch changes at every decode step (continuous batching) ca
 slot ``slots`` (the last) all zeros for base rows. Adding an adapter writes its slot; removing it zeroes
 the slot for reuse; the stacks grow (once, by doubling) when slots or ``r_max`` run out. A batch
 composition -- adapter ``names[i]`` for row ``i`` -- is then an index tensor of slots, and
-:meth:`AdapterPool.rows` puts :class:`PooledUpdate` on every layer: per forward, row ``i`` reads its
-slot's matrices by index (``A_t[idx]``: ``b`` rows gathered, independent of how many adapters are
-resident) and the update is the BGMV pair of batched matmuls of :mod:`lorakit.ops.per_row`::
+:meth:`AdapterPool.rows` puts a :class:`~lorakit.ops.per_row.RowPlan` reading :class:`PoolWeights` on every
+layer: per forward, row ``i`` reads its slot's matrices by index (``A_t[idx]``: ``b`` rows gathered,
+independent of how many adapters are resident) and the update is the BGMV pair of batched matmuls,
+:func:`lorakit.ops.per_row.bgmv`::
 
     a[i] = x[i] @ A_t[idx[i]]      # (s, r_max)
     y[i] = a[i] @ B_t[idx[i]]      # (s, d)
@@ -30,10 +31,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..core.layers import LoraConv, LoraEmbedding, LoraLayer
-from ..core.model import _wrappers, adapter_names
-from ..core.variants import changed_base
-from .per_row import LoopUpdate, _check_rows
+from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
+from ..core.model import adapter_names, wrappers
+from .per_row import LoopUpdate, RowPlan, ZeroUpdate
 
 
 class _LayerStack:
@@ -69,8 +69,8 @@ class _LayerStack:
         self.present.discard(slot)
 
 
-class PooledUpdate:
-    """Per-row LoRA update of one layer read from its :class:`_LayerStack` by a slot index per row.
+class PoolWeights:
+    """:class:`~lorakit.ops.per_row.RowPlan`'s weights read from one layer's :class:`_LayerStack` by slot.
 
     The rows' matrices are gathered on the first call and kept for the later calls of the same context
     (a prefill and its decode steps run the same rows); ``b * r * (k + d)`` values per layer.
@@ -78,34 +78,17 @@ class PooledUpdate:
 
     def __init__(self, stack: _LayerStack, index: Tensor, shared_slot: int | None):
         self.stack, self.index, self.shared_slot = stack, index, shared_slot
-        self._gathered: tuple[Tensor, Tensor] | None = None
+        self.cached: tuple[Tensor, Tensor] | None = None
 
-    def gathered(self) -> tuple[Tensor, Tensor]:
-        """``A_g: (b, k, r)`` (embeddings: the whole stack, rows read it by token id) and ``B_g: (b, r, d)``."""
-        if self._gathered is None or self._gathered[1].shape[0] != self.index.shape[0]:
-            A_t, B_t = self.stack.A_t, self.stack.B_t
-            self._gathered = (A_t if self.stack.embedding else A_t[self.index], B_t[self.index])
-        return self._gathered
-
-    def __call__(self, x: Tensor) -> Tensor:
-        _check_rows(self.index, x)
+    def get(self) -> tuple[Tensor, Tensor]:
+        """Shared slot: its ``(k, r)`` and ``(r, d)``. Else ``A: (b, k, r)`` (embeddings: the whole stack,
+        rows read it by token id) and ``B: (b, r, d)``."""
         A_t, B_t = self.stack.A_t, self.stack.B_t
-        b = x.shape[0]
-        if self.stack.embedding:  # x: token ids (b, ...); row i reads rows x[i] of A_t[idx[i]]
-            if self.shared_slot is not None:
-                return A_t[self.shared_slot][x] @ B_t[self.shared_slot]
-            a = A_t[self.index.view(b, *([1] * (x.dim() - 1))), x].reshape(b, -1, A_t.shape[-1])  # (b, s, r)
-            lead = x.shape
-            B_g = self.gathered()[1]
-        else:
-            x = x.to(A_t.dtype)
-            if self.shared_slot is not None:  # every row runs one adapter: its matrices, no gather
-                return (x @ A_t[self.shared_slot]) @ B_t[self.shared_slot]
-            A_g, B_g = self.gathered()
-            a = torch.bmm(x.reshape(b, -1, x.shape[-1]), A_g)  # (b, s, r)
-            lead = x.shape[:-1]
-        y = torch.bmm(a, B_g)  # (b, s, d)
-        return y.view(*lead, y.shape[-1])
+        if self.shared_slot is not None:  # every row runs one adapter: its matrices, no gather
+            return A_t[self.shared_slot], B_t[self.shared_slot]
+        if self.cached is None or self.cached[1].shape[0] != self.index.shape[0]:
+            self.cached = (A_t if self.stack.embedding else A_t[self.index], B_t[self.index])
+        return self.cached
 
 
 class AdapterPool:
@@ -131,7 +114,7 @@ class AdapterPool:
         """The model's wrappers; walking every module is slow with many adapters, so it is done once per
         add/remove, not per composition."""
         if self._wrapped is None:
-            self._wrapped = _wrappers(self.model)
+            self._wrapped = wrappers(self.model)
         return self._wrapped
 
     def _pooled_layers(self) -> list[LoraLayer]:
@@ -188,7 +171,7 @@ class AdapterPool:
 
     @contextmanager
     def rows(self, names: list[str | None]):
-        """Like :func:`~lorakit.core.model.per_row_adapters` (row ``i`` runs ``names[i]``), reading the
+        """Like :func:`~lorakit.ops.per_row.per_row_adapters` (row ``i`` runs ``names[i]``), reading the
         resident stacks: entering costs one index tensor. Inference only (no gradients reach the adapters)."""
         names = list(names)
         index = self.index(names)
@@ -199,11 +182,13 @@ class AdapterPool:
         for layer in layers:
             stack = self.stacks.get(layer)
             if stack is None:  # convolutions, and layers no pooled adapter touches
-                layer.row_plan = LoopUpdate(layer, names) if isinstance(layer, LoraConv) else _zero_update(names)
+                layer.row_plan = LoopUpdate(layer, names) if isinstance(layer, LoraConv) else ZeroUpdate(names)
                 continue
             on_layer = slots & stack.present
             shared = next(iter(slots)) if len(slots) == 1 and on_layer else None
-            layer.row_plan = PooledUpdate(stack, index, shared) if on_layer else _zero_update(names)
+            weights = PoolWeights(stack, index, shared)
+            layer.row_plan = RowPlan(weights, index, shared is not None, stack.embedding) if on_layer \
+                else ZeroUpdate(names)
         for m in saved:
             m.row_names = names
         try:
@@ -214,10 +199,3 @@ class AdapterPool:
             for m in saved:
                 m.row_names = None
 
-
-def _zero_update(names: list[str | None]):
-    def update(x: Tensor) -> Tensor:
-        _check_rows(names, x)
-        return torch.zeros((), device=x.device)
-
-    return update

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..core.variants import loraplus_param_groups
+from ..variants.loraplus import loraplus_param_groups
 
 Schedule = Literal["cosine", "linear", "constant"]
 @dataclass

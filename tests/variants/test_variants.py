@@ -15,8 +15,8 @@ from torch import nn
 
 import lorakit
 from lorakit.core.checkpoint import CONFIG_NAME
-from lorakit.core.layers import LoraLayer
-from lorakit.core.variants import DoraAdapter, changed_base
+from lorakit.core.layers import LoraLayer, changed_base
+from lorakit.variants.dora import DoraAdapter
 from tests.conftest import CASES, build, gpt2, randomize_lora
 
 ATOL = 1e-5

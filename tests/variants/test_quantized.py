@@ -1,4 +1,4 @@
-"""QLoRA: LoRA over bitsandbytes' 4-bit / 8-bit base layers (core/quantized.py)."""
+"""QLoRA: LoRA over bitsandbytes' 4-bit / 8-bit base layers (variants/quantized.py)."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ from torch import nn
 import lorakit
 from lorakit.core.checkpoint import CheckpointError, read_adapter
 from lorakit.core.layers import LoraLinear
-from lorakit.core.quantized import (
+from lorakit.variants.quantized import (
     PRESETS,
     LoraQuantLinear,
     dequantize,
@@ -371,7 +371,7 @@ def test_loftq_checkpoint_reruns_on_a_full_precision_base_and_is_refused_where_i
     with pytest.raises(ValueError, match="init 'loftq' fits the adapter to the full-precision weight, and this base is"):
         lorakit.load_adapter(quantized, tmp_path / "a")
     assert lorakit.adapter_names(quantized) == []
-    with pytest.raises(ValueError, match="convert_to_lora: adapter 'default' was initialised by LoftQ"):
+    with pytest.raises(ValueError, match="convert_to_lora: adapter 'default' was initialised by 'loftq_2', whose base is not the original"):
         lorakit.save_adapter(model, tmp_path / "c", convert_to_lora=True)
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="loftq_bits=2: lorakit's LoftQ is 4-bit"):

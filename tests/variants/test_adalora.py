@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.core.adalora import SVDAdapter, budget_schedule, svd_adapters
 from lorakit.core.checkpoint import CONFIG_NAME, CheckpointError
+from lorakit.variants.adalora import SVDAdapter, budget_schedule, svd_adapters
 from tests.conftest import MLP, TOL, ConvNet, EmbNet, gpt2
 
 # fp32: every path below is a rank-<=6 matmul pair on 12-24 features; only summation order differs.

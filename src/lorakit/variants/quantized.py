@@ -13,21 +13,21 @@ Each quantized layer records what that cost (:func:`merge_errors`); unmerge goes
 not exact either. To keep full precision, merge the adapter into the unquantized base instead (``lorakit
 merge`` does that).
 
-bitsandbytes is imported lazily (``lorakit[qlora]``): ``lorakit.core`` imports without it.
+bitsandbytes is imported lazily (``lorakit[qlora]``): ``lorakit`` imports without it.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .layers import LoraLayer, LoraLinear, _conv1d_type
-from .targets import outside_adapters
-from .variants import changed_base
+from ..core.layers import LoraLayer, LoraLinear, changed_base, conv1d_type
+from ..core.saved import SavedModule
+from ..core.tables import LAYER_TYPES, ON_ATTACH, QUANTIZATIONS
+from ..core.targets import outside_adapters
 
 EXTRA_HINT = "pip install 'lorakit[qlora]'"
 HEAD_NAMES = ("lm_head", "classifier", "score")  # output heads: never quantized (they are trained or tied)
@@ -134,12 +134,6 @@ def quantized_linear(linear: nn.Module, bits: int, quant_type: str, double_quant
     return q
 
 
-def weight_count(p: Tensor) -> int:
-    """How many weights a parameter holds: a 4-bit one packs two (or more) per stored element."""
-    state = getattr(p, "quant_state", None)
-    return math.prod(state.shape) if state is not None and not p.dtype.is_floating_point else p.numel()
-
-
 def weight_bytes(layer: nn.Module) -> int:
     """Bytes a (quantized or plain) linear layer's weight takes, quantization constants included."""
     weight = layer.weight
@@ -196,6 +190,11 @@ class LoraQuantLinear(LoraLinear):
         self.merge_error = QuantError(error.abs().max().item(),
                                       (error.norm() / (target - before).norm().clamp_min(1e-30)).item())
 
+    def quantization(self) -> str | None:
+        """The :data:`PRESETS` name of the base (a 4-bit type no preset names comes out as itself)."""
+        base = self.base_layer
+        return getattr(base.weight, "quant_type", None) if type(base).__name__ == "Linear4bit" else "int8"
+
     def new_adapter(self, config, module_name):
         adapter = super().new_adapter(config, module_name)
         if "base_change" in adapter.__dict__:  # PiSSA, OLoRA: planned, so nothing has changed yet
@@ -214,20 +213,6 @@ def merge_errors(model: nn.Module) -> dict[str, QuantError]:
 QUANT_TYPES = ("nf4", "fp4")
 # ``lorakit train --quantize NAME``: QLoRA's recipe (NF4 + double quantization), FP4, or LLM.int8
 PRESETS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"}, "int8": {"bits": 8}}
-
-
-def base_quantization(layers: list[nn.Module]) -> str | None:
-    """The :data:`PRESETS` name of the bitsandbytes base under these LoRA layers: ``None`` for full precision,
-    and for bases no single preset rebuilds (mixed, or another 4-bit type).
-
-    Saved with an adapter, so loading it can rebuild the base the adapter was trained on.
-    """
-    found = set()
-    for layer in layers:
-        base = getattr(layer, "base_layer", None)
-        if isinstance(base, quantized_base_types()):
-            found.add(getattr(base.weight, "quant_type", None) if type(base).__name__ == "Linear4bit" else "int8")
-    return found.pop() if len(found) == 1 and found <= PRESETS.keys() else None
 
 
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
@@ -273,10 +258,8 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
 
 def _quantize_plan(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
     """(path, module) of the plain linear layers and the LoRA wrappers of plain linear layers to quantize."""
-    from .saved import SavedModule
-
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    linear_types = (nn.Linear,) + ((_conv1d_type(),) if _conv1d_type() is not None else ())
+    linear_types = (nn.Linear,) + ((conv1d_type(),) if conv1d_type() is not None else ())
     plan, closed = [], []  # closed: wrappers and modules_to_save holders, whose insides are never swapped
     for path, module in model.named_modules():
         if any(path.startswith(c) for c in closed):
@@ -328,44 +311,17 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
 LOFTQ_PRESET = "nf4"  # LoftQ fits the adapter to this quantization: train with --quantize nf4 / quantize() defaults
 
 
-def loftq_init(layer: LoraLayer, adapter, iters: int):
-    """The ``"loftq"`` / ``"loftq_<K>"`` initialiser (:data:`lorakit.core.variants.INITIALIZERS`).
-
-    LoftQ (Li et al., 2023, arXiv 2310.08659, Algorithm 1) on a full-precision linear layer: the base weight
-    ``W`` becomes ``dequant(Q)`` for an NF4 (double-quantized) ``Q`` chosen together with A and B so that
-    ``dequant(Q) + s·B·A`` is close to ``W``, alternating ``iters`` times::
-
-        Q_t      = quantize(W - s·B_{t-1}·A_{t-1})                (B_0 A_0 = 0: plain quantization)
-        B_t, A_t = best rank-r fit of (W - dequant(Q_t)) / s       (truncated SVD, sqrt(S) split evenly)
-
-    ``lorakit.quantize(model)`` then stores that base in 4 bits (requantizing ``dequant(Q)`` gives ``Q`` back:
-    bit for bit without double quantization, to ~1e-5 with it). Quantization drops information, so the base
-    change is for good: deleting the adapter does not bring ``W`` back, and no plain LoRA for the original
-    base is equivalent (``convert_to_lora`` refuses it). Returns the staged base change.
-    """
-    from .variants import BaseChange, _base_for_init
-
-    if isinstance(layer, LoraQuantLinear):
-        raise ValueError("init 'loftq' fits the adapter to the full-precision weight, and this base is already "
-                         "quantized: add (or load) the adapter before lorakit.quantize(model)")
-    W, r, s = _base_for_init(layer, adapter)
-    scratch = quantized_linear(nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta"), 4, LOFTQ_PRESET, True,
-                               None, weight=W)
-    A, B = loftq_pair(W, scratch, r, s, iters)
-    adapter.load_pair(A, B)
-    base = layer.base_layer.weight
-    return BaseChange(layer.to_base_layout(dequantize(scratch)).to(base.dtype), None, None)
+# ----- joining core's tables ---------------------------------------------------------------------------------
+def _quantized_layer_type(module: nn.Module) -> type[LoraLayer] | None:
+    types = quantized_base_types()  # bitsandbytes' layers subclass nn.Linear: asked before the built-in table
+    return LoraQuantLinear if types and isinstance(module, types) else None
 
 
-def loftq_pair(weight: Tensor, layer: nn.Module, r: int, scaling: float, iters: int) -> tuple[Tensor, Tensor]:
-    """LoftQ's alternation (see :func:`loftq_init`) with bitsandbytes ``layer`` as the quantizer: leaves ``Q_T``
-    in ``layer`` and returns ``(A, B)`` in fp32, ``A: (r, in)``, ``B: (out, r)``."""
-    w = weight.detach().float()
-    low_rank = torch.zeros_like(w)
-    for _ in range(iters):
-        set_quantized_weight(layer, w - low_rank)
-        U, S, Vh = torch.linalg.svd(w - dequantize(layer), full_matrices=False)
-        root = S[:r].sqrt() / math.sqrt(scaling)
-        B, A = U[:, :r] * root, root[:, None] * Vh[:r]
-        low_rank = scaling * (B @ A)
-    return A, B
+def register() -> None:
+    """Join core's tables: bitsandbytes' layers wrap as :class:`LoraQuantLinear`, attaching an adapter keeps
+    4-bit layers trainable, checkpoints may record the :data:`PRESETS` names."""
+    if _quantized_layer_type not in LAYER_TYPES:
+        LAYER_TYPES.append(_quantized_layer_type)
+    if keep_trainable_layout not in ON_ATTACH:
+        ON_ATTACH.append(keep_trainable_layout)
+    QUANTIZATIONS.update(PRESETS)

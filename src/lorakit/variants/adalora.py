@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig
-from .layers import Adapter, LoraLayer, LoraLinear
-from .model import active_adapter
-from .variants import VARIANTS
+from ..core.config import LoraConfig
+from ..core.layers import Adapter, LoraLayer, LoraLinear
+from ..core.model import active_adapter
+from ..core.tables import PEFT_TYPES, VARIANTS
 
 # PEFT's AdaLoRA init: P and Q ~ N(0, 0.02²), Λ = 0 (the update starts at zero, as LoRA's does).
 INIT_STD = 0.02
@@ -59,11 +59,16 @@ class AdaLoraConfig(LoraConfig):
         _check(not self.use_dora, "AdaLoRA and DoRA do not combine (use_dora=True)")
         _check(not self.slices, "AdaLoRA does not support fused slices (slices=...)")
 
+    def to_peft_dict(self) -> dict[str, Any]:
+        """As LoRA's, without the initial ``rank_pattern``/``alpha_pattern``: a save gives every layer its
+        live rank (:meth:`SVDAdapter.export_pattern`)."""
+        return {**super().to_peft_dict(), "rank_pattern": {}, "alpha_pattern": {}}
+
 
 class SVDAdapter(Adapter):
     """One AdaLoRA adapter on one linear-like layer: ``lora_B(λ ⊙ lora_A(dropout(x))) * scaling``.
 
-    A variant in :data:`lorakit.core.variants.VARIANTS`, chosen by an :class:`AdaLoraConfig`."""
+    A variant in :data:`lorakit.core.tables.VARIANTS`, chosen by an :class:`AdaLoraConfig`."""
 
     def __init__(self, lora_A: nn.Linear, lora_B: nn.Linear, dropout: float, scaling: float, config: LoraConfig):
         super().__init__(lora_A, lora_B, dropout, scaling, config)  # Q: (r, k), P: (d, r)
@@ -108,6 +113,14 @@ class SVDAdapter(Adapter):
         live = _live(self.lora_E)
         return self.lora_A.weight[live] * self.lora_E[live], self.lora_B.weight[:, live]
 
+    def export_tensors(self) -> dict[str, Tensor]:  # saved as the equivalent plain LoRA of the live rank
+        A, B = self.plain_pair()
+        return {"lora_A.weight": A, "lora_B.weight": B, **self.extra_tensors()}
+
+    def export_pattern(self, alpha: float) -> tuple[int, float]:  # the live rank, the same scaling
+        live = self.plain_pair()[0].shape[0]
+        return live, self.scaling * (math.sqrt(live) if self.config.use_rslora else live)
+
     def load_pair(self, A: Tensor, B: Tensor) -> None:
         raise NotImplementedError("an AdaLoRA (SVD-form) adapter cannot be set from a plain (A, B) pair")
 
@@ -123,9 +136,6 @@ def svd_adapters(model: nn.Module, adapter: str) -> dict[str, SVDAdapter]:
     """Module path -> the :class:`SVDAdapter` named ``adapter`` on it."""
     return {path: m.adapters[adapter] for path, m in model.named_modules()
             if isinstance(m, LoraLayer) and adapter in m.adapters and isinstance(m.adapters[adapter], SVDAdapter)}
-
-
-VARIANTS.append(SVDAdapter)  # LoraLayer.new_adapter wraps a plain adapter in it for an AdaLoraConfig
 
 
 # ----- the budget schedule and the allocator ------------------------------------------------------------
@@ -380,3 +390,11 @@ def _is_num(x: Any) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def register() -> None:
+    r"""Join core's tables: an :class:`AdaLoraConfig` builds :class:`SVDAdapter`\ s; PEFT's AdaLoRA checkpoints
+    load as the equivalent plain LoRA."""
+    if SVDAdapter not in VARIANTS:
+        VARIANTS.append(SVDAdapter)
+    PEFT_TYPES["ADALORA"] = peft_adalora_to_lora

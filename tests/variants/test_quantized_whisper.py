@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.quantized import LoraQuantLinear
+from lorakit.variants.quantized import LoraQuantLinear
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,92 @@
+"""The tables the successors of plain LoRA register into; core reads them and names none of them.
+
+``lorakit.variants.register()`` (called once by ``import lorakit``) fills them; importing a variant's module
+registers nothing. Each table is one way a new kind joins:
+
+- :data:`INITIALIZERS`: ``LoraConfig.init`` names -> :class:`Init` (PiSSA, OLoRA, LoftQ).
+- :data:`VARIANTS`: adapter classes tried in order; the first whose ``wanted(config)`` is true wraps the
+  plain adapter the layer type built: ``wrap(layer, plain) -> Adapter`` (DoRA, AdaLoRA's SVD form).
+- :data:`LAYER_TYPES`: ``fn(module) -> LoraLayer subclass | None``, asked before the built-in layer table
+  (bitsandbytes' quantized linear layers).
+- :data:`ON_ATTACH`: ``fn(model)`` run after an adapter is attached (a quantized base keeps a trainable layout).
+- :data:`PEFT_TYPES`: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)`` giving the exactly
+  equivalent ``LORA`` checkpoint (AdaLoRA).
+- :data:`QUANTIZATIONS`: the base quantizations a checkpoint's ``"quantization"`` metadata may name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class BaseChange:
+    """What a base-changing initialiser did: ``original == new_base + scaling * B0 @ A0`` (in ``(d, k)``)."""
+
+    new_base: Tensor  # base layout, any float dtype (LoraLayer.write_base casts or quantizes)
+    A0: Tensor | None  # (r, k); None: the change is for good (LoftQ: the base becomes its quantized version)
+    B0: Tensor | None  # (d, r)
+
+
+@dataclass(frozen=True)
+class Init:
+    """One initialiser: ``fn(layer, adapter, arg) -> BaseChange | None`` (``arg``: the ``K`` of ``<name>_<K>``
+    when ``counted``, else None). ``changes_base``: it replaces the base weight (the adapter must be alone on
+    its model). ``to_peft(arg)`` / ``from_peft(raw)``: PEFT's spelling when it is not the name itself."""
+
+    fn: Callable[..., BaseChange | None]
+    counted: bool = False
+    changes_base: bool = True
+    to_peft: Callable[[Any], dict[str, Any]] | None = None
+    from_peft: Callable[[dict[str, Any]], str] | None = None
+
+
+def _kaiming(layer, adapter, arg) -> None:
+    layer.init_adapter(adapter, "kaiming")  # the layer type's own: A random, B zero
+
+
+def _gaussian(layer, adapter, arg) -> None:
+    layer.init_adapter(adapter, "gaussian")
+
+
+def _kaiming_peft(arg) -> dict[str, Any]:
+    return {"init_lora_weights": True}  # PEFT's default init
+
+
+INITIALIZERS: dict[str, Init] = {
+    "kaiming": Init(_kaiming, changes_base=False, to_peft=_kaiming_peft),
+    "gaussian": Init(_gaussian, changes_base=False),
+}
+#: PEFT ``init_lora_weights`` values lorakit knows but cannot honour (refused by name).
+UNSUPPORTED_INITS = ("eva", "corda", "orthogonal")
+VARIANTS: list[type] = []
+LAYER_TYPES: list[Callable[[Any], type | None]] = []
+ON_ATTACH: list[Callable[[Any], None]] = []
+PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
+QUANTIZATIONS: set[str] = set()
+
+
+def parse_init(init: str) -> tuple[str, int | None]:
+    """``"pissa_niter_16"`` -> ``("pissa_niter", 16)``; ``"olora"`` -> ``("olora", None)``.
+
+    Raises ValueError naming the known initialisers.
+    """
+    if isinstance(init, str) and init in INITIALIZERS:
+        return init, None
+    m = re.fullmatch(r"([a-z_]+)_(\d+)", init) if isinstance(init, str) else None
+    if m and m.group(1) in INITIALIZERS and INITIALIZERS[m.group(1)].counted:
+        k = int(m.group(2))
+        if not 1 <= k <= 1000:
+            raise ValueError(f"init {init!r}: the iteration count must be 1..1000 (PiSSA's paper uses 4 to 16)")
+        return m.group(1), k
+    known = sorted(INITIALIZERS)
+    if init in UNSUPPORTED_INITS:
+        raise ValueError(f"init {init!r} (a PEFT init_lora_weights value) is not supported by lorakit; use one of {known}")
+    counted = [f"'{n}_<K>'" for n in known if INITIALIZERS[n].counted]
+    raise ValueError(f"init must be one of {known}" + (f" (also as {', '.join(counted)})" if counted else "")
+                     + f", got {init!r}")
