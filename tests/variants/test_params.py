@@ -173,10 +173,10 @@ def test_load_checks_expert_ranks_before_touching_the_model(tmp_path):
     model = _adapted()
     path = lorakit.save_adapter(model, tmp_path)
     cfg = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))  # a multiple of 2: only the model knows E
     target = tiny_moe("qwen3_moe")
     with pytest.raises(CheckpointError, match=r"experts.base_layer.lora_A.weight has shape \(8, 32\), but adapter_config"
-                                              r".json gives 12 rows \(rank x experts\)"):
+                                              r".json gives 16 rows \(rank x experts\)"):
         lorakit.load_adapter(target, path)
     assert lorakit.adapter_names(target) == []
 
