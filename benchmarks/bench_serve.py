@@ -110,15 +110,21 @@ def engine_with(model, names: list[str], max_batch_size: int):
     for name in names:
         store.pool.add(name)
         store.loaded[name] = None
-    return Engine(store, _Tok(), "sft", max_batch_size=max_batch_size, metrics=ServeMetrics())
+    return Engine(store, "sft", pad_id=0, max_batch_size=max_batch_size, metrics=ServeMetrics())
 
 
-class _Tok:
-    """Token ids in, nothing out: the benchmark times the model, not detokenisation."""
-    pad_token_id, eos_token_id = 0, None
+class _Sink:
+    """A job's results on the engine thread: ``on_final(event)`` at its last event (token ids only: the
+    benchmark times the engine, not detokenisation)."""
 
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
+    def __init__(self, on_final):
+        self.on_final = on_final
+
+    def put(self, event) -> None:
+        from lorakit.serve.jobs import FINAL
+
+        if isinstance(event, FINAL):
+            self.on_final(event)
 
 
 def _forwards(engine) -> dict[str, tuple[float, float]]:
@@ -133,7 +139,7 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
     engine batched them (forwards and mean rows per forward, prefill and decode)."""
     import threading
 
-    from lorakit.serve.engine import GenJob
+    from lorakit.serve.jobs import CommandJob, Failed, GenJob
 
     done_at: dict[int, float] = {}
     jobs: list = []
@@ -145,18 +151,17 @@ def burst(engine, adapters: list[str], prompt_len: int, max_tokens: int) -> dict
     # batching (max_batch_size rows prefilled at once). Submitted one by one, the engine woke mid-loop and
     # split the first wave into prefills of varying size, differently from run to run.
     gate = threading.Event()
-    engine.call(gate.wait)
+    engine.submit(CommandJob(gate.wait, _Sink(lambda event: None)))
     before = _forwards(engine)
     t0 = time.perf_counter()
     for i, (name, ids) in enumerate(zip(adapters, prompts, strict=True)):
-        def emit(ev, i=i):
-            if ev.kind == "error":
-                errors.append(ev.message)
-            if ev.kind != "text":
-                done_at[i] = time.perf_counter()
-                if len(done_at) == len(adapters):
-                    all_done.set()
-        jobs.append(GenJob(name, ids, max_tokens, emit))
+        def on_final(event, i=i):
+            if isinstance(event, Failed):
+                errors.append(event.error.message)
+            done_at[i] = time.perf_counter()
+            if len(done_at) == len(adapters):
+                all_done.set()
+        jobs.append(GenJob(name, ids, max_tokens, _Sink(on_final)))
         engine.submit(jobs[-1])
     gate.set()
     all_done.wait()

@@ -139,10 +139,13 @@ def _check_hub(repo_id: str) -> None:
         raise ModelError(f"model {where}, and the hub cannot be asked ({reason})") from None
 
 
+HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")  # a saved head's output layer
+
+
 def num_labels_in(tensors: dict) -> int | None:
     """The number of classes of a saved classification head (``classifier`` / ``score``), if any."""
     for key, t in tensors.items():
-        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+        if key.endswith(HEAD_WEIGHTS):
             return t.shape[0]
     return None
 

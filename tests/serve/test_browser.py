@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.serve.app import build_engine, create_app
+from lorakit.serve.app import create_app
+from lorakit.serve.loading import build_frontend
 from tests.serve.helpers import running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,8 +38,8 @@ def test_playground_generation_side_by_side(llama_dir, llama_adapters, tmp_path)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    engine = build_engine(str(llama_dir), adapters_dir=llama_adapters)
-    with running(create_app(engine)) as url:
+    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters)
+    with running(create_app(front)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         want = {m: client.completions.create(model=m, prompt="the cat sat", max_tokens=12, temperature=0)
                 .choices[0].text for m in ("a", "b")}
@@ -71,8 +72,8 @@ def test_playground_classification_bars(bert_dir, bert_adapters, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    engine = build_engine(str(bert_dir), adapters_dir=bert_adapters)
-    with running(create_app(engine)) as url:
+    front = build_frontend(str(bert_dir), adapters_dir=bert_adapters)
+    with running(create_app(front)) as url:
         driver = browser()
         try:
             driver.get(url + "/")

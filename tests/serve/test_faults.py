@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from lorakit.serve.app import build_engine, create_app
+from lorakit.serve.app import create_app
+from lorakit.serve.loading import build_frontend
 from tests.serve.helpers import running, save_adapters, save_llama
 
 
@@ -32,9 +33,9 @@ def root(llama_dir, llama_adapters, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llama_dir, root):
-    engine = build_engine(str(llama_dir), adapters_dir=root, max_loaded=4)
-    with running(create_app(engine, max_body_bytes=4096)) as url:
-        yield url, engine
+    front = build_frontend(str(llama_dir), adapters_dir=root, max_loaded=4)
+    with running(create_app(front, max_body_bytes=4096)) as url:
+        yield url, front.engine
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,11 @@ def test_malformed_json_and_fields(http):
     assert error(http.post("/v1/completions", json={"model": "good"}), 422).startswith("prompt: Field required")
     assert error(http.post("/v1/completions", json={"model": "good", "prompt": "hi", "temprature": 0}),
                  422).startswith("temprature: Extra inputs are not permitted")
-    for field, value in [("temperature", -1), ("temperature", "hot"), ("max_tokens", 0), ("top_p", 0),
-                         ("max_tokens", 1e30), ("n", 2), ("stop", ["a", "b", "c", "d", "e"]), ("seed", -1),
-                         ("seed", 2**64), ("stop", [""]), ("logit_bias", {"5": 1})]:
+    for field, value in [("temperature", -1), ("temperature", "hot"), ("max_tokens", -1), ("top_p", 0),
+                         ("max_tokens", 1e30), ("n", 17), ("stop", ["a", "b", "c", "d", "e"]), ("seed", -1),
+                         ("seed", 2**64), ("stop", [""]), ("logit_bias", {"5": 101}), ("logit_bias", {"x": 1}),
+                         ("logprobs", 21), ("presence_penalty", 2.5), ("top_k", -2), ("min_p", 1.5),
+                         ("repetition_penalty", 0)]:
         msg = error(http.post("/v1/completions", json={"model": "good", "prompt": "hi", field: value}), 422)
         assert msg.startswith(f"{field}:"), msg
     assert error(http.post("/v1/classify", json={"model": "good", "input": "x"}), 400).startswith(
@@ -91,13 +94,19 @@ def test_context_limits_and_body_size(client, http):
 
 
 def test_dynamic_loads_stay_inside_adapters_dir(http, client, root):
-    for path, why in [("../good", "'..' is refused"), (str(root / "good"), "absolute paths are refused"),
-                      ("escape", "leads outside --adapters-dir"), ("nothing", "no adapter_config.json")]:
+    outside = root.parent / "elsewhere"
+    for path, why in [("../good", "leads outside --adapters-dir"), ("escape", "leads outside --adapters-dir"),
+                      (str(outside), "leads outside --adapters-dir"), ("nothing", "no adapter_config.json"),
+                      ("x" * 3000, "cannot be opened: File name too long"), ("go\x00od", "holds a NUL character"),
+                      ("~/good", "'~' is not expanded"), (str(root / "escape"), "leads outside --adapters-dir")]:
         assert why in error(http.post("/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": path}), 400)
     assert "is not allowed" in error(http.post("/v1/load_lora_adapter", json={"lora_name": "../x",
                                                                                "lora_path": "good"}), 400)
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "good2", "lora_path": "good"})
     assert r.status_code == 200, r.text
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "good3", "lora_path": str(root / "good")})
+    assert r.status_code == 200, r.text  # an absolute path inside --adapters-dir, as vLLM's clients send
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "good3"}).status_code == 200
     one = client.completions.create(model="good", prompt="the cat", max_tokens=4, temperature=0).choices[0].text
     two = client.completions.create(model="good2", prompt="the cat", max_tokens=4, temperature=0).choices[0].text
     assert one == two
@@ -146,8 +155,8 @@ def test_client_leaving_mid_stream_frees_its_row(server, http, monkeypatch):
 
 
 def test_api_key(llama_dir, llama_adapters):
-    engine = build_engine(str(llama_dir), adapters={"a": llama_adapters / "a"})
-    with running(create_app(engine, api_key="s3cret")) as url:
+    front = build_frontend(str(llama_dir), adapters={"a": llama_adapters / "a"})
+    with running(create_app(front, api_key="s3cret")) as url:
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/").status_code == 200  # the static page; it sends the key with its calls
         for path in ("/v1/models", "/metrics"):

@@ -10,7 +10,8 @@ import openai
 import pytest
 
 from lorakit.cli.main import main
-from lorakit.serve.app import build_engine, create_app
+from lorakit.serve.app import create_app
+from lorakit.serve.loading import build_frontend
 from tests.serve.conftest import LLAMA_ADAPTERS
 from tests.serve.helpers import running
 
@@ -32,9 +33,9 @@ def offline(capsys, llama_dir, adapter_dir, prompts, max_new=MAX) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(llama_dir, llama_adapters):
-    engine = build_engine(str(llama_dir), adapters_dir=llama_adapters, max_loaded=2, max_batch_size=8)
-    with running(create_app(engine)) as url:
-        yield url, engine
+    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters, max_loaded=2, max_batch_size=8)
+    with running(create_app(front)) as url:
+        yield url, front.engine
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +152,12 @@ def test_a_qlora_adapter_is_served_on_the_4bit_base_it_was_trained_on(llama_dir,
     lorakit.quantize(base)  # QLoRA: the adapter records its nf4 base
     path = add_random_adapters(base, tmp_path, ["q4"])["q4"]
     want = offline(capsys, llama_dir, path, PROMPTS)  # `lorakit generate` rebuilds the nf4 base too
-    engine = build_engine(str(llama_dir), adapters={"q4": path}, max_batch_size=4)
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in engine.model.modules())
-    with running(create_app(engine)) as url:
+    front = build_frontend(str(llama_dir), adapters={"q4": path}, max_batch_size=4)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in front.engine.model.modules())
+    with running(create_app(front)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         got = [client.completions.create(model="q4", prompt=p, max_tokens=MAX, temperature=0).choices[0].text.strip()
                for p in PROMPTS]
     assert got == want  # the same 4-bit codes and adapter: the same greedy tokens
-    full = build_engine(str(llama_dir), adapters={"q4": path}, quantize="none")
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.model.modules())
+    full = build_frontend(str(llama_dir), adapters={"q4": path}, quantize="none")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.engine.model.modules())

@@ -19,7 +19,8 @@ import torch
 
 import lorakit
 from lorakit.models import load_model, load_tokenizer
-from lorakit.serve.app import build_engine, create_app
+from lorakit.serve.app import create_app
+from lorakit.serve.loading import build_frontend
 from lorakit.train.evaluate import generate_texts
 from tests.serve.helpers import add_random_adapters, running
 
@@ -44,7 +45,7 @@ def offline_texts(llama_dir, root) -> dict:
 def test_generation_load(llama_dir, tmp_path):
     eight = tmp_path
     want = offline_texts(llama_dir, eight)
-    engine = build_engine(str(llama_dir), adapters_dir=eight, max_loaded=8, max_batch_size=64)
+    front = build_frontend(str(llama_dir), adapters_dir=eight, max_loaded=8, max_batch_size=64)
     jobs = list(itertools.islice(itertools.cycle(itertools.product(ADAPTERS, PROMPTS)), CLIENTS * PER_CLIENT))
 
     async def main(url):
@@ -61,7 +62,7 @@ def test_generation_load(llama_dir, tmp_path):
         await client.close()
         return [x for r in results for x in r]
 
-    with running(create_app(engine)) as url:
+    with running(create_app(front)) as url:
         got = asyncio.run(main(url))
     assert len(got) == CLIENTS * PER_CLIENT
     wrong = [(key, text, want[key]) for key, text in got if text != want[key]]
@@ -87,7 +88,7 @@ def test_classification_load_on_minilm(tmp_path):
                 with lorakit.use_adapter(ref_model, name):
                     logits = ref_model(**tok(t, return_tensors="pt")).logits[0]
                 want[(name, t)] = torch.softmax(logits, -1).tolist()
-    engine = build_engine(base, adapters_dir=tmp_path, max_loaded=3)
+    front = build_frontend(base, adapters_dir=tmp_path, max_loaded=3)
     jobs = list(itertools.product(names, texts)) * 5
 
     async def main(url):
@@ -104,7 +105,7 @@ def test_classification_load_on_minilm(tmp_path):
         await client.close()
         return [x for r in results for x in r]
 
-    with running(create_app(engine)) as url:
+    with running(create_app(front)) as url:
         got = asyncio.run(main(url))
     assert len(got) == len(jobs)
     for key, item in got:

@@ -88,15 +88,16 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ..serve.app import build_engine, create_app
+    from ..serve.app import create_app
+    from ..serve.loading import build_frontend
 
     sock = _bind(args.host, args.port)  # before loading: a port in use fails at once
-    engine = build_engine(model, adapters, adapters_dir, args.max_batch_size, args.max_loaded_adapters,
-                          quantize=args.quantize or "auto")
-    app = create_app(engine, api_key=args.api_key)
+    front = build_frontend(model, adapters, adapters_dir, args.max_batch_size, args.max_loaded_adapters,
+                           quantize=args.quantize or "auto")
+    app = create_app(front, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"lorakit serve: {engine.store.base_name} ({engine.task}) with {len(engine.store.known)} adapter(s) "
+    print(f"lorakit serve: {front.store.base_name} ({front.task}) with {len(front.store.known)} adapter(s) "
           f"at http://{shown}:{port}  (playground: http://{shown}:{port}/)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
     try:

@@ -263,7 +263,7 @@ def _train(args: argparse.Namespace, say) -> int:
 
     from .. import add_lora, quantize, save_adapter, trainable_parameters
     from ..models import default_model_path, load_model, load_tokenizer
-    from ..train.data import collate, default_data_dir, resolve_splits
+    from ..train.data import collate, default_data_dir, label_names_in, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
     from ..train.loop import batches_per_epoch, train
     from ..train.tasks import load_task_data
@@ -278,6 +278,9 @@ def _train(args: argparse.Namespace, say) -> int:
         raise FileNotFoundError(f"--data {args.data}: no train file found")
     tokenizer = load_tokenizer(model_path)
     kw = {"max_length": args.max_length}
+    names = label_names_in(args.data or default_data_dir()) if args.task == "classification" else None
+    if names:  # the data folder's labels.txt: integer labels index into it
+        kw["label_names"] = names
     train_data = load_task_data(splits["train"], args.task, tokenizer, **kw)
     if args.task == "classification":
         kw["label_names"] = train_data.label_names

@@ -324,6 +324,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    _fit_heads(model, copies, tensors)
     targets = _load_targets(model, config, planned, copies)
     optional = {k for k in targets if k.endswith(".base_layer.weight")}
     missing = sorted(set(targets) - set(tensors) - optional)
@@ -366,6 +367,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
                 stacklevel=2,
             )
     return name
+
+
+def _fit_heads(model: nn.Module, copies: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
+    """An adapter's own classification head may have its own number of classes: in its ``modules_to_save``
+    copies (new, not attached yet), a ``Linear`` with the model's ``num_labels`` outputs takes the number of
+    rows the file gives it (same inputs), so adapters of 2 and 3 classes and a regression head (1) share a base.
+    Any other shape difference is left for the shape check to refuse."""
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    for path, copy in copies.items():
+        for sub_name, sub in copy.named_modules():
+            if not isinstance(sub, nn.Linear) or sub.out_features != classes:
+                continue
+            found = tensors.get(f"{PREFIX}{path}{'.' if sub_name else ''}{sub_name}.weight")
+            if found is None or found.dim() != 2 or found.shape[1] != sub.in_features or found.shape[0] == classes:
+                continue
+            rows = found.shape[0]
+            sub.weight = nn.Parameter(sub.weight.new_empty(rows, sub.in_features), sub.weight.requires_grad)
+            if sub.bias is not None:
+                sub.bias = nn.Parameter(sub.bias.new_empty(rows), sub.bias.requires_grad)
+            sub.out_features = rows
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:

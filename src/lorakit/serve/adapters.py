@@ -1,7 +1,8 @@
 """The adapters a server knows, and the ones loaded: an LRU bounded by ``max_loaded`` over one base model.
 
 Known adapters come from ``--adapter NAME=DIR`` and from the subfolders of ``--adapters-dir`` (listed at
-once, loaded on first use); dynamic loads may read only below ``--adapters-dir``. Loading goes through
+once, loaded on first use); dynamic loads may read only inside ``--adapters-dir`` (a relative path, or an
+absolute one that resolves inside it). Loading goes through
 :func:`lorakit.load_adapter` (validated before the model changes) and then into the resident
 :class:`~lorakit.ops.pool.AdapterPool`; eviction is the reverse. An adapter that fails to load (corrupt,
 made for another base) is remembered with its error: its requests fail with that error, the others run.
@@ -11,7 +12,6 @@ Only the engine's thread calls :meth:`AdapterStore.ensure` / :meth:`AdapterStore
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,20 +23,9 @@ from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ..core.config import LORAKIT_KEY
 from ..core.model import delete_adapter
 from ..ops.pool import AdapterPool
+from .errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidRequest, PathRefused
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-
-
-class UnknownAdapter(KeyError):
-    """A model name that is neither the base nor a known adapter (HTTP 404)."""
-
-
-class AdapterLoadError(RuntimeError):
-    """An adapter that cannot be loaded (corrupt, other base): its requests fail, the server goes on."""
-
-
-class PathRefused(ValueError):
-    """An adapter name or path that escapes ``--adapters-dir`` or is not allowed (HTTP 400)."""
 
 
 @dataclass
@@ -47,6 +36,7 @@ class AdapterInfo:
     target_modules: list[str] | None = None
     size_bytes: int | None = None
     labels: list[str] | None = None
+    num_classes: int | None = None  # outputs of the adapter's own classification head (1: regression); None: none
     error: str | None = None
     stats: dict = field(default_factory=dict)
 
@@ -64,47 +54,62 @@ def describe(name: str, path: Path) -> AdapterInfo:
         targets = raw.get("target_modules")
         info.target_modules = [targets] if isinstance(targets, str) else list(targets or [])
         info.size_bytes = (path / WEIGHTS_NAME).stat().st_size
-        id2label = _metadata(path, raw).get("id2label") or {}
+        meta, info.num_classes = _header(path, raw)
+        id2label = meta.get("id2label") or {}
         info.labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         info.error = str(e) if isinstance(e, ValueError) and WEIGHTS_NAME in str(e) else f"{path / CONFIG_NAME}: {e}"
     return info
 
 
-def _metadata(path: Path, raw: dict) -> dict:
-    """lorakit's metadata: in the weights file's header (read without loading the tensors), or, in older
-    adapters, in ``adapter_config.json``."""
+def _header(path: Path, raw: dict) -> tuple[dict, int | None]:
+    """lorakit's metadata (in the weights file's header, or, in older adapters, in ``adapter_config.json``) and
+    the number of outputs of the adapter's own classification head (None: it has none), read without loading
+    the tensors."""
     from safetensors import safe_open
+
+    from ..models import HEAD_WEIGHTS
 
     try:
         with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
             header = f.metadata() or {}
+            head = next((k for k in f.keys() if k.endswith(HEAD_WEIGHTS)), None)
+            classes = f.get_slice(head).get_shape()[0] if head else None
     except Exception as e:  # noqa: BLE001 -- safetensors' own error type; reported with the adapter
         raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file: {e}") from None
     meta = json.loads(header[LORAKIT_KEY]) if LORAKIT_KEY in header else raw.get(LORAKIT_KEY)
-    return meta if isinstance(meta, dict) else {}
+    return (meta if isinstance(meta, dict) else {}), classes
 
 
 def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise PathRefused(f"adapter name {name!r} is not allowed: use letters, digits, '_', '.', ':', '-'")
+        raise PathRefused(f"adapter name {name!r} is not allowed: use letters, digits, '_', '.', ':', '-'",
+                          "lora_name")
     return name
 
 
-def resolve_inside(root: Path | None, rel: str) -> Path:
-    """``root / rel`` if it stays inside ``root`` once symlinks are followed; otherwise :class:`PathRefused`."""
+def resolve_inside(root: Path | None, path: str) -> Path:
+    """The adapter folder ``path`` names (relative to ``root``, or absolute) if it lies inside ``root`` once
+    symlinks are followed on both; otherwise :class:`PathRefused` (also for a path that cannot exist)."""
     if root is None:
-        raise PathRefused("dynamic adapter loading needs --adapters-dir (the only root it may read from)")
-    if os.path.isabs(rel) or rel.startswith("~"):
-        raise PathRefused(f"lora_path {rel!r}: absolute paths are refused; give a path relative to --adapters-dir")
-    if ".." in Path(rel).parts:
-        raise PathRefused(f"lora_path {rel!r}: '..' is refused; the path must stay inside --adapters-dir")
-    real_root = root.resolve()
-    target = (real_root / rel).resolve()
-    if target != real_root and real_root not in target.parents:
-        raise PathRefused(f"lora_path {rel!r} leads outside --adapters-dir (through a symlink)")
-    if not is_adapter_dir(target):
-        raise PathRefused(f"lora_path {rel!r}: no {CONFIG_NAME} + {WEIGHTS_NAME} there")
+        raise PathRefused("dynamic adapter loading needs --adapters-dir (the only root it may read from)", "lora_path")
+    shown = path if len(path) <= 80 else path[:77] + "..."
+    if "\x00" in path:
+        raise PathRefused(f"lora_path {shown!r} holds a NUL character", "lora_path")
+    if path.startswith("~"):
+        raise PathRefused(f"lora_path {shown!r}: '~' is not expanded; give a path inside --adapters-dir", "lora_path")
+    try:
+        real_root = root.resolve()
+        target = (real_root / path).resolve()  # an absolute path replaces the root
+        inside = target == real_root or real_root in target.parents
+        found = inside and is_adapter_dir(target)
+    except (OSError, ValueError, RuntimeError) as e:  # too long, a symlink loop, ...
+        raise PathRefused(f"lora_path {shown!r} cannot be opened: {e.strerror if isinstance(e, OSError) else e}",
+                          "lora_path") from None
+    if not inside:
+        raise PathRefused(f"lora_path {shown!r} leads outside --adapters-dir", "lora_path")
+    if not found:
+        raise PathRefused(f"lora_path {shown!r}: no {CONFIG_NAME} + {WEIGHTS_NAME} there", "lora_path")
     return target
 
 
@@ -151,19 +156,25 @@ class AdapterStore:
         return list(self.known)
 
     def info(self, name: str | None) -> AdapterInfo | None:
-        """None for the base model; :class:`UnknownAdapter` naming what exists for anything else unknown."""
+        """None for the base model; :class:`AdapterNotFound` naming what exists for anything else unknown."""
         if name == self.base_name:
             return None
         if name not in self.known:
-            raise UnknownAdapter(f"model {name!r} does not exist; available: {[self.base_name, *self.known]}")
+            raise AdapterNotFound(f"model {name!r} does not exist; available: {[self.base_name, *self.known]}")
         return self.known[name]
+
+    def num_classes(self, name: str | None) -> int:
+        """Outputs of the head that rows of ``name`` run: the adapter's own, else the base model's."""
+        info = self.known.get(name) if name is not None else None
+        own = info.num_classes if info is not None else None
+        return own if own is not None else self.model.config.num_labels
 
     # ----- engine thread only -------------------------------------------------------------------------------
     def ensure(self, name: str | None, pinned: set[str]) -> bool:
         """Load ``name`` if needed (evicting the least recently used adapter not in ``pinned``).
 
         Returns False when every loaded adapter is pinned (the caller retries later). Raises
-        :class:`AdapterLoadError` if the adapter cannot be loaded.
+        :class:`AdapterLoadFailed` if the adapter cannot be loaded.
         """
         if name is None:  # the base model
             return True
@@ -174,7 +185,7 @@ class AdapterStore:
             self.loaded.move_to_end(name)
             return True
         if info.error:
-            raise AdapterLoadError(f"adapter {name!r} cannot be loaded: {info.error}")
+            raise AdapterLoadFailed(f"adapter {name!r} cannot be loaded: {info.error}")
         while len(self.loaded) >= self.max_loaded:
             victim = next((n for n in self.loaded if n not in pinned), None)
             if victim is None:
@@ -184,7 +195,7 @@ class AdapterStore:
             load_adapter(self.model, info.path, adapter=name)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             info.error = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise AdapterLoadError(f"adapter {name!r} cannot be loaded: {info.error}") from None
+            raise AdapterLoadFailed(f"adapter {name!r} cannot be loaded: {info.error}") from None
         self.pool.add(name)
         self.loaded[name] = None
         return True
@@ -196,18 +207,18 @@ class AdapterStore:
             delete_adapter(self.model, name)
 
     def add(self, name: str, rel_path: str) -> AdapterInfo:
-        """Dynamic load: register ``name`` at ``rel_path`` below ``--adapters-dir`` (loaded on first use)."""
+        """Dynamic load: register ``name`` at ``rel_path`` inside ``--adapters-dir`` (loaded on first use)."""
         check_name(name)
         if name == self.base_name or name in self.known:
-            raise ValueError(f"adapter {name!r} already exists; unload it first")
+            raise InvalidRequest(f"adapter {name!r} already exists; unload it first", "lora_name")
         info = describe(name, resolve_inside(self.adapters_dir, rel_path))
         self.known[name] = info
         return info
 
     def remove(self, name: str, in_use: set[str]) -> None:
         if name == self.base_name or name not in self.known:
-            raise UnknownAdapter(f"adapter {name!r} does not exist; available: {list(self.known)}")
+            raise AdapterNotFound(f"adapter {name!r} does not exist; available: {list(self.known)}", "lora_name")
         if name in in_use:
-            raise ValueError(f"adapter {name!r} is running requests; retry when they finish")
+            raise Conflict(f"adapter {name!r} is running requests; retry when they finish", "lora_name")
         self.evict(name)
         del self.known[name]

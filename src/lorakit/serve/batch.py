@@ -4,7 +4,7 @@ Each row is one request. The batch holds one KV cache for all rows, left-padded 
 ``W`` (keys/values ``(b, heads, W, head_dim)`` per layer) with an attention mask ``(b, W)`` that is 0 on
 padding; row ``i``'s next position is its own count of real tokens. New rows are prefilled together
 (left-padded) and their caches concatenated onto the batch; finished rows are dropped and all-padding
-columns trimmed. Rows keep their own sampling state (seeded generator, temperature, top-p).
+columns trimmed. Rows keep their own sampling state (``sampling.RowSampler``).
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def cache_argument(model) -> str:
-    """The forward's name for the KV cache: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
+def accepts(model, argument: str) -> bool:
+    """Whether the model's forward takes ``argument``."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return argument in inspect.signature(model.forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
+    return "cache" if accepts(model, "cache") else "past_key_values"
 
 
 def output_cache(out):
@@ -76,15 +81,3 @@ def select(tensors: list, mask: Tensor, keep: list[int]) -> tuple[list, Tensor]:
     mask = mask[idx]
     first = int(mask.any(0).nonzero()[0]) if mask.any() else mask.shape[1]
     return [(k[idx, :, first:], v[idx, :, first:]) for k, v in tensors], mask[:, first:]
-
-
-def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise softmax(logits / T) restricted to the top-p nucleus."""
-    if temperature == 0.0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))

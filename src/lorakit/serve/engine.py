@@ -9,8 +9,9 @@ Loop (one iteration = one token step)::
 
 A request that arrives during a long generation joins at the next step and leaves when it is done.
 Every forward runs row ``i`` with its own adapter through the resident pool (:mod:`lorakit.ops.pool`):
-a new batch composition costs an index. Callers get events through the ``emit`` callback they pass,
-called on the engine thread.
+a new batch composition costs an index. Every job's results come back as typed events put into its
+``results`` sink (:mod:`lorakit.serve.jobs`); failures are typed errors (:mod:`lorakit.serve.errors`).
+Token ids in, token ids out: tokenizing, detokenizing and stop strings belong to the front object.
 """
 
 from __future__ import annotations
@@ -20,90 +21,53 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 import torch
 
 from . import batch as B
-from .adapters import AdapterLoadError, AdapterStore, UnknownAdapter
+from .adapters import AdapterStore
+from .errors import InternalError, Overloaded, ServeError
+from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled, Scores, Value
+from .metrics import ServeMetrics
+from .sampling import RowSampler, logprobs_of
 
 log = logging.getLogger("lorakit.serve")
-
-
-@dataclass
-class Event:
-    kind: str  # "text" (a new piece of text), "done", "error"
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    status: int = 200
-    message: str = ""
-
-
-@dataclass(eq=False)
-class GenJob:
-    adapter: str | None
-    prompt_ids: list[int]
-    max_tokens: int
-    emit: object  # Callable[[Event], None]
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    submitted: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False  # set from any thread: the row is dropped at the next step
-    generated: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of text already emitted
-    generator: torch.Generator | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass(eq=False)
-class ClsJob:
-    adapter: str | None
-    inputs: list[list[int]]
-    future: Future
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
 
 class Engine:
     """Scheduler over an :class:`AdapterStore`'s model; ``start()`` runs it on its own thread."""
 
-    def __init__(self, store: AdapterStore, tokenizer, task: str, max_batch_size: int = 32, metrics=None):
+    def __init__(self, store: AdapterStore, task: str, pad_id: int = 0, eos_ids: set[int] | None = None,
+                 max_batch_size: int = 32, metrics=None):
         if max_batch_size < 1:
             raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-        self.store, self.tokenizer, self.task = store, tokenizer, task
+        self.store, self.task = store, task
         self.model = store.model
         self.max_batch_size = max_batch_size
-        self.metrics = metrics or _NoMetrics()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos_ids = {tokenizer.eos_token_id} - {None}
-        if getattr(self.model.config, "eos_token_id", None) is not None:
-            eos = self.model.config.eos_token_id
+        self.metrics = metrics or ServeMetrics()
+        self.pad_id = pad_id
+        self.eos_ids = set(eos_ids or ())
+        eos = getattr(self.model.config, "eos_token_id", None)
+        if eos is not None:
             self.eos_ids |= set(eos if isinstance(eos, list) else [eos])
         self.incoming: queue.Queue = queue.Queue()
         self.waiting: deque[GenJob] = deque()
         self.classify_waiting: list[ClsJob] = []
         self.rows: list[GenJob] = []
         self._admitting: list[GenJob] = []  # taken from ``waiting``, being prefilled
+        self._classifying: list[ClsJob] = []  # in the classification forward now
         self.cache = None
         self.mask: torch.Tensor | None = None
         self._rows_ctx = ExitStack()
         self._rows_names: list | None = None
         self._stopping = False
         self._cache_arg = B.cache_argument(self.model)
+        self._keep_arg = B.accepts(self.model, "logits_to_keep")
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._lanes = {"generate": self.waiting.append, "classify": self.classify_waiting.append,
+                       "command": self._command}
 
     # ----- any thread ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -117,16 +81,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, job: GenJob | ClsJob) -> None:
+    def submit(self, job: GenJob | ClsJob | CommandJob) -> None:
         if self._stopping:
-            raise RuntimeError("the server is shutting down")
+            raise Overloaded("the server is shutting down")
         self.incoming.put(job)
-
-    def call(self, fn) -> Future:
-        """Run ``fn()`` on the engine thread between steps (adapter loads and unloads)."""
-        fut: Future = Future()
-        self.incoming.put((fn, fut))
-        return fut
 
     def busy_adapters(self) -> set[str]:
         return {j.adapter for j in [*self.rows, *self.waiting] if j.adapter is not None}
@@ -159,21 +117,22 @@ class Engine:
         except queue.Empty:
             return
         while True:
-            if isinstance(item, GenJob):
-                self.waiting.append(item)
-            elif isinstance(item, ClsJob):
-                self.classify_waiting.append(item)
-            elif isinstance(item, tuple):
-                fn, fut = item
-                self._set_rows(None)
-                try:
-                    fut.set_result(fn())
-                except Exception as e:  # noqa: BLE001 -- handed to the caller
-                    fut.set_exception(e)
+            if item is not None:
+                self._lanes[item.lane](item)
             try:
                 item = self.incoming.get_nowait()
             except queue.Empty:
                 return
+
+    def _command(self, job: CommandJob) -> None:
+        self._set_rows(None)  # a command may change the pool under the entered composition
+        try:
+            job.results.put(Value(job.fn()))
+        except ServeError as e:
+            job.results.put(Failed(e))
+        except Exception as e:  # noqa: BLE001 -- a bug in a command fails that command
+            log.exception("engine command failed")
+            job.results.put(Failed(InternalError(f"internal error: {type(e).__name__}: {e}")))
 
     def _set_rows(self, names: list | None) -> None:
         """Enter ``pool.rows(names)`` unless that composition is already entered (None: leave it)."""
@@ -192,59 +151,57 @@ class Engine:
             self._set_rows(None)  # the pool is about to change under the entered composition
         try:
             return self.store.ensure(job.adapter, pinned)
-        except UnknownAdapter as e:
-            self._fail(job, 404, str(e.args[0]))
-        except AdapterLoadError as e:
-            self._fail(job, 500, str(e))
+        except ServeError as e:
+            job.results.put(Failed(e))
         return None
-
-    def _fail(self, job, status: int, message: str) -> None:
-        if isinstance(job, ClsJob):
-            job.future.set_exception(AdapterLoadError(message) if status == 500 else UnknownAdapter(message))
-        else:
-            job.emit(Event("error", status=status, message=message))
 
     def _fail_all(self, e: Exception) -> None:
         self._set_rows(None)
-        message = f"internal error: {type(e).__name__}: {e}"
-        for job in self.rows + self._admitting:
-            job.emit(Event("error", status=500, message=message))
-        for job in self.classify_waiting:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError(message))
-        self.rows, self._admitting, self.classify_waiting, self.cache, self.mask = [], [], [], None, None
+        error = InternalError(f"internal error: {type(e).__name__}: {e}")
+        for job in self.rows + self._admitting + self._classifying:
+            job.results.put(Failed(error))
+        self.rows, self._admitting, self._classifying, self.cache, self.mask = [], [], [], None, None
 
     # ----- classification --------------------------------------------------------------------------------
     def _classify(self) -> None:
         while self.classify_waiting:
-            jobs, n = [], 0
-            pinned = {j.adapter for j in self.rows if j.adapter}
-            for job in list(self.classify_waiting):
-                if jobs and n + len(job.inputs) > self.max_batch_size:
-                    break
-                ready = self._ensure(job, pinned)
-                if ready is False:
-                    break
-                self.classify_waiting.remove(job)
-                if ready:
-                    jobs.append(job)
-                    n += len(job.inputs)
-                    pinned.add(job.adapter)
+            jobs = self._classify_batch()
             if not jobs:
                 return
+            self._classifying = jobs
             names = [job.adapter for job in jobs for _ in job.inputs]
             seqs = [ids for job in jobs for ids in job.inputs]
             width = max(len(s) for s in seqs)
             ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
             self._set_rows(names)
-            probs = torch.softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (b, widest head)
             self.metrics.batch(len(seqs), "classify")
             start = 0
             for job in jobs:
                 self.metrics.queued(time.perf_counter() - job.submitted)
-                job.future.set_result(probs[start:start + len(job.inputs)].tolist())
+                width = self.store.num_classes(job.adapter)  # heads narrower than the widest are zero-padded
+                rows = logits[start:start + len(job.inputs), :width]
+                job.results.put(Scores((rows if width == 1 else torch.softmax(rows, -1)).tolist()))
                 start += len(job.inputs)
+            self._classifying = []
+
+    def _classify_batch(self) -> list[ClsJob]:
+        """Waiting jobs, in order, up to ``max_batch_size`` inputs whose adapters are loaded."""
+        jobs, n = [], 0
+        pinned = {j.adapter for j in self.rows if j.adapter}
+        for job in list(self.classify_waiting):
+            if jobs and n + len(job.inputs) > self.max_batch_size:
+                break
+            ready = self._ensure(job, pinned)
+            if ready is False:
+                break
+            self.classify_waiting.remove(job)
+            if ready:
+                jobs.append(job)
+                n += len(job.inputs)
+                pinned.add(job.adapter)
+        return jobs
 
     # ----- generation ------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -269,15 +226,9 @@ class Engine:
         self._admitting = new
         for job in new:
             self.metrics.queued(time.perf_counter() - job.submitted)
-            if job.temperature > 0:
-                job.generator = torch.Generator()
-                job.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
-        ids, mask = B.left_pad([j.prompt_ids for j in new], self.pad_id)
-        self._set_rows([j.adapter for j in new])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=B.positions(mask), use_cache=True)
-        self.metrics.batch(len(new), "prefill")
-        tensors = B.cache_tensors(B.output_cache(out))
-        keep = [i for i, job in enumerate(new) if not self._advance(job, out.logits[i, -1])]
+            job.sampler = RowSampler(job.sampling, job.prompt_ids, self.eos_ids)
+        logits, tensors, mask = self._prefill(new)
+        keep = [i for i, job in enumerate(new) if not self._first(job, logits[i], len(job.prompt_ids))]
         self._admitting = []
         if not keep:
             return
@@ -286,6 +237,28 @@ class Engine:
             tensors, mask = B.concat((B.cache_tensors(self.cache), self.mask), (tensors, mask))
         self.rows += [new[i] for i in keep]
         self.cache, self.mask = B.make_cache(tensors), mask
+
+    def _prefill(self, new: list[GenJob]):
+        """One forward over the new rows' prompts, left-padded: logits ``(b, T or 1, V)``, KV tensors, mask."""
+        ids, mask = B.left_pad([j.prompt_ids for j in new], self.pad_id)
+        self._set_rows([j.adapter for j in new])
+        every = any(job.sampling.prompt_logprobs is not None for job in new)
+        last = {} if every or not self._keep_arg else {"logits_to_keep": 1}  # lm_head on the last column only
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=B.positions(mask), use_cache=True, **last)
+        self.metrics.batch(len(new), "prefill")
+        return out.logits, B.cache_tensors(B.output_cache(out)), mask
+
+    def _first(self, job: GenJob, logits: torch.Tensor, n: int) -> bool:
+        """After the prefill (``logits (T, V)``, the prompt in the last ``n`` columns): the prompt's logprobs
+        if asked, then the first token; True when the job is finished."""
+        k = job.sampling.prompt_logprobs
+        if k is not None and not job.cancelled:
+            lps, top = logprobs_of(logits[-n:-1], torch.tensor(job.prompt_ids[1:], dtype=torch.long), k)
+            job.results.put(PromptScored([None, *lps], [None, *top] if top is not None else None))
+        if job.max_tokens == 0 and not job.cancelled:
+            job.results.put(Finished("length"))
+            return True
+        return self._advance(job, logits[-1])
 
     def _step(self) -> None:
         live = [i for i, job in enumerate(self.rows) if not job.cancelled]
@@ -302,7 +275,9 @@ class Engine:
         self.cache = B.output_cache(out)
         self.steps += 1
         self.metrics.batch(len(self.rows), "decode")
-        keep = [i for i, job in enumerate(self.rows) if not self._advance(job, out.logits[i, -1])]
+        logits = out.logits[:, -1]
+        argmax = logits.argmax(-1).tolist()  # the fast path's tokens, every row at once
+        keep = [i for i, job in enumerate(self.rows) if not self._advance(job, logits[i], argmax[i])]
         if len(keep) < len(self.rows):
             self._drop(keep)
 
@@ -315,32 +290,22 @@ class Engine:
             self.cache = self.mask = None
         self.rows = rows
 
-    def _advance(self, job: GenJob, logits: torch.Tensor) -> bool:
-        """Sample the job's next token and emit its new text; True when the job is finished."""
+    def _advance(self, job: GenJob, logits: torch.Tensor, argmax: int | None = None) -> bool:
+        """Pick the job's next token and put it in its results; True when the job is finished."""
         if job.cancelled:
             return True
-        token = B.sample(logits, job.temperature, job.top_p, job.generator)
-        finish = None
-        if token in self.eos_ids:
-            finish = "stop"
-        else:
-            job.generated.append(token)
+        pick = job.sampler.pick(logits, argmax)
         self.metrics.tokens("completion", 1)
-        text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-        elif finish is None and len(job.generated) >= job.max_tokens:
-            finish = "length"
-        if finish is None:  # hold back what may be the start of a stop string or an incomplete character
-            hold = max((len(s) - 1 for s in job.stop), default=0)
-            ready = len(text) - hold if not text.endswith("\ufffd") else text.rfind("\ufffd")
-            if ready > job.sent:
-                job.emit(Event("text", text=text[job.sent:ready]))
-                job.sent = ready
-            return False
-        if len(text) > job.sent:
-            job.emit(Event("text", text=text[job.sent:]))
-        job.emit(Event("done", text=text, finish_reason=finish, prompt_tokens=len(job.prompt_ids),
-                       completion_tokens=len(job.generated)))
-        return True
+        if pick.token in job.sampler.stop_ids:
+            job.results.put(Finished("stop"))
+            return True
+        job.sampler.accept(pick.token)
+        job.generated.append(pick.token)
+        job.results.put(Sampled(pick.token, pick.logprob, pick.top))
+        if job.sampler.done:  # e.g. the JSON of a constrained row is complete: ended as EOS would
+            job.results.put(Finished("stop"))
+            return True
+        if len(job.generated) >= job.max_tokens:
+            job.results.put(Finished("length"))
+            return True
+        return False

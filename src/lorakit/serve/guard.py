@@ -8,13 +8,14 @@ whether the client announced the size (``Content-Length``) or streamed it.
 from __future__ import annotations
 
 import hmac
-import json
+
+from .protocol import ErrorBody, ErrorResponse
 
 OPEN_PATHS = ("/health", "/")
 
 
 async def _send_error(send, status: int, message: str, kind: str, extra_headers=()) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status)).model_dump_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -37,6 +37,7 @@ __all__ = [
     "TaskData",
     "collate",
     "default_data_dir",
+    "label_names_in",
     "read_records",
     "resolve_splits",
 ]
@@ -85,6 +86,32 @@ class TaskData:
 def default_data_dir() -> Path:
     """Directory of the packaged SST-2 slice (``train.tsv`` + ``dev.tsv``) used by the demo."""
     return Path(__file__).resolve().parent.parent / "data" / "sst2"
+
+
+LABELS_FILE = "labels.txt"
+"""In a data directory: the class names, one per line, class ``i`` on line ``i + 1``."""
+
+
+def label_names_in(path: str | Path) -> list[str] | None:
+    """The class names a data directory declares in :data:`LABELS_FILE` (None: no such file, or a file path).
+
+    Integer labels then index into them (the packaged SST-2: ``0`` negative, ``1`` positive), so the adapter
+    records names rather than ``0``/``1``.
+
+    Raises:
+        DataError: the file is empty, has a blank line, or names a class twice.
+    """
+    file = Path(path) / LABELS_FILE
+    if not Path(path).is_dir() or not file.is_file():
+        return None
+    names = _read_text(file).splitlines()
+    blank = next((i + 1 for i, n in enumerate(names) if not n.strip()), None)
+    if not names or blank is not None:
+        raise DataError(f"{file}: {'empty' if not names else f'line {blank} is blank'}; write one class name a line")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{file}: class names {repeated} appear more than once")
+    return [n.strip() for n in names]
 
 
 def resolve_splits(path: str | Path) -> dict[str, Path]:

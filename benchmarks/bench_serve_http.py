@@ -1,0 +1,190 @@
+"""``lorakit serve`` measured through HTTP, as a client sees it, beside transformers' own batched ``generate()``.
+
+    python benchmarks/bench_serve_http.py                 # ~3 min on a quiet 2-core machine
+    python benchmarks/bench_serve_http.py --reps 5 --out results.json
+
+A random-init LLaMA (hidden 256, 4 layers, vocab 1,000, no end-of-sequence token: every request runs to
+``max_tokens``) and ``--adapters`` random adapters (r=8 on q,k,v,o) are saved to a temporary folder; the
+server runs in a subprocess (``lorakit serve``, ``--max-batch-size`` = clients) with one torch thread, and
+``--clients`` concurrent clients (httpx, asyncio, in this process) each send one ``/v1/completions`` request:
+a 16-word text prompt, ``max_tokens`` 32, greedy, ``ignore_eos`` (as vLLM's benchmark clients send it). Variants, in rotating order each round:
+
+- ``generate``: ``model.generate()`` of transformers on the same base weights, all prompts in one batch
+  (left-padded), one thread, greedy, ``max_new_tokens`` 32: the throughput a batched offline run reaches;
+- ``base``: every request names the base model;
+- ``single``: every request names the same adapter;
+- ``mixed``: request ``i`` names adapter ``i % adapters``.
+
+Throughput is generated tokens / wall seconds from the first request sent to the last answer received.
+Each ratio is reported best-of-rounds and round by round (the variants of a round run seconds apart), so the
+spread shows the machine's noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_serve import add_adapters, llama  # noqa: E402
+
+PROMPT_WORDS = 16
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer with ``vocab`` entries (``w3`` ... ``w999``; pad/unk/eos first): one token a word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def save_setup(root: Path, adapters: int) -> tuple[Path, Path, list[str]]:
+    import lorakit
+
+    model = llama(256, 4)
+    model.config.eos_token_id = None  # every request generates max_tokens: the same work in every variant
+    model.config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(root / "base")
+    word_tokenizer(model.config.vocab_size).save_pretrained(root / "base")
+    names = add_adapters(model, adapters)
+    for name in names:
+        lorakit.save_adapter(model, root / "adapters", adapter=name)
+    return root / "base", root / "adapters", names
+
+
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (PROMPT_WORDS,), generator=g).tolist() for _ in range(n)]
+
+
+def start_server(base: Path, adapters: Path, port: int, batch: int, n_adapters: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "lorakit.cli.main", "serve", "--model", str(base), "--adapters-dir", str(adapters),
+           "--port", str(port), "--max-batch-size", str(batch), "--max-loaded-adapters", str(n_adapters)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if (await client.get(url + "/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("the server did not start in 120 s")
+
+
+async def burst(url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
+    """All requests at once; generated tokens per second from the first send to the last answer."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(models), max_keepalive_connections=len(models))
+    async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+        async def one(model, text):
+            r = await client.post(url + "/v1/completions", json={"model": model, "prompt": text,
+                                                                 "max_tokens": max_tokens, "temperature": 0,
+                                                                 "ignore_eos": True})
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(m, t) for m, t in zip(models, texts, strict=True)))
+        wall = time.perf_counter() - t0
+    if sum(tokens) != len(models) * max_tokens:
+        raise RuntimeError(f"{sum(tokens)} tokens generated, expected {len(models) * max_tokens}")
+    return sum(tokens) / wall
+
+
+def generate_throughput(model, ids: list[list[int]], max_tokens: int) -> float:
+    batch = torch.tensor(ids)  # every prompt has PROMPT_WORDS tokens: no padding needed
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False)
+    wall = time.perf_counter() - t0
+    assert out.shape == (len(ids), PROMPT_WORDS + max_tokens)
+    return len(ids) * max_tokens / wall
+
+
+def run(args) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters_dir, names = save_setup(Path(tmp), args.adapters)
+        offline = LlamaForCausalLM.from_pretrained(base).eval()
+        ids = prompts(args.clients, offline.config.vocab_size)
+        texts = [" ".join(f"w{i}" for i in row) for row in ids]
+        port = args.port
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(base, adapters_dir, port, args.clients, args.adapters)
+        try:
+            asyncio.run(wait_ready(url, proc))
+            variants = {
+                "generate": lambda: generate_throughput(offline, ids, args.tokens),
+                "base": lambda: asyncio.run(burst(url, ["base"] * args.clients, texts, args.tokens)),
+                "single": lambda: asyncio.run(burst(url, [names[0]] * args.clients, texts, args.tokens)),
+                "mixed": lambda: asyncio.run(burst(url, [names[i % len(names)] for i in range(args.clients)],
+                                                   texts, args.tokens)),
+            }
+            for v in variants.values():  # warm-up: loads every adapter, first-call costs
+                v()
+            res = {k: [] for k in variants}
+            keys = list(variants)
+            for rep in range(args.reps):
+                for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+                    res[k].append(variants[k]())
+                print(rep, {k: round(v[-1], 1) for k, v in res.items()}, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    best = {k: round(max(v), 1) for k, v in res.items()}
+    return {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()},
+            "base / generate": round(best["base"] / best["generate"], 3),
+            "base / generate by round": [round(b / g, 3) for b, g in zip(res["base"], res["generate"], strict=True)],
+            "mixed / single": round(best["mixed"] / best["single"], 3),
+            "mixed / single by round": [round(m / s, 3) for m, s in zip(res["mixed"], res["single"], strict=True)],
+            "config": vars(args)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=64, help="concurrent requests (and the server's batch size)")
+    p.add_argument("--tokens", type=int, default=32, help="max_tokens of each request")
+    p.add_argument("--adapters", type=int, default=8, help="adapters served; mixed traffic cycles through them")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    out = run(args)
+    print(json.dumps(out, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
