@@ -19,6 +19,10 @@ independent of how many adapters are resident) and the update is the BGMV pair o
 
 When every row runs one adapter the slot's matrices are used directly (the one-adapter speed).
 
+DoRA adapters are pooled too: the base is frozen, so each one's per-output factor ``m / ||W0 + s·B·A||`` is
+computed once, at :meth:`AdapterPool.add`, and kept in ``S_t: (slots + 1, d)`` (1 elsewhere); a batch with
+DoRA rows applies it per row (:func:`lorakit.ops.per_row.scaled_output`), a batch without skips it.
+
 The pool is a snapshot for inference: if an adapter's weights change after :meth:`AdapterPool.add`,
 call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
 convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference).
