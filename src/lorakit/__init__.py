@@ -24,6 +24,7 @@ from .core.model import (
     unmerge,
     use_adapter,
 )
+from .hotswap import hotswap_adapter, prepare_for_hotswap
 from .ops.combine import combine_adapters
 from .ops.per_row import per_row_adapters
 from .variants import AdaLoraAllocator, AdaLoraConfig, loraplus_param_groups, merge_errors, quantize
@@ -48,6 +49,8 @@ __all__ = [
     "use_adapter",
     "per_row_adapters",
     "combine_adapters",
+    "prepare_for_hotswap",
+    "hotswap_adapter",
     "lora_state_dict",
     "save_adapter",
     "load_adapter",

@@ -150,6 +150,35 @@ def num_labels_in(tensors: dict) -> int | None:
     return None
 
 
+def add_vocabulary(model: nn.Module, tokenizer, tokens: list[str]) -> dict[str, int]:
+    """Add ``tokens`` to ``tokenizer`` as special tokens (kept whole, never split) and grow ``model``'s embeddings
+    (and a tied head) to the new vocabulary; the new rows start as the mean row (transformers' resize).
+    Returns token -> id, for ``trainable_token_indices``. Tokens already known keep their id."""
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+
+
+def rebuild_vocabulary(model: nn.Module, tokenizer, metadata: list[dict]) -> None:
+    """Before adapters with trainable tokens load: add the tokens they record (checked to get the same ids) and
+    grow the embeddings to the recorded vocabulary size. ``metadata``: each adapter's lorakit metadata."""
+    wanted: dict[str, int] = {}
+    for meta in metadata:
+        for token, i in (meta.get("added_tokens") or {}).items():
+            if wanted.setdefault(token, i) != i:
+                raise ModelError(f"the adapters record token {token!r} with ids {wanted[token]} and {i}")
+    if wanted:
+        tokenizer.add_tokens(sorted(wanted, key=wanted.get), special_tokens=True)
+        for token, i in wanted.items():
+            if (found := tokenizer.convert_tokens_to_ids(token)) != i:
+                raise ModelError(f"the adapter was trained with token {token!r} as id {i}, this base tokenizer gives it "
+                                 f"id {found}: not the tokenizer it was trained with (pass its base with --model)")
+    size = max([meta.get("vocab_size") or 0 for meta in metadata] + [len(tokenizer) if wanted else 0])
+    if size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(size)
+
+
 def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None, quantize: str | None = "auto"):
     """Base model (``model`` or the adapter's ``base_model_name_or_path``) + tokenizer + the adapter.
 
@@ -172,6 +201,7 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None,
     tokenizer = load_tokenizer(base)
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
+    rebuild_vocabulary(net, tokenizer, [raw[LORAKIT_KEY]])  # tokens the adapter added (lorakit train --add-tokens)
     load_adapter(net, adapter)
     quantize_base(net, quantization)
     return net.eval(), tokenizer, task

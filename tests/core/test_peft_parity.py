@@ -289,3 +289,77 @@ def test_lorakit_adapter_gives_the_same_outputs_in_peft(case, tmp_path):
     lorakit.save_adapter(model, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(_base(case[1]), tmp_path).eval()
     torch.testing.assert_close(peft_model(x), model(x), **FP32)
+
+
+# ----- trainable tokens (PEFT's trainable_token_indices / TRAINABLE_TOKENS), both directions --------------------
+TOKEN_IDS = [3, 5, 17]
+TOKEN_CASES = {  # name: (tied embeddings, PEFT config kwargs or None for TRAINABLE_TOKENS alone)
+    "lora+tokens-tied": (True, {"target_modules": ["q_proj"], "trainable_token_indices": TOKEN_IDS}),
+    "lora+tokens-untied": (False, {"target_modules": ["v_proj"],
+                                   "trainable_token_indices": {"embed_tokens": TOKEN_IDS, "lm_head": [4, 6]}}),
+    "tokens-alone-tied": (True, None),
+}
+
+
+def _llama(tied):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _token_input():
+    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    x[0, :5] = torch.tensor([3, 5, 17, 4, 6])
+    return x
+
+
+def _peft_token_model(name):
+    peft = pytest.importorskip("peft")
+    tied, kwargs = TOKEN_CASES[name]
+    cfg = peft.TrainableTokensConfig(token_indices=TOKEN_IDS) if kwargs is None else \
+        peft.LoraConfig(r=4, init_lora_weights=False, **kwargs)
+    model = peft.get_peft_model(_llama(tied), cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def _lorakit_token_model(name):
+    tied, kwargs = TOKEN_CASES[name]
+    kwargs = kwargs or {"target_modules": [], "trainable_token_indices": TOKEN_IDS}
+    model = lorakit.add_lora(_llama(tied), lorakit.LoraConfig(r=4, **kwargs))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT warns about tied embeddings
+@pytest.mark.parametrize("name", list(TOKEN_CASES))
+def test_token_adapters_move_both_ways_with_equal_outputs(name, tmp_path):
+    import json
+
+    x = _token_input()
+    theirs = _peft_token_model(name)
+    theirs.save_pretrained(tmp_path / "peft")
+    model = _llama(TOKEN_CASES[name][0])
+    lorakit.load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(model(x).logits, theirs(x).logits, **FP32)
+    merged = lorakit.unload(copy.deepcopy(model), merge=True)
+    torch.testing.assert_close(merged(x).logits, theirs.merge_and_unload()(x).logits, **FP32)
+
+    ours = _lorakit_token_model(name)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["peft_type"] == ("LORA" if TOKEN_CASES[name][1] else "TRAINABLE_TOKENS")
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(_llama(TOKEN_CASES[name][0]), tmp_path / "ours").eval()
+    torch.testing.assert_close(loaded(x).logits, ours(x).logits, **FP32)
+    assert not torch.allclose(ours(x).logits, _llama(TOKEN_CASES[name][0])(x).logits, **FP32)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.checkpoint import load_adapter, read_adapter
     from ..core.config import LORAKIT_KEY
-    from ..models import base_quantization_for, load_model, load_tokenizer, quantize_base
+    from ..models import base_quantization_for, load_model, load_tokenizer, quantize_base, rebuild_vocabulary
     from ..ops.per_row import per_row_adapters
     from ..train.evaluate import generate_texts
 
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = load_model(base, "sft").eval()
     tokenizer = load_tokenizer(base)
+    rebuild_vocabulary(model, tokenizer, [read_adapter(path)[1][LORAKIT_KEY] for _, path in adapters])
     for name, path in adapters:
         load_adapter(model, path, adapter=name)
     quantize_base(model, quantization)

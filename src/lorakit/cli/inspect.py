@@ -46,6 +46,7 @@ def describe(path: str | Path) -> dict:
         layers.append({"module": module, "rank": r, "scaling": scaling, "delta_norm": delta_norm,
                        "params": A.numel() + B.numel()})
     size = sum(f.stat().st_size for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
+    meta = raw[LORAKIT_KEY]
     return {
         "path": str(path),
         "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias",
@@ -56,7 +57,26 @@ def describe(path: str | Path) -> dict:
         "lora_parameters": sum(layer["params"] for layer in layers),
         "size_bytes": size,
         "layers": layers,
+        "trainable_tokens": _token_rows(config, tensors, meta),
     }
+
+
+def _token_rows(config, tensors: dict, meta: dict) -> list[dict]:
+    """Per layer with trainable tokens: its path, the trained ids, how many rows, ||rows||, and the tokens the
+    adapter added to the tokenizer (``lorakit train --add-tokens``)."""
+    from ..core.config import module_matches
+    from ..variants.tokens import LORA_KEY
+
+    spec = config.trainable_token_indices
+    out = []
+    for key in sorted(k for k in tensors if k.endswith("." + LORA_KEY)):
+        module = key.removeprefix("base_model.model.").removesuffix("." + LORA_KEY)
+        ids = spec if isinstance(spec, list) else next((v for k, v in (spec or {}).items() if module_matches(module, k)),
+                                                       None)
+        out.append({"module": module, "ids": ids, "rows": tensors[key].shape[0],
+                    "norm": torch.linalg.matrix_norm(tensors[key].float()).item(),
+                    "added_tokens": meta.get("added_tokens"), "vocab_size": meta.get("vocab_size")})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,4 +96,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'module':<{width}}  rank  scaling   ||B·A||·s")
     for layer in info["layers"]:
         print(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>7.3f}  {layer['delta_norm']:>10.4g}")
+    for t in info["trainable_tokens"]:
+        added = f", added to the tokenizer: {', '.join(t['added_tokens'])}" if t["added_tokens"] else ""
+        print(f"\ntrainable tokens  {t['module']}: {t['rows']} rows, ids {t['ids']}, ||rows|| {t['norm']:.4g}, "
+              f"vocabulary {t['vocab_size']}{added}")
     return 0

@@ -105,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", help="comma list of module names, a regex, or all-linear "
                    "(default: the architecture's query,value)")
     g.add_argument("--exclude-modules", help="comma list of module names never adapted")
+    g.add_argument("--add-tokens", metavar="TOKENS", help="comma list of tokens to add to the tokenizer (special "
+                   "tokens, e.g. '<|im_start|>,<|im_end|>'): the embeddings grow and only these rows of them train "
+                   "(trainable tokens), beside LoRA; with --target-modules none, alone")
     g.add_argument("--slices", action="append", type=slice_mask, metavar="MODULE=MASK",
                    help="adapt a fused projection on some output slices only (repeatable): c_attn=1,0,1 is GPT-2's "
                    "q and v but not k, as in the paper")
@@ -138,6 +141,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _names(value: str | list | None) -> list[str] | str | None:
     if value is None or isinstance(value, list):
         return value
+    if value.strip().lower() == "none":
+        return []  # --target-modules none: no LoRA layer (trainable tokens alone)
     if value == "all-linear" or any(c in value for c in "()[]*+?\\|^$"):
         return value  # a regex or all-linear
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -227,8 +232,24 @@ def _check_lora_options(args: argparse.Namespace) -> None:
     LoRA flag added later is checked with no code here. The real config is built after the model loads."""
     lists = ("target_modules", "exclude_modules", "modules_to_save")
     convert = {**dict.fromkeys(lists, _names), "slices": slice_masks}
+    tokens = added_tokens(args.add_tokens)
+    if _names(args.target_modules) == [] and args.target_modules.strip().lower() == "none" and not tokens:
+        raise UsageError("--target-modules none adapts nothing without --add-tokens")
+    if tokens and args.method == "adalora":
+        raise UsageError("--add-tokens is not supported with --method adalora")
     LoraConfig(**{f.name: convert.get(f.name, lambda v: v)(value) for f in dataclasses.fields(LoraConfig)
-                  if (value := getattr(args, f.name, None)) is not None})
+                  if (value := getattr(args, f.name, None)) is not None},
+               trainable_token_indices=[0] if tokens else None)  # the ids are known once the tokenizer loads
+
+
+def added_tokens(value: str | None) -> list[str]:
+    """``--add-tokens "<a>,<b>"`` -> ``["<a>", "<b>"]`` (stripped, duplicates dropped); an empty list is an error."""
+    if value is None:
+        return []
+    tokens = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    if not tokens:
+        raise UsageError(f"--add-tokens {value!r} names no token")
+    return tokens
 
 
 def _first_readable_state(checkpoints: list[Path]):
@@ -262,11 +283,12 @@ def _train(args: argparse.Namespace, say) -> int:
     import torch
 
     from .. import add_lora, quantize, save_adapter, trainable_parameters
-    from ..models import default_model_path, load_model, load_tokenizer
+    from ..models import add_vocabulary, default_model_path, load_model, load_tokenizer
     from ..train.data import collate, default_data_dir, label_names_in, resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_perplexity
     from ..train.loop import batches_per_epoch, train
     from ..train.tasks import load_task_data
+    from ..variants.tokens import record_added_tokens
 
     t0 = time.perf_counter()
     rank = _adalora_rank(args)
@@ -277,6 +299,8 @@ def _train(args: argparse.Namespace, say) -> int:
     if "train" not in splits:
         raise FileNotFoundError(f"--data {args.data}: no train file found")
     tokenizer = load_tokenizer(model_path)
+    tokens = added_tokens(args.add_tokens)
+    tokenizer.add_tokens(tokens, special_tokens=True)  # before the data is tokenized: each is one token
     kw = {"max_length": args.max_length}
     names = label_names_in(args.data or default_data_dir()) if args.task == "classification" else None
     if names:  # the data folder's labels.txt: integer labels index into it
@@ -290,6 +314,7 @@ def _train(args: argparse.Namespace, say) -> int:
     model = load_model(model_path, args.task, label_names=train_data.label_names)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    token_ids = add_vocabulary(model, tokenizer, tokens) if tokens else {}
     lora = (AdaLoraConfig if args.method == "adalora" else LoraConfig)(
         r=rank, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
@@ -297,11 +322,14 @@ def _train(args: argparse.Namespace, say) -> int:
         modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"
                                                          else None),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
+        trainable_token_indices=sorted(set(token_ids.values())) or None,
     )
     if args.convert_to_lora and (lora.init in ("kaiming", "gaussian") or lora.init.startswith("loftq")):
         raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight by a residual (pissa, "
                          f"olora...), got {lora.init!r}")
     add_lora(model, lora)
+    if token_ids:  # saved with the adapter: generate / eval / merge add them to the base tokenizer again
+        record_added_tokens(model, token_ids)
     if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
         quantize(model, **PRESETS[args.quantize])
     batches_per_epoch(len(train_examples), train_cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -30,7 +30,7 @@ from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraLayer, changed_base, plain_lora_pair
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
-from .tables import INITIALIZERS, PEFT_TYPES, QUANTIZATIONS, parse_init
+from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
 from .targets import find_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -99,6 +99,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     peft, meta = _peft_config(model, config, adapter)
     if convert_to_lora:
         peft, meta = converted_config(model, adapter, peft, meta)
+    for write_as in PEFT_WRITERS:  # another PEFT format where it applies (trainable tokens alone)
+        if (converted := write_as(peft, tensors)) is not None:
+            peft, tensors = converted
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -112,14 +115,16 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     The metadata (base fingerprint, fused slices, class names) sits in the safetensors header's
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
-    paths = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    paths = [p for p, m in held if m.lora_target]
     d = config.to_peft_dict()
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
     d["fan_in_fan_out"] = any(
         getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
     )
-    d["target_modules"] = leaves if find_targets(model, config.replace(target_modules=leaves)) == paths else paths
+    d["target_modules"] = leaves if paths and find_targets(model, config.replace(target_modules=leaves)) == paths \
+        else paths
     for p in paths:  # an adapter exported as another pair (fused slices, AdaLoRA) names its rank and alpha
         pattern = model.get_submodule(p).adapters[adapter].export_pattern(config.alpha_for(p))
         if pattern is not None:
@@ -133,6 +138,8 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
         meta["quantization"] = quantized.pop()  # the 4/8-bit base it was trained on (QLoRA)
     if names := class_names(model):
         meta["id2label"] = {str(i): name for i, name in enumerate(names)}
+    for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
+        meta.update(getattr(m.adapters[adapter], "export_metadata", dict)())
     return d, meta
 
 
@@ -275,7 +282,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     return config, {**raw, LORAKIT_KEY: meta}, tensors
 
 
-# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config)
+# lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add
+# theirs to core.tables.METADATA)
 _METADATA = {
     "base_fingerprint": lambda v: v is None or isinstance(v, str),
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
@@ -288,10 +296,11 @@ _METADATA = {
 def _check_metadata(meta: object, where: str) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} must be an object, found {type(meta).__name__}")
+    checks = {**_METADATA, **METADATA}
     for key, value in meta.items():
-        if key not in _METADATA:
+        if key not in checks:
             raise CheckpointError(f"{where}: unknown key {key!r}")
-        if not _METADATA[key](value):
+        if not checks[key](value):
             raise CheckpointError(f"{where}: {key} has an invalid value {short_repr(value)}")
     return meta
 
@@ -318,7 +327,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
-        _check_ranks(config, tensors, find_targets(model, config), weights_file)
+        _check_ranks(config, tensors, find_targets(model, config) if config.target_modules != [] else [], weights_file)
         planned, copies = plan_adapter(model, config, name)
     except CheckpointError:
         raise
@@ -358,7 +367,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             dest.copy_(t)
     commit_adapter(model, name, planned, copies)
     if expected_fp:
-        found_fp = base_fingerprint(model, [p.path for p in planned])
+        found_fp = base_fingerprint(model, [p.path for p in planned if p.layer.lora_target])
         if found_fp is not None and found_fp != expected_fp:
             warnings.warn(
                 f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "

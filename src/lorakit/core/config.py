@@ -35,6 +35,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "use_dora": ("field", "use_dora"),
     "rank_pattern": ("field", "rank_pattern"),
     "alpha_pattern": ("field", "alpha_pattern"),
+    "trainable_token_indices": ("field", "trainable_token_indices"),
     "task_type": ("field", "task_type"),
     "base_model_name_or_path": ("field", "base_model_name_or_path"),
     "peft_type": ("harmless", None),  # checked to be "LORA" before anything else
@@ -55,7 +56,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "layer_replication": ("refused", None),
     "target_parameters": ("refused", None),
     "use_qalora": ("refused", None),
-    "trainable_token_indices": ("refused", None),
     "alora_invocation_tokens": ("refused", None),
     "megatron_config": ("refused", None),
     "velora_config": ("refused", None),
@@ -101,6 +101,10 @@ class LoraConfig:
         slices: fused projections adapted on chosen equal output slices only, e.g.
             ``{"c_attn": [True, False, True]}`` adapts GPT-2's q and v but not k (loralib's
             ``enable_lora``). Each enabled slice gets its own rank-r pair.
+        trainable_token_indices: embedding rows trained as they are (PEFT's ``trainable_token_indices``): a
+            list of token ids of the input embedding, or ``{"embed_tokens": [...], ...}`` by module name. A
+            tied output embedding follows the input one. Alone, with ``target_modules=[]``, or beside LoRA
+            (see :mod:`lorakit.variants.tokens`).
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
 
     Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
@@ -122,6 +126,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     slices: dict[str, list[bool]] = field(default_factory=dict)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -147,8 +152,11 @@ class LoraConfig:
         parse_init(self.init)  # a name in core.tables.INITIALIZERS, or <name>_<K> for a counted one
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
         _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
+        _check_token_indices(self.trainable_token_indices)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
+            if name == "target_modules" and value == [] and self.trainable_token_indices:
+                continue  # trainable tokens alone
             if isinstance(value, str):
                 if value != "all-linear":
                     try:
@@ -270,6 +278,17 @@ def module_matches(name: str, key: str) -> bool:
         return re.fullmatch(key, name) is not None
     except re.error:
         return False
+
+
+def _check_token_indices(spec: Any) -> None:
+    """``trainable_token_indices``: None, a non-empty list of distinct token ids, or module name -> such a list."""
+    def ids(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v)
+
+    _check(spec is None or ids(spec) or (isinstance(spec, dict) and bool(spec) and all(
+        isinstance(k, str) and k and ids(v) for k, v in spec.items())),
+        "trainable_token_indices must be a non-empty list of distinct token ids (ints >= 0) or a mapping of "
+        f"module names to such lists, got {short_repr(spec)}")
 
 
 def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:

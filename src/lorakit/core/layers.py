@@ -188,6 +188,8 @@ class SlicedAdapter(Adapter):
 class LoraLayer(nn.Module):
     """Wraps a base layer and holds its named adapters; subclasses say how to build and merge them."""
 
+    lora_target = True  # named in target_modules (False: placed by another config field, e.g. trainable tokens)
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -377,9 +379,9 @@ class LoraEmbedding(LoraLayer):
         B = nn.Linear(r, base.embedding_dim, bias=False, **kw)
         return Adapter(A, B, 0.0, scaling, config)  # no dropout on token ids
 
-    def file_tensors(self, adapter):  # PEFT's embedding keys: A stored (r, num)
-        extra = adapter.extra_tensors()
-        return {"lora_embedding_A": adapter.lora_A.weight.T, "lora_embedding_B": adapter.lora_B.weight, **extra}
+    def file_tensors(self, adapter):  # PEFT's embedding keys: A stored (r, num), as plain_pair gives it
+        A, B = adapter.plain_pair()  # the adapter's exported pair (a hot-swap adapter's live rank, not its padding)
+        return {"lora_embedding_A": A, "lora_embedding_B": B, **adapter.extra_tensors()}
 
     def file_slots(self, adapter):
         slots = {"lora_embedding_A": (adapter.lora_A.weight.data, True),

@@ -19,7 +19,7 @@ from .config import LoraConfig, module_matches
 from .layers import Adapter, LoraLayer, changed_base, lora_layer_type
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
-from .tables import INITIALIZERS, ON_ATTACH, parse_init
+from .tables import EXTRA_LAYERS, INITIALIZERS, ON_ATTACH, parse_init
 from .targets import find_modules_to_save, find_targets, outside_adapters
 
 
@@ -41,11 +41,16 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
     """
     check_new_adapter(model, name, config)
     planned = []
-    for path in find_targets(model, config):
+    for path in find_targets(model, config) if config.target_modules != [] else []:
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
         planned.append(Planned(path, layer, layer.new_adapter(config, path), new_layer))
+    lora_paths = [p.path for p in planned]
+    for extra in EXTRA_LAYERS:  # layers besides the LoRA targets (trainable tokens)
+        planned += [Planned(*entry) for entry in extra(model, config, name, lora_paths)]
+    if not planned:
+        raise ValueError("the config adapts nothing: target_modules=[] needs trainable_token_indices")
     stray = [key for key in config.slices if not any(module_matches(p.path, key) for p in planned)]
     if stray:  # a typo would otherwise adapt every slice of the fused projection
         raise ValueError(f"slices {stray} match no adapted module; targets: {[p.path for p in planned][:4]}"
