@@ -228,6 +228,12 @@ def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | Loop
     return RowPlan(weights, index, shared, weights.embedding)
 
 
+def row_batched(adapter: nn.Module) -> bool:
+    """Whether the per-row path can run ``adapter`` (``Adapter.row_batched``); an adapter module that does not
+    say (trainable tokens, parameter adapters) is refused by name."""
+    return bool(getattr(adapter, "row_batched", False))
+
+
 def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None]) -> None:
     """Refuse base rows or other adapters beside a base-replacing adapter, and adapters the per-row path
     cannot compute (``row_batched`` false: neither the stacked ``B·A`` nor a per-output factor of it)."""
@@ -237,7 +243,7 @@ def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None
     used = set(names)
     for layer in layers:
         for name in used & set(layer.adapters):
-            if not layer.adapters[name].row_batched:
+            if not row_batched(layer.adapters[name]):
                 raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
                                  ", which per-row batching does not support; run it with use_adapter()")
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
-from .per_row import LoopUpdate, RowPlan, ZeroUpdate
+from .per_row import LoopUpdate, RowPlan, ZeroUpdate, row_batched
 
 
 class _LayerStack:
@@ -143,8 +143,8 @@ class AdapterPool:
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
         for layer in layers:  # the stacks hold B·A and a per-output factor: anything else would run wrong
             adapter = layer.adapters[name]
-            if not adapter.row_batched or changed_base(adapter):
-                why = f"is a {type(adapter).__name__}" if not adapter.row_batched else "replaced its base weights (its init)"
+            if not row_batched(adapter) or changed_base(adapter):
+                why = f"is a {type(adapter).__name__}" if not row_batched(adapter) else "replaced its base weights (its init)"
                 raise ValueError(f"AdapterPool: adapter {name!r} {why}, which mixed-adapter batching cannot run "
                                  "beside other adapters; serve it alone or convert it to plain LoRA")
         pairs = {layer: layer.adapters[name].plain_pair() for layer in layers}
