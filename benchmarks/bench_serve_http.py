@@ -74,11 +74,13 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (PROMPT_WORDS,), generator=g).tolist() for _ in range(n)]
 
 
-def start_server(base: Path, adapters: Path, port: int, batch: int, n_adapters: int) -> subprocess.Popen:
+def start_server(base: Path, adapters: Path, port: int, batch: int, n_adapters: int, log) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "lorakit.cli.main", "serve", "--model", str(base), "--adapters-dir", str(adapters),
+    launcher = ["-m", "lorakit.cli.main"] if not os.environ.get("BENCH_SERVER_LAUNCHER") else \
+        [os.environ["BENCH_SERVER_LAUNCHER"]]  # e.g. a script that profiles the server
+    cmd = [sys.executable, *launcher, "serve", "--model", str(base), "--adapters-dir", str(adapters),
            "--port", str(port), "--max-batch-size", str(batch), "--max-loaded-adapters", str(n_adapters)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 async def wait_ready(url: str, proc: subprocess.Popen) -> None:
@@ -87,7 +89,7 @@ async def wait_ready(url: str, proc: subprocess.Popen) -> None:
     async with httpx.AsyncClient() as client:
         for _ in range(600):
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError("the server exited (its log follows)")
             try:
                 if (await client.get(url + "/health")).status_code == 200:
                     return
@@ -98,21 +100,25 @@ async def wait_ready(url: str, proc: subprocess.Popen) -> None:
 
 
 async def burst(url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
-    """All requests at once; generated tokens per second from the first send to the last answer."""
+    """All requests at once, each client on its own new connection; generated tokens per second from the
+    first send to the last answer."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(models), max_keepalive_connections=len(models))
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
-        async def one(model, text):
-            r = await client.post(url + "/v1/completions", json={"model": model, "prompt": text,
-                                                                 "max_tokens": max_tokens, "temperature": 0,
-                                                                 "ignore_eos": True})
-            r.raise_for_status()
-            return r.json()["usage"]["completion_tokens"]
+        return await _timed(client, url, models, texts, max_tokens)
 
-        t0 = time.perf_counter()
-        tokens = await asyncio.gather(*(one(m, t) for m, t in zip(models, texts, strict=True)))
-        wall = time.perf_counter() - t0
+
+async def _timed(client, url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
+    async def one(model, text):
+        r = await client.post(url + "/v1/completions", json={"model": model, "prompt": text, "max_tokens": max_tokens,
+                                                             "temperature": 0, "ignore_eos": True})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    tokens = await asyncio.gather(*(one(m, t) for m, t in zip(models, texts, strict=True)))
+    wall = time.perf_counter() - t0
     if sum(tokens) != len(models) * max_tokens:
         raise RuntimeError(f"{sum(tokens)} tokens generated, expected {len(models) * max_tokens}")
     return sum(tokens) / wall
@@ -129,6 +135,28 @@ def generate_throughput(model, ids: list[list[int]], max_tokens: int) -> float:
     return len(ids) * max_tokens / wall
 
 
+async def rounds(args, url: str, offline, ids: list[list[int]], names: list[str]) -> dict[str, list[float]]:
+    """Warm-up, then ``args.reps`` rounds of every variant in rotating order; tok/s per variant per round."""
+    texts = [" ".join(f"w{i}" for i in row) for row in ids]
+    models = {"base": ["base"] * args.clients, "single": [names[0]] * args.clients,
+              "mixed": [names[i % len(names)] for i in range(args.clients)]}
+
+    async def variant(k):
+        if k == "generate":
+            return generate_throughput(offline, ids, args.tokens)
+        return await burst(url, models[k], texts, args.tokens)
+
+    keys = ["generate", *models]
+    for k in keys:  # warm-up: loads every adapter, first-call costs
+        await variant(k)
+    res: dict[str, list[float]] = {k: [] for k in keys}
+    for rep in range(args.reps):
+        for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+            res[k].append(await variant(k))
+        print(rep, {k: round(v[-1], 1) for k, v in res.items()}, flush=True)
+    return res
+
+
 def run(args) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -137,30 +165,20 @@ def run(args) -> dict:
         base, adapters_dir, names = save_setup(Path(tmp), args.adapters)
         offline = LlamaForCausalLM.from_pretrained(base).eval()
         ids = prompts(args.clients, offline.config.vocab_size)
-        texts = [" ".join(f"w{i}" for i in row) for row in ids]
-        port = args.port
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(base, adapters_dir, port, args.clients, args.adapters)
+        url = f"http://127.0.0.1:{args.port}"
+        log = open(Path(tmp) / "server.log", "w+b")  # noqa: SIM115 -- read back on failure
+        proc = start_server(base, adapters_dir, args.port, args.clients, args.adapters, log)
         try:
             asyncio.run(wait_ready(url, proc))
-            variants = {
-                "generate": lambda: generate_throughput(offline, ids, args.tokens),
-                "base": lambda: asyncio.run(burst(url, ["base"] * args.clients, texts, args.tokens)),
-                "single": lambda: asyncio.run(burst(url, [names[0]] * args.clients, texts, args.tokens)),
-                "mixed": lambda: asyncio.run(burst(url, [names[i % len(names)] for i in range(args.clients)],
-                                                   texts, args.tokens)),
-            }
-            for v in variants.values():  # warm-up: loads every adapter, first-call costs
-                v()
-            res = {k: [] for k in variants}
-            keys = list(variants)
-            for rep in range(args.reps):
-                for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
-                    res[k].append(variants[k]())
-                print(rep, {k: round(v[-1], 1) for k, v in res.items()}, flush=True)
+            res = asyncio.run(rounds(args, url, offline, ids, names))
+        except BaseException:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-3000:], file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             proc.wait(30)
+            log.close()
     best = {k: round(max(v), 1) for k, v in res.items()}
     return {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()},
             "base / generate": round(best["base"] / best["generate"], 3),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_adapter
+from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from ..core.config import LORAKIT_KEY
 
 HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
@@ -23,23 +23,11 @@ def describe(path: str | Path) -> dict:
     """Everything ``inspect`` reports, as a dict (no model needed)."""
     path = Path(path)
     config, raw, tensors = read_adapter(path)
-    weights_file = path / WEIGHTS_NAME
-    for key in tensors:
-        if key.endswith(("lora_B.weight", "lora_embedding_B")):
-            a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
-            if a_key not in tensors:
-                raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
-    layers = []
+    layers = []  # read_adapter ran check_adapter_tensors, as load_adapter does: A and B pair up, ranks match
     for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
         stem = key.rsplit(".lora_", 1)[0]
-        embedding = key.endswith("lora_embedding_A")
-        b_key = f"{stem}.lora_embedding_B" if embedding else f"{stem}.lora_B.weight"
-        if b_key not in tensors:
-            raise CheckpointError(f"{weights_file}: {key} has no matching {b_key}")
+        b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
         A, B = tensors[key].float(), tensors[b_key].float()
-        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != A.shape[0]:
-            raise CheckpointError(f"{weights_file}: {key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} are not a "
-                                  "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
         module = stem.removeprefix("base_model.model.")
         r, scaling = A.shape[0], config.scaling(module)
         delta_norm = torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling

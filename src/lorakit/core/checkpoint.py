@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import LORAKIT_KEY, LoraConfig, short_repr
@@ -32,6 +32,7 @@ from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
 from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
 from .targets import find_targets
+from .tensor_file import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,7 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             peft, tensors = converted
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_tensors(tensors, tmp, metadata=header))
     atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
     return out_dir
 
@@ -279,7 +280,41 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         except (json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{weights_file}: header metadata {LORAKIT_KEY!r} is not valid JSON") from None
         meta = _check_metadata(meta, f"{weights_file}: header metadata {LORAKIT_KEY!r}")
+    check_adapter_tensors(config, tensors, weights_file)
     return config, {**raw, LORAKIT_KEY: meta}, tensors
+
+
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-feature magnitude, under PEFT's key
+
+
+def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
+    """What an adapter's tensors must satisfy whatever model they go into (``read_adapter`` runs it, so every
+    reader, ``load_adapter`` and ``lorakit inspect`` alike, refuses the same files): each ``lora_A`` has its
+    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module, and a DoRA adapter holds
+    the magnitude of each pair (a plain one none). A :class:`CheckpointError` naming the key otherwise."""
+    for key in tensors:
+        if key.endswith(("lora_B.weight", "lora_embedding_B")):
+            a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
+            if a_key not in tensors:
+                raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
+        elif key.endswith(MAGNITUDE) and not config.use_dora:
+            raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+    for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
+        stem = key.rsplit(".lora_", 1)[0]
+        b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
+        if b_key not in tensors:
+            raise CheckpointError(f"{weights_file}: {key} has no matching {b_key}")
+        A, B = tensors[key], tensors[b_key]
+        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != A.shape[0]:
+            raise CheckpointError(f"{weights_file}: {key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} are not a "
+                                  "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
+        module = stem.removeprefix(PREFIX)
+        if A.shape[0] != (r := config.rank_for(module)):
+            raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(A.shape)}, but {CONFIG_NAME} gives "
+                                  f"rank {r} for {module}")
+        if config.use_dora and f"{stem}.{MAGNITUDE}" not in tensors:
+            raise CheckpointError(f"{weights_file}: {CONFIG_NAME} has use_dora true, but {stem}.{MAGNITUDE} (the DoRA "
+                                  f"magnitude of {module}) is missing")
 
 
 # lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add
@@ -399,18 +434,13 @@ def _fit_heads(model: nn.Module, copies: dict[str, nn.Module], tensors: dict[str
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:
-    """Each target's A in the file has the config's rank: checked before any adapter is allocated (a
-    config saying ``r: 1000000000000`` must not allocate terabytes before the shapes are compared)."""
+    """Each target has an A in the file (whose rank :func:`check_adapter_tensors` compared with the config's):
+    checked before any adapter is allocated (a config saying ``r: 1000000000000`` must not allocate terabytes
+    before the shapes are compared)."""
     for path in paths:
-        key = next((k for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A") if k in tensors),
-                   None)
-        if key is None:
+        if not any(k in tensors for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A")):
             raise CheckpointError(f"{weights_file}: no lora_A tensor for target {path} "
                                   f"(expected key {PREFIX}{path}.lora_A.weight)")
-        shape, r = tuple(tensors[key].shape), config.rank_for(path)
-        if len(shape) < 2 or shape[0] != r:
-            raise CheckpointError(f"{weights_file}: tensor {key} has shape {shape}, but {CONFIG_NAME} gives "
-                                  f"rank {r} for {path}")
 
 
 def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, bool]]:

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from .tables import INITIALIZERS, parse_init
 
 Bias = Literal["none", "all", "lora_only"]
@@ -200,6 +202,7 @@ class LoraConfig:
                 isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask),
                 f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
             )
+        check_scaling(self)  # float32 here; add_lora / load_adapter check again in each layer's dtype
 
     # ----- per-module values ---------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -270,6 +273,31 @@ class LoraConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_scaling(config: LoraConfig, dtype: torch.dtype = torch.float32, module: str | None = None) -> None:
+    """Raise a one-line ValueError unless the scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) is finite in
+    ``dtype``: a finite float64 value above ``torch.finfo(dtype).max`` (1e6 in fp16) overflows in every forward.
+
+    ``module``: the scaling that module gets. ``None``: every combination of ``alpha`` / ``alpha_pattern`` value
+    with ``r`` / ``rank_pattern`` value (the largest alpha over the smallest rank bounds them all).
+    """
+    where = f" of {module}" if module is not None else ""
+    if module is not None:
+        alphas, ranks = [("alpha", config.alpha_for(module))], [("r", config.rank_for(module))]
+    else:
+        alphas = [("alpha", config.alpha), *((f"alpha_pattern[{short_repr(k)}]", v) for k, v in config.alpha_pattern.items())]
+        ranks = [("r", config.r), *((f"rank_pattern[{short_repr(k)}]", v) for k, v in config.rank_pattern.items())]
+    (alpha_name, alpha), (r_name, r) = max(alphas, key=lambda x: x[1]), min(ranks, key=lambda x: x[1])
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    try:
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    except OverflowError:  # an integer too large for a float
+        scaling = math.inf
+    if not (math.isfinite(scaling) and abs(scaling) <= limit):
+        formula = f"/ sqrt({r_name}={r})" if config.use_rslora else f"/ {r_name}={r}"
+        raise ValueError(f"scaling{where}: {alpha_name}={alpha:g} {formula} = {scaling:g} is not finite in {dtype} "
+                         f"(max {limit:g}); use a smaller alpha")
+
+
 def module_matches(name: str, key: str) -> bool:
     """``key`` names module ``name``: the same path, a suffix at a ``.`` boundary, or a full-match regex."""
     if name == key or name.endswith("." + key):
@@ -303,7 +331,12 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float (a JSON integer of 400 digits)
+        return False
 
 
 def _is_pos(x: Any) -> bool:

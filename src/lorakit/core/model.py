@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LoraConfig, module_matches
+from .config import LoraConfig, check_scaling, module_matches
 from .layers import Adapter, LoraLayer, changed_base, lora_layer_type
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
@@ -45,7 +45,9 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         module = model.get_submodule(path)
         new_layer = not isinstance(module, LoraLayer)
         layer = lora_layer_type(module)(module) if new_layer else module
-        planned.append(Planned(path, layer, layer.new_adapter(config, path), new_layer))
+        adapter = layer.new_adapter(config, path)
+        check_scaling(config, adapter.dtype, path)  # a scaling over fp16's max overflows in every forward
+        planned.append(Planned(path, layer, adapter, new_layer))
     lora_paths = [p.path for p in planned]
     for extra in EXTRA_LAYERS:  # layers besides the LoRA targets (trainable tokens)
         planned += [Planned(*entry) for entry in extra(model, config, name, lora_paths)]

@@ -28,7 +28,7 @@ import torch
 from . import batch as B
 from .adapters import AdapterStore
 from .errors import InternalError, Overloaded, ServeError
-from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, PromptScored, Sampled, Scores, Value
+from .jobs import ClsJob, CommandJob, Failed, Finished, GenJob, Outbox, PromptScored, Sampled, Scores, Value
 from .metrics import ServeMetrics
 from .sampling import RowSampler, logprobs_of
 
@@ -110,6 +110,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 -- a bug in one step fails its rows, not the server
                 log.exception("engine step failed")
                 self._fail_all(e)
+            Outbox.flush_all()  # this step's events, one hand-over per event loop
 
     def _take(self, block: bool) -> None:
         try:

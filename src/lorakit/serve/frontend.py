@@ -60,10 +60,13 @@ class TextStream:
         self.hold = max((len(s) - 1 for s in stop), default=0)
         self.tokens: list[int] = []
         self.text, self.sent = "", 0
+        self.deferred = False  # set when nobody reads the text before the end: decode once, in rest()
 
     def add(self, token: int) -> tuple[str, bool]:
         """The text now ready to send, and whether a stop string ended the generation."""
         self.tokens.append(token)
+        if self.deferred and not self.stop:
+            return "", False
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
         cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -77,6 +80,8 @@ class TextStream:
 
     def rest(self) -> str:
         """Everything not sent yet (the generation has ended)."""
+        if self.deferred and not self.stop:
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
 
@@ -128,6 +133,7 @@ class Generation:
                     raise error
 
     async def result(self) -> Done:
+        self.text.deferred = True  # the whole answer at once: no per-token decoding on the event loop
         try:
             async for event in self.events():
                 if isinstance(event, Done):

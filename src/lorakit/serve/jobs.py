@@ -10,7 +10,9 @@ any of them. :class:`AsyncResults` hands them over to an asyncio loop (the front
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -67,8 +69,52 @@ class Results(Protocol):
     def put(self, event: Event) -> None: ...
 
 
+class Outbox:
+    """Events bound for one asyncio loop, handed over in one wake-up of that loop per :meth:`flush` (the engine
+    flushes every outbox once per step: 64 rows' tokens wake the server's loop once, not 64 times)."""
+
+    _all: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()  # loop -> its outbox
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pending = loop, []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Outbox:
+        with cls._lock:
+            box = cls._all.get(loop)
+            if box is None:
+                box = cls._all[loop] = cls(loop)
+            return box
+
+    def put(self, results: AsyncResults, event: Event) -> None:
+        with self._lock:
+            self.pending.append((results, event))
+
+    @classmethod
+    def flush_all(cls) -> None:
+        """Hand every loop its pending events (engine thread); a closed loop's jobs are told (``on_lost``)."""
+        with cls._lock:
+            batches = [(box.loop, box.pending) for box in cls._all.values() if box.pending]
+            for box in cls._all.values():
+                box.pending = []
+        for loop, batch in batches:
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed
+                for results, _ in batch:
+                    if results.on_lost is not None:
+                        results.on_lost()
+
+
+def _deliver(batch: list) -> None:
+    for results, event in batch:
+        results.queue.put_nowait(event)
+
+
 class AsyncResults:
-    """Events put from the engine thread, read on ``loop`` with ``async for`` (ends after the final event).
+    """Events put from the engine thread, read on ``loop`` with ``async for`` (ends after the final event);
+    they reach the loop when the engine flushes its step (:class:`Outbox`).
 
     If the loop is gone (the app stopped) ``on_lost`` is called on the engine thread (the job cancels itself).
     """
@@ -76,14 +122,11 @@ class AsyncResults:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop or asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.outbox = Outbox.of(self.loop)
         self.on_lost = None
 
     def put(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed
-            if self.on_lost is not None:
-                self.on_lost()
+        self.outbox.put(self, event)
 
     def __aiter__(self):
         return self._events()
