@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py --case compose          # per_row_adapters vs the resident pool (~1 min)
     python benchmarks/bench_serve.py --case serve            # engine throughput / latency: mixed vs one adapter vs swap
     python benchmarks/bench_serve.py --case decode_ratio     # per-row / one shared adapter at small models
+    python benchmarks/bench_serve.py --case decode_ratio_dora --threads 1   # the same with half the rows DoRA
     python benchmarks/bench_serve.py --case setup            # seconds to add and pool 128 ... 1,000 adapters
 
 Models are random-init LLaMA configs (nothing is downloaded). Every timing is the best (``compose``,
@@ -283,9 +284,65 @@ def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
     return round(best["per-row"] / best["shared"], 3)
 
 
+# ----- decode ratio with DoRA rows in the mix ------------------------------------------------------------------
+def case_decode_ratio_dora(reps: int) -> dict:
+    """As ``decode_ratio``, with every other row's adapter a DoRA adapter (the pool applies its per-output
+    factors, computed once at ``add``), against every row on one shared plain adapter and on one shared DoRA
+    adapter (``use_adapter``: DoRA recomputes its row norms per forward, as PEFT's does)."""
+    out = {}
+    for hidden, layers in ((64, 2), (128, 2), (256, 4), (512, 4)):
+        for rows in (8, 32):
+            key = f"hidden {hidden} x {layers} layers, {rows} rows"
+            out[key] = _dora_ratio_at(hidden, layers, rows, reps)
+            print(key, out[key], flush=True)
+    return out
+
+
+def _dora_ratio_at(hidden: int, layers: int, rows: int, reps: int) -> dict[str, float]:
+    from lorakit.ops.pool import AdapterPool
+    from lorakit.serve import batch as B
+    from lorakit.variants.dora import DoraAdapter
+
+    model = llama(hidden, layers)
+    names = [f"a{i}" for i in range(rows)]
+    for i, name in enumerate(names):
+        cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                 use_dora=i % 2 == 1)
+        lorakit.add_lora(model, cfg, adapter=name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lorakit.core.model.lora_layers(model):
+            for adapter in layer.adapters.values():
+                adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=g) * 0.01)
+                if isinstance(adapter, DoraAdapter):
+                    adapter.lora_magnitude_vector.mul_(1.1)
+    pool = AdapterPool(model, slots=rows)
+    for name in names:
+        pool.add(name)
+    ids = torch.randint(1, 1000, (rows, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = B.cache_tensors(B.output_cache(model(input_ids=ids, use_cache=True)))
+    arg = B.cache_argument(model)
+    step_ids, mask, pos = ids[:, -1:], torch.ones(rows, 33, dtype=torch.long), torch.full((rows, 1), 32)
+
+    def step(ctx):
+        def run():
+            with torch.no_grad(), ctx():
+                for _ in range(8):
+                    model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                          use_cache=True, **{arg: B.make_cache(cache)})
+        return run
+
+    best = rotate({"per-row": step(lambda: pool.rows(names)),
+                   "shared plain": step(lambda: lorakit.use_adapter(model, names[0])),
+                   "shared dora": step(lambda: lorakit.use_adapter(model, names[1]))}, reps)
+    return {"per-row / shared plain": round(best["per-row"] / best["shared plain"], 3),
+            "per-row / shared DoRA": round(best["per-row"] / best["shared dora"], 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", action="append", choices=["compose", "serve", "decode_ratio", "setup"])
+    p.add_argument("--case", action="append", choices=sorted(CASES))
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (1 is far steadier on a shared machine: docs/serving.md)")
@@ -302,7 +359,8 @@ def main(argv=None) -> int:
     return 0
 
 
-CASES = {"compose": case_compose, "serve": case_serve, "decode_ratio": case_decode_ratio, "setup": case_setup}
+CASES = {"compose": case_compose, "serve": case_serve, "decode_ratio": case_decode_ratio, "setup": case_setup,
+         "decode_ratio_dora": case_decode_ratio_dora}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -264,3 +264,28 @@ def test_eval_and_generate_given_a_run_dir_name_its_adapters(tmp_path, capsys):
     for argv in (["eval", str(tmp_path / "run")], ["generate", "--adapter", str(tmp_path / "run"), "--prompt", "x"]):
         assert main(argv) == 2
         assert capsys.readouterr().err.endswith("run (adapters in its subfolders: adapter/)\n")
+
+
+def test_train_imports_the_optional_packages_it_will_use_before_writing(data, tmp_path):
+    """Issue 17 item 5: a tensorboard that is installed but raises on import is refused by the pre-run check, in
+    one line, exit 2, nothing written (a subprocess: the broken package lives on its PYTHONPATH only)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lorakit
+
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("broken on purpose")\n')
+    src = Path(lorakit.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(src)]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli.main", "train", "--model", str(tmp_path / "no-model"),
+                           "--data", str(data), *FAST, "--output-dir", str(out), "--tensorboard", "true"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("lorakit: error: tensorboard=True needs the tensorboard package, which is installed but "
+                           "fails to import (torch.utils.tensorboard: RuntimeError: broken on purpose)\n"), done.stderr
+    assert not out.exists()

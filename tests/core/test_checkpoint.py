@@ -82,7 +82,7 @@ def test_write_is_atomic_when_the_save_crashes(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("lorakit.core.checkpoint.save_file", crash)
+    monkeypatch.setattr("lorakit.core.checkpoint.save_tensors", crash)
     with pytest.raises(OSError, match="disk full"):
         lorakit.save_adapter(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
@@ -115,13 +115,15 @@ KEY = "base_model.model.fc2.lora_B.weight"
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda t: t.pop(KEY), r"missing 1: \['base_model.model.fc2.lora_B.weight'\]"),
-        (lambda t: t.update({"base_model.model.fc9.lora_A.weight": torch.zeros(2, 2)}), "unexpected 1"),
-        (lambda t: t.update({KEY: torch.zeros(24, 3)}), r"fc2.lora_B.weight has shape \(24, 3\), expected \(24, 2\)"),
+        (lambda t: t.pop(KEY), r"fc2.lora_A.weight has no matching base_model.model.fc2.lora_B.weight"),
+        (lambda t: [t.pop(KEY), t.pop("base_model.model.fc2.lora_A.weight")], "no lora_A tensor for target fc2"),
+        (lambda t: t.update({"base_model.model.fc9.lora_A.weight": torch.zeros(2, 2),
+                             "base_model.model.fc9.lora_B.weight": torch.zeros(2, 2)}), "unexpected 2"),
+        (lambda t: t.update({KEY: torch.zeros(25, 2)}), r"fc2.lora_B.weight has shape \(25, 2\), expected \(24, 2\)"),
         (lambda t: t.update({KEY: torch.zeros(24, 2, dtype=torch.int64)}), "dtype torch.int64, expected a floating"),
         (lambda t: t[KEY].__setitem__((0, 0), float("nan")), "fc2.lora_B.weight has non-finite"),
     ],
-    ids=["missing", "extra", "shape", "dtype", "nan"],
+    ids=["missing-B", "missing", "extra", "shape", "dtype", "nan"],
 )
 def test_bad_tensors_are_refused_and_model_untouched(tmp_path, corrupt, message):
     model, tensors = _saved_mlp(tmp_path)
@@ -311,3 +313,62 @@ def test_finiteness_is_checked_in_the_model_dtype(tmp_path):
     with pytest.raises(CheckpointError, match=r"fc2.lora_B.weight has non-finite values \(nan/inf\) in torch.float16"):
         lorakit.load_adapter(model, tmp_path)
     _assert_unchanged(model, snapshot)
+
+
+# ----- issue 17 item 1: a scaling that is not finite in the model's dtype is refused by load_adapter -----------------
+@pytest.mark.parametrize("changes, dtype, message", [
+    ({"lora_alpha": 1e308}, torch.float32, r"adapter_config.json: scaling: alpha=1e\+308 / r=2"),
+    ({"alpha_pattern": {"fc2": 1e308}}, torch.float32, r"adapter_config.json: scaling: alpha_pattern\['fc2'\]=1e\+308"),
+    ({"lora_alpha": 1e6}, torch.float16, r"scaling of fc1: alpha=1e\+06 / r=2 = 500000 is not finite in torch.float16"),
+], ids=["fp32", "alpha_pattern", "fp16"])
+def test_load_adapter_refuses_a_scaling_not_finite_in_the_model_dtype(tmp_path, changes, dtype, message):
+    model, _ = _saved_mlp(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, **changes}))
+    model = model.to(dtype)
+    snapshot = _state(model)
+    with pytest.raises(CheckpointError, match=message) as e:
+        lorakit.load_adapter(model, tmp_path)
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+    _assert_unchanged(model, snapshot)
+    if dtype == torch.float16:  # the same file loads into an fp32 model, whose forward is finite
+        fp32 = MLP()
+        lorakit.load_adapter(fp32, tmp_path)
+        assert torch.isfinite(fp32(torch.randn(2, 12))).all()
+
+
+# ----- issue 17 item 4: the same adapter always gives the same bytes ---------------------------------------------
+_SAVE_FOUR_TIMES = """
+import hashlib, sys, torch, lorakit
+from tests.conftest import MLP, randomize_lora
+torch.manual_seed(0)
+model = lorakit.add_lora(MLP(), lorakit.LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["head"],
+                                                  alpha_pattern={"fc2": 4.0}, rank_pattern={"fc2": 3}))
+randomize_lora(model)
+for i in range(4):  # safetensors' header map has a new order per map, not only per process
+    out = lorakit.save_adapter(model, f"{sys.argv[1]}/{i}")
+    print(*(hashlib.sha256((out / name).read_bytes()).hexdigest() for name in sorted(p.name for p in out.iterdir())))
+"""
+
+
+def test_the_same_adapter_saved_in_two_processes_gives_the_same_bytes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lorakit.__file__).parents[1]), str(root)]),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE_FOUR_TIMES, str(tmp_path / seed)], cwd=root, text=True,
+                              env={**env, "PYTHONHASHSEED": seed}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for seed in ("1", "2")]  # side by side
+    lines = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        lines += out.splitlines()
+    assert len(lines) == 8 and len(set(lines)) == 1, lines  # 2 processes x 4 saves, config and weights alike
+    with open(tmp_path / "1" / "0" / WEIGHTS_NAME, "rb") as f:  # the header: metadata first, keys sorted
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert list(header)[0] == "__metadata__" and list(header["__metadata__"]) == ["format", "lorakit"]
+    assert load_file(tmp_path / "1" / "0" / WEIGHTS_NAME).keys() == load_file(tmp_path / "2" / "3" / WEIGHTS_NAME).keys()

@@ -89,3 +89,24 @@ def test_peft_dict_round_trip_is_peft_schema_only():
     peft = pytest.importorskip("peft")
     assert set(d) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert LoraConfig.from_peft_dict(json.loads(json.dumps(d))) == config
+
+
+# ----- issue 17 item 1: a scaling that is not finite in float32 is refused on construction -------------------------
+@pytest.mark.parametrize("kw, message", [
+    ({"r": 4, "alpha": 1e308}, r"scaling: alpha=1e\+308 / r=4 = 2.5e\+307 is not finite in torch.float32"),
+    ({"r": 8, "alpha": 1e39, "rank_pattern": {"fc2": 1}}, r"alpha=1e\+39 / rank_pattern\['fc2'\]=1"),  # /8: finite
+    ({"r": 4, "alpha_pattern": {"fc2": 1e308}}, r"alpha_pattern\['fc2'\]=1e\+308 / r=4"),
+    ({"r": 16, "alpha": 2e39, "use_rslora": True}, r"alpha=2e\+39 / sqrt\(r=16\) = 5e\+38"),  # /16 would be finite
+    ({"r": 4, "alpha": 10**400}, "alpha must be a positive finite number"),  # an int too large for a float
+], ids=["alpha", "rank_pattern", "alpha_pattern", "rslora", "huge-int"])
+def test_a_scaling_not_finite_in_float32_is_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(target_modules=["fc1"], **kw)
+    peft = {"peft_type": "LORA", "target_modules": ["fc1"], **{{"alpha": "lora_alpha"}.get(k, k): v for k, v in kw.items()}}
+    with pytest.raises(ValueError, match=message):  # from an adapter_config.json
+        LoraConfig.from_peft_dict(json.loads(json.dumps(peft)))
+
+
+def test_the_largest_finite_scalings_are_accepted():
+    assert LoraConfig(r=8, alpha=1e39).scaling("fc1") == 1.25e38
+    assert LoraConfig(r=16, alpha=2e39).scaling("fc1") == 1.25e38  # without rsLoRA: / 16

@@ -243,8 +243,10 @@ def test_set_adapter_while_merged_changes_nothing():
 # ----- item 15: non-finite results ---------------------------------------------------------------------------
 @pytest.mark.parametrize("call", ["merge", "unload"])
 def test_non_finite_merges_are_refused(call):
-    model = lorakit.add_lora(mlp(), C(alpha=1e308))
-    _visible(model)
+    model = lorakit.add_lora(mlp(), C())  # a scaling that is not finite is refused by add_lora itself
+    with torch.no_grad():
+        model[0].adapters["default"].lora_A.weight.fill_(1e30)
+        model[0].adapters["default"].lora_B.weight.fill_(1e30)  # B·A: 8 · 1e60, inf in fp32
     before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite weights in 0"):
         lorakit.merge(model) if call == "merge" else lorakit.unload(model, merge=True)
@@ -332,3 +334,18 @@ def test_targeting_another_adapters_modules_to_save_is_named():
     with pytest.raises(ValueError, match="'2' names a module another adapter trains in full"):
         lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["0", "2"]), adapter="b")
     assert lorakit.adapter_names(model) == ["a"]
+
+
+# ----- issue 17 item 1: a scaling finite in fp32 but not in the model's dtype --------------------------------------
+def test_add_lora_refuses_a_scaling_that_overflows_the_model_dtype():
+    model = mlp().half()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"scaling of 0: alpha=1e\+06 / r=8 = 125000 is not finite in torch.float16"):
+        lorakit.add_lora(model, C(alpha=1e6))  # 125000 > 65504, fp16's largest value
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"scaling of 2: alpha=1e\+06 / r=8"):
+        lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["0", "2"], alpha_pattern={"2": 1e6}))
+    assert_unchanged(model, before)
+    lorakit.add_lora(model, C(alpha=5e5))  # 62500 fits fp16
+    assert lorakit.adapter_names(model) == ["default"]
+    assert lorakit.add_lora(mlp(), C(alpha=1e6))  # the same config is fine on an fp32 model

@@ -21,6 +21,8 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import LoraLayer
 from lorakit.core.saved import SavedModule
+from tests.variants.moe_models import ARCHS as MOE_ARCHS
+from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
 
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
 # the bias case disables an adapter that trains biases: both libraries warn, as they should
@@ -289,6 +291,42 @@ def test_lorakit_adapter_gives_the_same_outputs_in_peft(case, tmp_path):
     lorakit.save_adapter(model, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(_base(case[1]), tmp_path).eval()
     torch.testing.assert_close(peft_model(x), model(x), **FP32)
+
+
+# ----- LoRA on MoE experts (target_parameters), both directions, every MoE architecture of the matrix -------------
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_peft_expert_adapter_gives_the_same_outputs_gradients_and_merge(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS, init_lora_weights=False)
+    torch.manual_seed(5)  # PEFT's own random A and B
+    peft_model = peft.get_peft_model(tiny_moe(arch), cfg).eval()
+    peft_model.save_pretrained(tmp_path)
+    model = tiny_moe(arch)
+    lorakit.load_adapter(model, tmp_path)
+    x = token_ids()
+    torch.testing.assert_close(model(x).logits, peft_model(x).logits, **FP32)
+    model(x).logits.square().mean().backward()
+    peft_model(x).logits.square().mean().backward()
+    ours = sorted(p.grad.norm().item() for n, p in model.named_parameters() if ".adapters." in n)
+    theirs = sorted(p.grad.norm().item() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    assert len(ours) == 4 and ours == pytest.approx(theirs, rel=1e-4)  # 2 stacks x (A, B)
+    with torch.no_grad():
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(lorakit.unload(model, merge=True)(x).logits, merged(x).logits, **FP32)
+
+
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_lorakit_expert_adapter_gives_the_same_outputs_in_peft(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_moe(arch)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, use_rslora=True, target_modules=["q_proj", "o_proj"],
+                                               target_parameters="all-experts"))
+    _randomize(model, "default", seed=3)
+    lorakit.save_adapter(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_moe(arch), tmp_path).eval()
+    x = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, model(x).logits, **FP32)
 
 
 # ----- trainable tokens (PEFT's trainable_token_indices / TRAINABLE_TOKENS), both directions --------------------

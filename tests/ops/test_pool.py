@@ -37,7 +37,7 @@ def test_pool_matches_loop_reference(kind):
     if kind != "conv2d":  # the layer's update alone against the one-layer oracle
         with torch.no_grad():
             index = pool.index(NAMES)
-            plan = RowPlan(PoolWeights(pool.stacks[layer], index, None), index, False, kind == "embedding")
+            plan = RowPlan(PoolWeights(pool.stacks[layer], index, None, False), index, False, kind == "embedding")
             assert_close(plan(x), loop_update(layer, x, NAMES), torch.float32, f"{kind} layer")
 
 
@@ -127,10 +127,10 @@ def test_merged_model_is_refused_and_context_restores_layers():
         pool.index(["b"])
 
 
-@pytest.mark.parametrize("variant", [{"use_dora": True}, {"init": "olora"}])
-def test_non_additive_or_base_replacing_adapters_are_refused(variant):
-    """DoRA's update is not the stacked B·A, and an OLoRA/PiSSA adapter changed the base the other rows read:
-    the pool refuses both by name instead of computing something else, and holds nothing afterwards."""
+@pytest.mark.parametrize("variant", [{"init": "olora"}, {"init": "pissa"}])
+def test_base_replacing_adapters_are_refused(variant):
+    """An OLoRA/PiSSA adapter changed the base the other rows read: the pool refuses it by name instead of
+    computing something else, and holds nothing afterwards (DoRA runs: tests/ops/test_dora_rows.py)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["0"], **variant), adapter="odd")

@@ -260,3 +260,27 @@ def test_load_trainable_checks_every_shape_before_copying():
     with pytest.raises(ValueError, match=f"{last} has shape"):
         D.load_trainable(model, tensors)
     assert all(torch.equal(p, before[n]) for n, p in params.items())  # nothing copied
+
+
+def test_a_damaged_checkpoint_is_reported_by_lorakits_notice_alone(tmp_path, one_thread):
+    """Issue 17 item 2: torch's own warnings while reading a damaged optimizer.pt ("Detected pickle protocol 4 ...
+    please file an issue") never reach the user; lorakit's fallback notice is the only thing printed."""
+    import pickle
+
+    import lorakit
+
+    run(str(tmp_path), max_steps=4, save_every=2)  # checkpoint/ at step 4, checkpoint.old/ at step 2
+    damaged = tmp_path / "checkpoint" / "optimizer.pt"
+    damaged.write_bytes(pickle.dumps({"state": 1}, protocol=4))  # torch.load warns about the protocol, then fails
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(lorakit.__file__).parents[1]), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-W", "default", str(SCRIPT), str(tmp_path), "--max-steps", "4",
+                           "--save-every", "2", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "Warning: " in line]
+    assert len(warned) == 1, done.stderr  # python prints a warning as its line and the line of code that warned
+    assert f"UserWarning: resume: {damaged}: not a readable checkpoint file" in warned[0], warned
+    assert "falling back to the previous checkpoint" in warned[0]
+    assert "protocol" not in done.stderr and "file an issue" not in done.stderr and done.stdout == "", done.stderr
+    assert load_checkpoint(tmp_path).state.global_step == 4  # steps 3-4 redone from checkpoint.old/

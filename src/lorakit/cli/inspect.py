@@ -1,4 +1,5 @@
-"""``lorakit inspect ADAPTER``: config, parameter count, size on disk, per-layer rank and ||B·A||."""
+"""``lorakit inspect ADAPTER``: config, parameter count, size on disk, per-layer rank and ||B·A||; for expert
+stacks (``target_parameters``) the number of experts, their rank and each expert's ||B_e·A_e||·s."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_adapter
+from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from ..core.config import LORAKIT_KEY
 
 HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
@@ -23,33 +24,18 @@ def describe(path: str | Path) -> dict:
     """Everything ``inspect`` reports, as a dict (no model needed)."""
     path = Path(path)
     config, raw, tensors = read_adapter(path)
-    weights_file = path / WEIGHTS_NAME
-    for key in tensors:
-        if key.endswith(("lora_B.weight", "lora_embedding_B")):
-            a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
-            if a_key not in tensors:
-                raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
-    layers = []
+    layers = []  # read_adapter ran check_adapter_tensors, as load_adapter does: A and B pair up, ranks match
     for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
         stem = key.rsplit(".lora_", 1)[0]
-        embedding = key.endswith("lora_embedding_A")
-        b_key = f"{stem}.lora_embedding_B" if embedding else f"{stem}.lora_B.weight"
-        if b_key not in tensors:
-            raise CheckpointError(f"{weights_file}: {key} has no matching {b_key}")
+        b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
         A, B = tensors[key].float(), tensors[b_key].float()
-        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != A.shape[0]:
-            raise CheckpointError(f"{weights_file}: {key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} are not a "
-                                  "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
         module = stem.removeprefix("base_model.model.")
-        r, scaling = A.shape[0], config.scaling(module)
-        delta_norm = torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling
-        layers.append({"module": module, "rank": r, "scaling": scaling, "delta_norm": delta_norm,
-                       "params": A.numel() + B.numel()})
+        layers.append(_layer(module, A, B, config))
     size = sum(f.stat().st_size for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
     meta = raw[LORAKIT_KEY]
     return {
         "path": str(path),
-        "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias",
+        "config": {k: raw.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "bias",
                                            "modules_to_save", "use_rslora", "use_dora", "init_lora_weights", "task_type",
                                            "base_model_name_or_path")},
         "base_quantization": raw[LORAKIT_KEY].get("quantization"),  # QLoRA: the 4/8-bit base it was trained on
@@ -59,6 +45,21 @@ def describe(path: str | Path) -> dict:
         "layers": layers,
         "trainable_tokens": _token_rows(config, tensors, meta),
     }
+
+
+def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config) -> dict:
+    """One pair's row. An expert stack (``target_parameters``: A ``(E*r, in)``, B ``(out, r*E)``, PEFT's
+    layout) gets its expert count and the norm of each expert's update ``s·B[e]·A[e]``."""
+    r, scaling = A.shape[0], config.scaling(module)
+    row = {"module": module, "rank": r, "scaling": scaling, "params": A.numel() + B.numel()}
+    E = A.shape[0] // config.r if config.target_parameters and A.shape[0] % config.r == 0 else 1
+    if E > 1 and A.dim() == 2:
+        r = config.r
+        A_e, B_e = A.view(E, r, -1), B.view(B.shape[0], r, E).permute(2, 0, 1)  # (E, r, in), (E, out, r)
+        norms = torch.linalg.matrix_norm(torch.bmm(B_e, A_e)) * scaling
+        return {**row, "rank": r, "experts": E, "expert_norms": norms.tolist(),
+                "delta_norm": norms.pow(2).sum().sqrt().item()}
+    return {**row, "delta_norm": torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling}
 
 
 def _token_rows(config, tensors: dict, meta: dict) -> list[dict]:
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'module':<{width}}  rank  scaling   ||B·A||·s")
     for layer in info["layers"]:
         print(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>7.3f}  {layer['delta_norm']:>10.4g}")
+        if "experts" in layer:  # one rank-r update per expert: its norm
+            norms = " ".join(f"{n:.3g}" for n in layer["expert_norms"])
+            print(f"{'':<{width}}  {layer['experts']} experts x rank {layer['rank']}, ||B_e·A_e||·s: {norms}")
     for t in info["trainable_tokens"]:
         added = f", added to the tokenizer: {', '.join(t['added_tokens'])}" if t["added_tokens"] else ""
         print(f"\ntrainable tokens  {t['module']}: {t['rows']} rows, ids {t['ids']}, ||rows|| {t['norm']:.4g}, "

@@ -13,7 +13,7 @@ import types
 import typing
 from pathlib import Path
 
-from ..core.config import LoraConfig
+from ..core.config import ALL_EXPERTS, LoraConfig
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
 from ..train.state import write_text_atomic
@@ -101,9 +101,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=positive_int, default=8, help="rank")
     g.add_argument("--alpha", type=positive_float, default=16.0, help="scaling numerator (update x alpha/r)")
-    g.add_argument("--dropout", type=finite_float, default=0.1, help="dropout on the LoRA input")
+    g.add_argument("--dropout", type=finite_float, help="dropout on the LoRA input (default 0.1; 0 with "
+                   "--target-parameters, which has no input to drop)")
     g.add_argument("--target-modules", help="comma list of module names, a regex, or all-linear "
-                   "(default: the architecture's query,value)")
+                   "(default: the architecture's query,value; none when --target-parameters is given)")
+    g.add_argument("--target-parameters", help="comma list of parameter names (experts.gate_up_proj,"
+                   "experts.down_proj) or all-experts: LoRA on MoE experts' fused weights, one pair per expert. "
+                   "Every linear layer and every expert: --target-modules all-linear --target-parameters all-experts")
     g.add_argument("--exclude-modules", help="comma list of module names never adapted")
     g.add_argument("--add-tokens", metavar="TOKENS", help="comma list of tokens to add to the tokenizer (special "
                    "tokens, e.g. '<|im_start|>,<|im_end|>'): the embeddings grow and only these rows of them train "
@@ -146,6 +150,16 @@ def _names(value: str | list | None) -> list[str] | str | None:
     if value == "all-linear" or any(c in value for c in "()[]*+?\\|^$"):
         return value  # a regex or all-linear
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parameter_names(value: str | None) -> list[str] | str | None:
+    if value is None or value == ALL_EXPERTS:
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _dropout(args: argparse.Namespace) -> float:
+    return args.dropout if args.dropout is not None else 0.0 if args.target_parameters else 0.1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,7 +245,7 @@ def _check_lora_options(args: argparse.Namespace) -> None:
     """LoraConfig checks (types, ranges) every option named like one of its fields, before the model loads: a
     LoRA flag added later is checked with no code here. The real config is built after the model loads."""
     lists = ("target_modules", "exclude_modules", "modules_to_save")
-    convert = {**dict.fromkeys(lists, _names), "slices": slice_masks}
+    convert = {**dict.fromkeys(lists, _names), "slices": slice_masks, "target_parameters": _parameter_names}
     tokens = added_tokens(args.add_tokens)
     if _names(args.target_modules) == [] and args.target_modules.strip().lower() == "none" and not tokens:
         raise UsageError("--target-modules none adapts nothing without --add-tokens")
@@ -316,7 +330,8 @@ def _train(args: argparse.Namespace, say) -> int:
         model.config.pad_token_id = tokenizer.pad_token_id
     token_ids = add_vocabulary(model, tokenizer, tokens) if tokens else {}
     lora = (AdaLoraConfig if args.method == "adalora" else LoraConfig)(
-        r=rank, alpha=args.alpha, dropout=args.dropout, target_modules=_names(args.target_modules),
+        r=rank, alpha=args.alpha, dropout=_dropout(args), target_modules=_names(args.target_modules),
+        target_parameters=_parameter_names(args.target_parameters),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
         use_dora=args.use_dora, slices=slice_masks(args.slices) or {},
         modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"

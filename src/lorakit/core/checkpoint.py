@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import LORAKIT_KEY, LoraConfig, short_repr
@@ -31,7 +31,8 @@ from .layers import LoraLayer, changed_base, plain_lora_pair
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
 from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
-from .targets import find_targets
+from .targets import find_parameter_targets, find_targets
+from .tensor_file import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,7 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             peft, tensors = converted
     header = {"format": "pt", LORAKIT_KEY: json.dumps(meta, sort_keys=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_tensors(tensors, tmp, metadata=header))
     atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2, sort_keys=True)))
     return out_dir
 
@@ -117,7 +118,12 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     """
     held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
     paths = [p for p, m in held if m.lora_target]
+    hashed = list(paths)  # what a load fingerprints: the LoRA targets, parameter layers included
     d = config.to_peft_dict()
+    owned = {p: m.parameter_names for p, m in held if hasattr(m, "parameter_names")}
+    if owned:
+        d["target_parameters"] = _parameter_names(model, config, owned)
+    paths = [p for p in paths if p not in owned]  # modules (target_modules)
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
     d["fan_in_fan_out"] = any(
@@ -132,7 +138,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
             d["alpha_pattern"] = {**d["alpha_pattern"], p: pattern[1]}
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    meta = {"base_fingerprint": base_fingerprint(model, paths), "slices": config.slices}
+    meta = {"base_fingerprint": base_fingerprint(model, hashed), "slices": config.slices}
     quantized = {q for p in paths if (q := model.get_submodule(p).quantization()) is not None}
     if len(quantized) == 1 and quantized <= QUANTIZATIONS:
         meta["quantization"] = quantized.pop()  # the 4/8-bit base it was trained on (QLoRA)
@@ -141,6 +147,18 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
         meta.update(getattr(m.adapters[adapter], "export_metadata", dict)())
     return d, meta
+
+
+def _parameter_names(model: nn.Module, config: LoraConfig, owned: dict[str, list[str]]) -> list[str]:
+    """PEFT's ``target_parameters`` for the adapted parameters: ``<module leaf>.<parameter>`` names when they
+    select exactly those (``"experts.gate_up_proj"``), else full paths (``"all-experts"`` is lorakit's)."""
+    keys = [f"{p}.{n}" for p, names in owned.items() for n in names]
+    leaves = sorted({".".join(k.split(".")[-2:]) for k in keys})
+    try:
+        same = find_parameter_targets(model, config.replace(target_parameters=leaves)) == owned
+    except ValueError:
+        same = False
+    return leaves if same else keys
 
 
 def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
@@ -204,11 +222,9 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
     h = hashlib.sha256()
     for path in paths:
         module = model.get_submodule(path)
-        if isinstance(module, LoraLayer):
-            if module.merged:
-                return None
-            module = module.base_layer
-        w = module.weight
+        if isinstance(module, LoraLayer) and module.merged:
+            return None
+        w = module.weight  # a LoRA layer's: its base weight
         if w.is_meta or not w.is_floating_point():
             return None
         flat = w.detach().reshape(-1)
@@ -279,7 +295,43 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
         except (json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{weights_file}: header metadata {LORAKIT_KEY!r} is not valid JSON") from None
         meta = _check_metadata(meta, f"{weights_file}: header metadata {LORAKIT_KEY!r}")
+    check_adapter_tensors(config, tensors, weights_file)
     return config, {**raw, LORAKIT_KEY: meta}, tensors
+
+
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-feature magnitude, under PEFT's key
+
+
+def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
+    """What an adapter's tensors must satisfy whatever model they go into (``read_adapter`` runs it, so every
+    reader, ``load_adapter`` and ``lorakit inspect`` alike, refuses the same files): each ``lora_A`` has its
+    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module, and a DoRA adapter holds
+    the magnitude of each pair (a plain one none). A :class:`CheckpointError` naming the key otherwise."""
+    for key in tensors:
+        if key.endswith(("lora_B.weight", "lora_embedding_B")):
+            a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
+            if a_key not in tensors:
+                raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
+        elif key.endswith(MAGNITUDE) and not config.use_dora:
+            raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+    for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
+        stem = key.rsplit(".lora_", 1)[0]
+        b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
+        if b_key not in tensors:
+            raise CheckpointError(f"{weights_file}: {key} has no matching {b_key}")
+        A, B = tensors[key], tensors[b_key]
+        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != A.shape[0]:
+            raise CheckpointError(f"{weights_file}: {key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} are not a "
+                                  "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
+        module = stem.removeprefix(PREFIX)
+        r = config.rank_for(module)
+        stack = config.target_parameters is not None and A.shape[0] % r == 0  # E experts x r (checked at load)
+        if A.shape[0] != r and not stack:
+            raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(A.shape)}, but {CONFIG_NAME} gives "
+                                  f"rank {r} for {module}")
+        if config.use_dora and f"{stem}.{MAGNITUDE}" not in tensors:
+            raise CheckpointError(f"{weights_file}: {CONFIG_NAME} has use_dora true, but {stem}.{MAGNITUDE} (the DoRA "
+                                  f"magnitude of {module}) is missing")
 
 
 # lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add
@@ -328,6 +380,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
         _check_ranks(config, tensors, find_targets(model, config) if config.target_modules != [] else [], weights_file)
+        _check_parameter_ranks(model, config, tensors, weights_file)
         planned, copies = plan_adapter(model, config, name)
     except CheckpointError:
         raise
@@ -399,18 +452,30 @@ def _fit_heads(model: nn.Module, copies: dict[str, nn.Module], tensors: dict[str
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:
-    """Each target's A in the file has the config's rank: checked before any adapter is allocated (a
-    config saying ``r: 1000000000000`` must not allocate terabytes before the shapes are compared)."""
+    """Each target has an A in the file (whose rank :func:`check_adapter_tensors` compared with the config's):
+    checked before any adapter is allocated (a config saying ``r: 1000000000000`` must not allocate terabytes
+    before the shapes are compared)."""
     for path in paths:
-        key = next((k for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A") if k in tensors),
-                   None)
-        if key is None:
+        if not any(k in tensors for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A")):
             raise CheckpointError(f"{weights_file}: no lora_A tensor for target {path} "
                                   f"(expected key {PREFIX}{path}.lora_A.weight)")
-        shape, r = tuple(tensors[key].shape), config.rank_for(path)
-        if len(shape) < 2 or shape[0] != r:
-            raise CheckpointError(f"{weights_file}: tensor {key} has shape {shape}, but {CONFIG_NAME} gives "
-                                  f"rank {r} for {path}")
+
+
+def _check_parameter_ranks(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path):
+    """:func:`_check_ranks` for ``target_parameters``: the A of a parameter with ``E`` experts has ``E*r`` rows
+    (PEFT's nesting: the module's last targeted parameter at its path, each earlier one a ``.base_layer`` deeper)."""
+    for path, names in find_parameter_targets(model, config).items():
+        owner = model.get_submodule(path)
+        owner = getattr(owner, "base_layer", owner)
+        for i, name in enumerate(names):
+            key = f"{PREFIX}{path}{'.base_layer' * (len(names) - 1 - i)}.lora_A.weight"
+            param = getattr(owner, name)
+            rows = config.rank_for(f"{path}.{name}") * (param.shape[0] if param.dim() == 3 else 1)
+            if key not in tensors:
+                raise CheckpointError(f"{weights_file}: no lora_A tensor for parameter {path}.{name} (expected key {key})")
+            if tensors[key].dim() != 2 or tensors[key].shape[0] != rows:
+                raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(tensors[key].shape)}, but "
+                                      f"{CONFIG_NAME} gives {rows} rows (rank x experts) for {path}.{name}")
 
 
 def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, bool]]:

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from .tables import INITIALIZERS, parse_init
 
 Bias = Literal["none", "all", "lora_only"]
@@ -26,6 +28,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "lora_dropout": ("field", "dropout"),
     "target_modules": ("field", "target_modules"),
     "exclude_modules": ("field", "exclude_modules"),
+    "target_parameters": ("field", "target_parameters"),
     "layers_to_transform": ("field", "layers"),
     "layers_pattern": ("field", "layers_pattern"),
     "bias": ("field", "bias"),
@@ -54,7 +57,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "lorakit": ("harmless", None),  # lorakit's metadata in checkpoints before it moved to the weights header
     "lora_bias": ("refused", None),
     "layer_replication": ("refused", None),
-    "target_parameters": ("refused", None),
     "use_qalora": ("refused", None),
     "alora_invocation_tokens": ("refused", None),
     "megatron_config": ("refused", None),
@@ -65,6 +67,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
+ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -106,6 +109,15 @@ class LoraConfig:
             tied output embedding follows the input one. Alone, with ``target_modules=[]``, or beside LoRA
             (see :mod:`lorakit.variants.tokens`).
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
+        target_parameters: parameters to adapt directly (PEFT's ``target_parameters``), for weights that are
+            not in an ``nn.Linear``: above all the fused expert stacks of MoE models. A list names parameters
+            by path or suffix (``"experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``);
+            ``"all-experts"`` takes every 3-D parameter (every expert of every MoE layer) and is saved as the
+            names it matched. A 3-D parameter gets one rank-``r`` pair per expert. ``rank_pattern`` /
+            ``alpha_pattern`` keys match the parameter's path. With ``target_modules=None`` no module is
+            adapted; ``target_modules="all-linear", target_parameters="all-experts"`` adapts every linear
+            layer and every expert. As in PEFT: no dropout, no DoRA, and every adapter of a model targets the
+            same parameters of a module (see :mod:`lorakit.variants.params`).
 
     Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
     or ``use_rslora=1`` (booleans are strict; a bool is not a number) raise ``ValueError`` naming the field.
@@ -129,12 +141,14 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    target_parameters: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         if self.alpha is None:
             self.alpha = float(self.r)
-        if isinstance(self.target_modules, tuple | set):
-            self.target_modules = list(self.target_modules)
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(getattr(self, name), tuple | set):
+                setattr(self, name, list(getattr(self, name)))
         if _is_int(self.layers):
             self.layers = [self.layers]
         self.validate()
@@ -168,6 +182,7 @@ class LoraConfig:
                     isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
                     f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
                 )
+        self._validate_target_parameters()
         if self.layers is not None:
             _check(
                 isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
@@ -200,6 +215,21 @@ class LoraConfig:
                 isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask),
                 f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
             )
+        check_scaling(self)  # float32 here; add_lora / load_adapter check again in each layer's dtype
+
+    def _validate_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        _check(value == ALL_EXPERTS or (isinstance(value, list) and value
+                                          and all(isinstance(s, str) and s for s in value)),
+               f"target_parameters must be a non-empty list of parameter names or {ALL_EXPERTS!r}, got "
+               f"{short_repr(value)}")
+        _check(self.dropout == 0, f"dropout={self.dropout} cannot be used with target_parameters (an update of "
+               "the weight itself has no input to drop; PEFT refuses it too); use dropout=0")
+        _check(not self.use_dora, "use_dora cannot be used with target_parameters (as in PEFT)")
+        _check(self.init in ("kaiming", "gaussian"),
+               f"init {self.init!r} cannot be used with target_parameters; use 'kaiming' or 'gaussian'")
 
     # ----- per-module values ---------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -223,6 +253,8 @@ class LoraConfig:
         for key, (kind, name) in PEFT_KEYS.items():
             if kind == "field":
                 d[key] = copy.deepcopy(getattr(self, name))
+        if self.target_modules is None and self.target_parameters is not None:
+            d["target_modules"] = []  # PEFT: no modules (None would add its default modules for the architecture)
         name, arg = parse_init(self.init)
         to_peft = INITIALIZERS[name].to_peft
         d.update(to_peft(arg) if to_peft is not None else {"init_lora_weights": self.init})  # pissa...: PEFT's names
@@ -257,8 +289,11 @@ class LoraConfig:
         except ValueError:
             raise ValueError(f"init_lora_weights={short_repr(init)} is not supported by lorakit") from None
         kwargs["init"] = init  # a base-replacing init (pissa...) is rerun on the base when loading, as PEFT does
-        if isinstance(kwargs.get("target_modules"), list):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"], key=str)
+        if kwargs.get("target_modules") == [] and kwargs.get("target_parameters"):
+            del kwargs["target_modules"]  # PEFT's "parameters only"
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = sorted(kwargs[name], key=str)
         if isinstance(kwargs.get("modules_to_save"), list):
             kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
         if "r" in kwargs and "alpha" not in kwargs:
@@ -268,6 +303,31 @@ class LoraConfig:
     def replace(self, **changes: Any) -> LoraConfig:
         """A validated copy with some fields changed (the original is never mutated)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_scaling(config: LoraConfig, dtype: torch.dtype = torch.float32, module: str | None = None) -> None:
+    """Raise a one-line ValueError unless the scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) is finite in
+    ``dtype``: a finite float64 value above ``torch.finfo(dtype).max`` (1e6 in fp16) overflows in every forward.
+
+    ``module``: the scaling that module gets. ``None``: every combination of ``alpha`` / ``alpha_pattern`` value
+    with ``r`` / ``rank_pattern`` value (the largest alpha over the smallest rank bounds them all).
+    """
+    where = f" of {module}" if module is not None else ""
+    if module is not None:
+        alphas, ranks = [("alpha", config.alpha_for(module))], [("r", config.rank_for(module))]
+    else:
+        alphas = [("alpha", config.alpha), *((f"alpha_pattern[{short_repr(k)}]", v) for k, v in config.alpha_pattern.items())]
+        ranks = [("r", config.r), *((f"rank_pattern[{short_repr(k)}]", v) for k, v in config.rank_pattern.items())]
+    (alpha_name, alpha), (r_name, r) = max(alphas, key=lambda x: x[1]), min(ranks, key=lambda x: x[1])
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    try:
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    except OverflowError:  # an integer too large for a float
+        scaling = math.inf
+    if not (math.isfinite(scaling) and abs(scaling) <= limit):
+        formula = f"/ sqrt({r_name}={r})" if config.use_rslora else f"/ {r_name}={r}"
+        raise ValueError(f"scaling{where}: {alpha_name}={alpha:g} {formula} = {scaling:g} is not finite in {dtype} "
+                         f"(max {limit:g}); use a smaller alpha")
 
 
 def module_matches(name: str, key: str) -> bool:
@@ -303,7 +363,12 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float (a JSON integer of 400 digits)
+        return False
 
 
 def _is_pos(x: Any) -> bool:

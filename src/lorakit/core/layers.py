@@ -95,6 +95,18 @@ class Adapter(nn.Module):
         loaded by copy after a shape check)."""
         return {}
 
+    @property
+    def row_batched(self) -> bool:
+        """Whether the per-row path and the adapter pool can run this adapter: additive, or giving a
+        :meth:`row_scale`."""
+        return self.additive
+
+    def row_scale(self, layer: LoraLayer) -> Tensor | None:
+        """The per-output factor ``f: (d,)`` (fp32) with which row ``i`` of a per-row batch computes
+        ``base(x) + (f - 1)·(base(x) - bias) + f·s·B·A·x`` ((A, B) from :meth:`plain_pair`); None: ``f = 1``,
+        the plain update. Fixed while the base and the adapter are (computed once per context or pool slot)."""
+        return None
+
     def export_tensors(self) -> dict[str, Tensor]:
         """What a checkpoint holds for this adapter: key suffix after the module path -> tensor, in PEFT's
         layout. A variant whose own weights are not PEFT's ``lora_A``/``lora_B`` writes its :meth:`plain_pair`."""
@@ -185,7 +197,7 @@ class LoraLayer(nn.Module):
         self.active: str | None = None
         self.merged: list[str] = []
         self.disabled = False
-        self.row_plan = None  # set by per_row_adapters(): callable x -> per-row LoRA update
+        self.row_plan = None  # set by lorakit.ops (per_row_adapters, the pool): .output(layer, out, x) per row
         # outputs of these base types are fresh tensors: the update may be added into them in place
         self.fresh_output = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer) is conv1d_type()
 
@@ -194,7 +206,7 @@ class LoraLayer(nn.Module):
         if self.disabled:  # disabling wins over everything, per-row adapters included
             return out
         if self.row_plan is not None:
-            return out + self.row_plan(x).to(out.dtype)
+            return self.row_plan.output(self, out, x)
         if self.active is None or self.active in self.merged:
             return out
         adapter = self.adapters[self.active]

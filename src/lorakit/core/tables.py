@@ -12,6 +12,8 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`PEFT_TYPES`: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)`` giving the exactly
   equivalent ``LORA`` checkpoint (AdaLoRA).
 - :data:`QUANTIZATIONS`: the base quantizations a checkpoint's ``"quantization"`` metadata may name.
+- :data:`PARAMETER_LAYERS`: ``"default"`` -> the layer type that adapts parameters (``target_parameters``):
+  ``cls(module, parameter_names)`` (LoRA on MoE experts).
 - :data:`EXTRA_LAYERS`: ``fn(model, config, name, lora_paths) -> [(path, layer, adapter, new_layer)]``: layers an
   adapter places besides its LoRA targets, built without touching the model (trainable tokens).
 - :data:`PEFT_WRITERS`: ``fn(peft, tensors) -> (peft, tensors) | None``: a checkpoint written in another PEFT
@@ -75,6 +77,7 @@ LAYER_TYPES: list[Callable[[Any], type | None]] = []
 ON_ATTACH: list[Callable[[Any], None]] = []
 PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
 QUANTIZATIONS: set[str] = set()
+PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
 EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
 PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
 METADATA: dict[str, Callable[[Any], bool]] = {}

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import ALL_EXPERTS, LoraConfig
 from .layers import LoraLayer, LoraLinear, is_linear_like, lora_layer_type
 from .saved import SavedModule
+from .tables import PARAMETER_LAYERS
 
 # The paper's choice (query and value projections) for common transformers architectures.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -110,7 +111,10 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Paths of the modules ``config`` adapts, in model order. Raises ValueError if there are none."""
+    """Paths of the modules ``config`` adapts, in model order. Raises ValueError if there are none (unless
+    ``config`` adapts parameters only: ``target_parameters`` without ``target_modules``)."""
+    if config.target_modules is None and config.target_parameters is not None:
+        return []
     spec = resolve_target_modules(model, config)
     heads = _output_head_names(model) if spec == "all-linear" else set()
     found = []
@@ -155,6 +159,60 @@ def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
             raise ValueError(f"target_modules entry {key!r} matches only modules lorakit cannot adapt "
                              f"({', '.join(kinds)}: {others[0][0]!r}); adaptable types are Linear, Embedding, "
                              "Conv1d/2d/3d and GPT-2's Conv1D")
+
+
+def _parameter_owners(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(path, owner) for every module that may own targeted parameters; at ``path`` sits the owner or the
+    parameter layer that already wraps it."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, LoraLayer):
+            if isinstance(child, tuple(PARAMETER_LAYERS.values())):
+                yield path, child.base_layer
+            continue  # a wrapped layer's own weight is adapted as a module
+        if isinstance(child, SavedModule) or lora_layer_type(child) is not None:
+            continue  # modules_to_save copies; layers adapted as modules
+        yield path, child
+        yield from _parameter_owners(child, path)
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
+    """Module path -> names of its parameters ``config.target_parameters`` adapts, in model order.
+
+    A listed name matches ``<module path>.<parameter>`` exactly or as a suffix at a ``.`` boundary (as PEFT);
+    ``"all-experts"`` takes every 3-D floating parameter. ``layers`` and ``exclude_modules`` apply to the
+    module path. Raises ValueError naming the problem when nothing matches or a match is not 2-D/3-D.
+    """
+    spec = config.target_parameters
+    if spec is None:
+        return {}
+    found: dict[str, list[str]] = {}
+    for path, owner in _parameter_owners(model):
+        if config.exclude_modules is not None and _selected(path, config.exclude_modules):
+            continue
+        if config.layers is not None and _block_index(path, config.layers_pattern) not in config.layers:
+            continue
+        names = []
+        for name, p in owner.named_parameters(recurse=False):
+            key = f"{path}.{name}"
+            if spec == ALL_EXPERTS:
+                hit = p.dim() == 3 and p.is_floating_point()
+            else:
+                hit = _selected(key, spec)
+                if hit and p.dim() not in (2, 3):
+                    raise ValueError(f"target_parameters matches {key} of shape {tuple(p.shape)}; only 2-D and "
+                                     "3-D parameters can be adapted")
+            if hit:
+                names.append(name)
+        if names:
+            found[path] = names
+    if not found:
+        sample = [f"{p}.{n}" for p, o in _parameter_owners(model) for n, t in o.named_parameters(recurse=False)
+                  if t.dim() == 3][:4]
+        raise ValueError(f"no parameter matches target_parameters={spec!r}"
+                         + (f" with layers={config.layers}" if config.layers is not None else "")
+                         + f"; 3-D parameters of this model: {sample or '(none)'}")
+    return found
 
 
 def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:

@@ -13,6 +13,14 @@ Cost is that of a single adapter of rank r_max, whatever the number of distinct 
 sources: :class:`StackedWeights`, stacked per context from the adapters (here), or the resident stacks
 of :class:`lorakit.ops.pool.AdapterPool`. :func:`loop_update` runs each adapter on its own rows: the
 reference (test oracle) and the path for convolutions.
+
+DoRA rows. A DoRA adapter's output is ``f ⊙ (W0·x + s·B·A·x) + bias`` with ``f = m / ||W0 + s·B·A||`` per
+output feature; the base is frozen, so ``f`` is fixed for the adapter and stacked beside A and B as
+``S: (n+1, d)`` (1 for plain LoRA and base rows; :meth:`Adapter.row_scale`). With ``out = base(x)``::
+
+    y[i] = out[i] + (f[i] - 1) ⊙ (out[i] - bias) + f[i] ⊙ update[i]          (:func:`scaled_output`)
+
+which is ``out + update`` exactly where ``f = 1``, and PEFT's DoRA formula elsewhere (no dropout).
 """
 
 from __future__ import annotations
@@ -50,10 +58,20 @@ def bgmv(x: Tensor, A: Tensor, B: Tensor, index: Tensor | None, embedding: bool)
     return y.view(*lead, y.shape[-1])
 
 
-class RowWeights(Protocol):
-    """A source of :func:`bgmv`'s right-hand operands for one layer and one batch composition."""
+def scaled_output(layer: LoraLayer, out: Tensor, update: Tensor, scale: Tensor) -> Tensor:
+    """``out + (f - 1)·(out - bias) + f·update``; ``scale``: ``(d,)`` shared or ``(b, d)`` per row (feature last)."""
+    f = scale.to(out.dtype)
+    if f.dim() == 2:
+        f = f.view(f.shape[0], *[1] * (out.dim() - 2), f.shape[1])  # (b, 1..., d)
+    bias = getattr(layer.base_layer, "bias", None)
+    base = out if bias is None else out - bias.to(out.dtype)
+    return torch.addcmul(torch.addcmul(out, f - 1, base), f, update)
 
-    def get(self) -> tuple[Tensor, Tensor]: ...
+
+class RowWeights(Protocol):
+    """A source of :func:`bgmv`'s right-hand operands (and DoRA's factors) for one layer and one batch."""
+
+    def get(self) -> tuple[Tensor, Tensor, Tensor | None]: ...
 
 
 @dataclass(eq=False)
@@ -66,9 +84,17 @@ class RowPlan:
     embedding: bool  # x holds token ids
 
     def __call__(self, x: Tensor) -> Tensor:
+        """The rows' ``s·B·A·x`` alone."""
         check_rows_match(self.index, x)
-        A, B = self.weights.get()
+        A, B, _ = self.weights.get()
         return bgmv(x, A, B, None if self.shared else self.index, self.embedding)
+
+    def output(self, layer: LoraLayer, out: Tensor, x: Tensor) -> Tensor:
+        """The layer's output given its base output ``out``."""
+        check_rows_match(self.index, x)
+        A, B, scale = self.weights.get()
+        update = bgmv(x, A, B, None if self.shared else self.index, self.embedding).to(out.dtype)
+        return out + update if scale is None else scaled_output(layer, out, update, scale)
 
 
 class StackedWeights:
@@ -80,10 +106,10 @@ class StackedWeights:
     copies per layer (``b * r_max * (k + d)`` values), less than the KV cache of those rows.
     """
 
-    def __init__(self, adapters: list[Adapter], index: Tensor, zero_slot: bool, shared: bool, embedding: bool):
-        self.adapters, self.index, self.zero_slot = adapters, index, zero_slot
-        self.shared, self.embedding = shared, embedding
-        self.cached: tuple[Tensor, Tensor] | None = None
+    def __init__(self, layer: LoraLayer, adapters: list[Adapter], index: Tensor, zero_slot: bool, shared: bool):
+        self.layer, self.adapters, self.index, self.zero_slot = layer, adapters, index, zero_slot
+        self.shared, self.embedding = shared, isinstance(layer, LoraEmbedding)
+        self.cached: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     def stacks(self) -> tuple[Tensor, Tensor]:
         """``A_s: (n, r_max, k)``, ``B_s: (n, d, r_max)``, scaling folded into B; one more zero slot
@@ -96,20 +122,30 @@ class StackedWeights:
             A_s, B_s = A_s + [torch.zeros_like(A_s[0])], B_s + [torch.zeros_like(B_s[0])]
         return torch.stack(A_s), torch.stack(B_s)
 
-    def get(self) -> tuple[Tensor, Tensor]:
-        """``A: (b, k, r_max)`` (embeddings: the whole stack), ``B: (b, r_max, d)``; shared: the one adapter's
-        ``(k, r_max)`` and ``(r_max, d)``."""
+    def scales(self) -> Tensor | None:
+        """``S: (n[+1], d)`` fp32, each adapter's :meth:`~lorakit.core.layers.Adapter.row_scale` (1 where it
+        has none, and in the zero slot); None when no adapter has one."""
+        found = [adapter.row_scale(self.layer) for adapter in self.adapters]
+        if all(f is None for f in found):
+            return None
+        d = next(f for f in found if f is not None).shape[0]
+        ones = torch.ones(d, device=self.index.device)
+        return torch.stack([ones if f is None else f for f in found] + ([ones] if self.zero_slot else []))
+
+    def get(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``A: (b, k, r_max)`` (embeddings: the whole stack), ``B: (b, r_max, d)``, DoRA's factors
+        ``(b, d)`` or None; shared: the one adapter's ``(k, r_max)``, ``(r_max, d)``, ``(d,)`` or None."""
         if self.cached is not None and not torch.is_grad_enabled():  # with grad: fresh, so gradients flow
             return self.cached
-        A_s, B_s = self.stacks()
+        (A_s, B_s), S = self.stacks(), self.scales()
         if self.shared:
-            A_g, B_g = A_s[0].T, B_s[0].T
+            A_g, B_g, S_g = A_s[0].T, B_s[0].T, None if S is None else S[0]
         else:
             A_g = A_s.transpose(1, 2) if self.embedding else A_s[self.index].transpose(1, 2)
-            B_g = B_s[self.index].transpose(1, 2)
+            B_g, S_g = B_s[self.index].transpose(1, 2), None if S is None else S[self.index]
         if not torch.is_grad_enabled():
-            self.cached = (A_g, B_g)
-        return A_g, B_g
+            self.cached = (A_g, B_g, S_g)
+        return A_g, B_g, S_g
 
 
 def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
@@ -131,15 +167,31 @@ def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
     return out
 
 
+def loop_output(layer: LoraLayer, out: Tensor, x: Tensor, names: list[str | None]) -> Tensor:
+    """Reference for any adapter kind: each adapter's own ``layer_output`` on its rows; base rows keep ``out``."""
+    check_rows_match(names, x)
+    for name in dict.fromkeys(names):
+        if name is None or name not in layer.adapters:
+            continue
+        rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        adapter = layer.adapters[name]
+        xs = x[rows] if not x.is_floating_point() else x[rows].to(adapter.dtype)
+        out = out.index_copy(0, rows, adapter.layer_output(layer, out[rows], xs, False).to(out.dtype))
+    return out
+
+
 @dataclass(eq=False)
 class LoopUpdate:
-    """Per-row update by :func:`loop_update` (convolutions, and the layers no row's adapter touches)."""
+    """Per-row output by :func:`loop_output` (convolutions, and the layers no row's adapter touches)."""
 
     layer: LoraLayer
     names: list[str | None]
 
     def __call__(self, x: Tensor) -> Tensor:
         return loop_update(self.layer, x, self.names)
+
+    def output(self, layer: LoraLayer, out: Tensor, x: Tensor) -> Tensor:
+        return loop_output(layer, out, x, self.names)
 
 
 @dataclass(eq=False)
@@ -151,6 +203,10 @@ class ZeroUpdate:
     def __call__(self, x: Tensor) -> Tensor:
         check_rows_match(self.names, x)
         return torch.zeros((), device=x.device)
+
+    def output(self, layer: LoraLayer, out: Tensor, x: Tensor) -> Tensor:
+        check_rows_match(self.names, x)
+        return out
 
 
 def check_rows_match(names, x: Tensor) -> None:
@@ -168,21 +224,26 @@ def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | Loop
     index = torch.tensor(slots, device=layer.weight.device)
     zero_slot = len(used) in slots  # only stacked when some row is a base row
     shared = len(used) == 1 and not zero_slot  # every row runs one adapter: no gather
-    embedding = isinstance(layer, LoraEmbedding)
-    weights = StackedWeights([layer.adapters[n] for n in used], index, zero_slot, shared, embedding)
-    return RowPlan(weights, index, shared, embedding)
+    weights = StackedWeights(layer, [layer.adapters[n] for n in used], index, zero_slot, shared)
+    return RowPlan(weights, index, shared, weights.embedding)
+
+
+def row_batched(adapter: nn.Module) -> bool:
+    """Whether the per-row path can run ``adapter`` (``Adapter.row_batched``); an adapter module that does not
+    say (trainable tokens, parameter adapters) is refused by name."""
+    return bool(getattr(adapter, "row_batched", False))
 
 
 def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None]) -> None:
-    """Refuse base rows or other adapters beside a base-replacing adapter, and non-additive adapters
-    (DoRA), whose update is not the stacked ``B·A`` the per-row path computes."""
+    """Refuse base rows or other adapters beside a base-replacing adapter, and adapters the per-row path
+    cannot compute (``row_batched`` false: neither the stacked ``B·A`` nor a per-output factor of it)."""
     owner = base_owner(layers)
     if owner is not None and any(n != owner for n in names):
         check_base_kept(model, "per_row_adapters with rows of other adapters or of the base model")
     used = set(names)
     for layer in layers:
         for name in used & set(layer.adapters):
-            if not layer.adapters[name].additive:
+            if not row_batched(layer.adapters[name]):
                 raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
                                  ", which per-row batching does not support; run it with use_adapter()")
 
@@ -192,7 +253,8 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     """Row ``i`` of the batch runs adapter ``names[i]`` (``None``: the base model), in one forward.
 
     Linear-like and embedding layers use stacked adapter weights gathered per row (one batched matmul
-    pair per layer whatever the number of adapters); dropout is not applied. Inside
+    pair per layer whatever the number of adapters); DoRA rows add one per-output factor each (see the
+    module docstring); dropout is not applied. Inside
     :func:`~lorakit.core.model.disabled` every row runs the base model. ``modules_to_save`` copies run on
     their rows along the batch's first dimension, so they must return one tensor with the batch first:
     recurrent modules are refused.

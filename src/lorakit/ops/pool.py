@@ -19,6 +19,10 @@ independent of how many adapters are resident) and the update is the BGMV pair o
 
 When every row runs one adapter the slot's matrices are used directly (the one-adapter speed).
 
+DoRA adapters are pooled too: the base is frozen, so each one's per-output factor ``m / ||W0 + s·B·A||`` is
+computed once, at :meth:`AdapterPool.add`, and kept in ``S_t: (slots + 1, d)`` (1 elsewhere); a batch with
+DoRA rows applies it per row (:func:`lorakit.ops.per_row.scaled_output`), a batch without skips it.
+
 The pool is a snapshot for inference: if an adapter's weights change after :meth:`AdapterPool.add`,
 call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
 convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference).
@@ -33,11 +37,12 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
-from .per_row import LoopUpdate, RowPlan, ZeroUpdate
+from .per_row import LoopUpdate, RowPlan, ZeroUpdate, row_batched
 
 
 class _LayerStack:
-    """One layer's resident stacks; ``A_t: (slots+1, k, r)``, ``B_t: (slots+1, r, d)``."""
+    """One layer's resident stacks; ``A_t: (slots+1, k, r)``, ``B_t: (slots+1, r, d)``, and DoRA's per-output
+    factors ``S_t: (slots+1, d)`` (1 for plain LoRA, base rows and free slots)."""
 
     def __init__(self, layer: LoraLayer, slots: int, rank: int):
         w = next(iter(layer.adapters.values())).lora_B.weight
@@ -46,27 +51,35 @@ class _LayerStack:
         self.embedding = isinstance(layer, LoraEmbedding)
         self.A_t = torch.zeros(slots + 1, self.k, rank, dtype=w.dtype, device=w.device)
         self.B_t = torch.zeros(slots + 1, rank, self.d, dtype=w.dtype, device=w.device)
+        self.S_t = torch.ones(slots + 1, self.d, dtype=w.dtype, device=w.device)
         self.present: set[int] = set()  # slots that hold an adapter on this layer
+        self.scaled: set[int] = set()  # slots whose factors are not all 1 (DoRA)
 
     def resize(self, slots: int, rank: int) -> None:
         A_t = self.A_t.new_zeros(slots + 1, self.k, rank)
         B_t = self.B_t.new_zeros(slots + 1, rank, self.d)
         n, r = min(slots, self.A_t.shape[0] - 1), self.A_t.shape[2]
         A_t[:n, :, :r], B_t[:n, :r] = self.A_t[:n], self.B_t[:n]
-        self.A_t, self.B_t = A_t, B_t
+        S_t = self.S_t.new_ones(slots + 1, self.d)
+        S_t[:n] = self.S_t[:n]
+        self.A_t, self.B_t, self.S_t = A_t, B_t, S_t
 
-    def write(self, slot: int, A: Tensor, B: Tensor, scaling: float) -> None:
+    def write(self, slot: int, A: Tensor, B: Tensor, scaling: float, scale: Tensor | None) -> None:
         r = A.shape[0]
-        self.A_t[slot].zero_()
-        self.B_t[slot].zero_()
+        self.clear(slot)
         self.A_t[slot, :, :r] = A.T
         self.B_t[slot, :r] = (B * scaling).T
         self.present.add(slot)
+        if scale is not None:
+            self.S_t[slot] = scale
+            self.scaled.add(slot)
 
     def clear(self, slot: int) -> None:
         self.A_t[slot].zero_()
         self.B_t[slot].zero_()
+        self.S_t[slot].fill_(1.0)
         self.present.discard(slot)
+        self.scaled.discard(slot)
 
 
 class PoolWeights:
@@ -76,18 +89,20 @@ class PoolWeights:
     (a prefill and its decode steps run the same rows); ``b * r * (k + d)`` values per layer.
     """
 
-    def __init__(self, stack: _LayerStack, index: Tensor, shared_slot: int | None):
-        self.stack, self.index, self.shared_slot = stack, index, shared_slot
-        self.cached: tuple[Tensor, Tensor] | None = None
+    def __init__(self, stack: _LayerStack, index: Tensor, shared_slot: int | None, scaled: bool):
+        self.stack, self.index, self.shared_slot, self.scaled = stack, index, shared_slot, scaled
+        self.cached: tuple[Tensor, Tensor, Tensor | None] | None = None
 
-    def get(self) -> tuple[Tensor, Tensor]:
-        """Shared slot: its ``(k, r)`` and ``(r, d)``. Else ``A: (b, k, r)`` (embeddings: the whole stack,
-        rows read it by token id) and ``B: (b, r, d)``."""
-        A_t, B_t = self.stack.A_t, self.stack.B_t
+    def get(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Shared slot: its ``(k, r)``, ``(r, d)`` and factors ``(d,)``. Else ``A: (b, k, r)`` (embeddings: the
+        whole stack, rows read it by token id), ``B: (b, r, d)``, factors ``(b, d)``. Factors are None when
+        no row's adapter has any (no DoRA row in the batch)."""
+        A_t, B_t, S_t = self.stack.A_t, self.stack.B_t, self.stack.S_t
         if self.shared_slot is not None:  # every row runs one adapter: its matrices, no gather
-            return A_t[self.shared_slot], B_t[self.shared_slot]
+            return A_t[self.shared_slot], B_t[self.shared_slot], S_t[self.shared_slot] if self.scaled else None
         if self.cached is None or self.cached[1].shape[0] != self.index.shape[0]:
-            self.cached = (A_t if self.stack.embedding else A_t[self.index], B_t[self.index])
+            self.cached = (A_t if self.stack.embedding else A_t[self.index], B_t[self.index],
+                           S_t[self.index] if self.scaled else None)
         return self.cached
 
 
@@ -126,10 +141,10 @@ class AdapterPool:
         if name not in adapter_names(self.model):
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
-        for layer in layers:  # the stacks hold B·A alone: anything else would run as a wrong answer
+        for layer in layers:  # the stacks hold B·A and a per-output factor: anything else would run wrong
             adapter = layer.adapters[name]
-            if not adapter.additive or changed_base(adapter):
-                why = "replaced its base weights (its init)" if adapter.additive else f"is a {type(adapter).__name__}"
+            if not row_batched(adapter) or changed_base(adapter):
+                why = f"is a {type(adapter).__name__}" if not row_batched(adapter) else "replaced its base weights (its init)"
                 raise ValueError(f"AdapterPool: adapter {name!r} {why}, which mixed-adapter batching cannot run "
                                  "beside other adapters; serve it alone or convert it to plain LoRA")
         pairs = {layer: layer.adapters[name].plain_pair() for layer in layers}
@@ -150,7 +165,8 @@ class AdapterPool:
             for layer, (A, B) in pairs.items():
                 if layer not in self.stacks:
                     self.stacks[layer] = _LayerStack(layer, self.slots, self.rank)
-                self.stacks[layer].write(slot, A.detach(), B.detach(), layer.adapters[name].scaling)
+                adapter = layer.adapters[name]  # DoRA's factor: fixed while base and adapter are (a snapshot)
+                self.stacks[layer].write(slot, A.detach(), B.detach(), adapter.scaling, adapter.row_scale(layer))
         self.slot_of[name] = slot
         return slot
 
@@ -186,7 +202,7 @@ class AdapterPool:
                 continue
             on_layer = slots & stack.present
             shared = next(iter(slots)) if len(slots) == 1 and on_layer else None
-            weights = PoolWeights(stack, index, shared)
+            weights = PoolWeights(stack, index, shared, bool(slots & stack.scaled))
             layer.row_plan = RowPlan(weights, index, shared is not None, stack.embedding) if on_layer \
                 else ZeroUpdate(names)
         for m in saved:

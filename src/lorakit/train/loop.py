@@ -23,11 +23,11 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.checkpoint import save_adapter
 from ..core.model import active_adapter
+from ..core.tensor_file import save_tensors
 from . import distributed as D
 from .config import LinearWarmupSchedule, TrainConfig, TrainResult, param_groups
 from .losses import label_smoothed_loss
@@ -64,11 +64,30 @@ def check_environment(config: TrainConfig) -> None:
         if device.index is not None and device.type != "cpu" and device.index >= backend.device_count():
             raise ValueError(f"device {config.device!r}: this machine has {backend.device_count()} {device.type} "
                              "device(s)")
+    import importlib
     import importlib.util
 
-    for flag, package in (("tensorboard", "tensorboard"), ("plot", "matplotlib"), ("progress", "tqdm")):
-        if getattr(config, flag) and importlib.util.find_spec(package) is None:
-            raise ImportError(f"{flag}=True needs the {package} package: pip install {package}")
+    for flag, package, module in OPTIONAL_IMPORTS:
+        if flag is not None and not getattr(config, flag):
+            continue
+        needs = f"{flag}=True needs" if flag is not None else "training needs"
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"{needs} the {package} package: pip install {package}")
+        try:  # installed is not enough: a package that fails to import would fail the run after its first write
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 (whatever it raises, the run cannot use it)
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise ImportError(f"{needs} the {package} package, which is installed but fails to import "
+                              f"({module}: {type(e).__name__}: {reason})") from None
+
+
+# The optional packages a run imports, one line each: (TrainConfig flag that asks for it, None: every run;
+# package to install; the module the run imports from it). check_environment imports each before the first write.
+OPTIONAL_IMPORTS: tuple[tuple[str | None, str, str], ...] = (
+    ("tensorboard", "tensorboard", "torch.utils.tensorboard"),  # _open_logs: SummaryWriter
+    ("plot", "matplotlib", "matplotlib.backends.backend_agg"),  # plots.plot_curves, on the Agg backend
+    (None, "tqdm", "tqdm.auto"),  # _open_logs: the progress bar (built disabled with progress=False)
+)
 
 
 def batches_per_epoch(num_examples: int, config: TrainConfig, world_size: int = 1) -> int:
@@ -473,9 +492,9 @@ class _Run:
         save_adapter(self.model, path, adapter=self.adapter)
         if self.hook is not None:  # beside adapter/ in the checkpoint being written: swapped in with it
             state = self.hook.state_dict()
-            meta = {k: json.dumps(v) for k, v in state.items() if k != "tensors"}
-            save_file({k: v.contiguous().cpu() for k, v in state["tensors"].items()}, path.parent / HOOK_FILE,
-                      metadata=meta)
+            meta = {k: json.dumps(v, sort_keys=True) for k, v in state.items() if k != "tensors"}
+            save_tensors({k: v.contiguous().cpu() for k, v in state["tensors"].items()}, path.parent / HOOK_FILE,
+                         metadata=meta)
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------

@@ -22,11 +22,14 @@ file.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,7 +139,7 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in trainable.items()}
-    save_file(tensors, tmp / "trainable.safetensors", metadata={"format": "pt"})
+    save_file(tensors, tmp / "trainable.safetensors", metadata={"format": "pt"})  # one key: fixed order
     if write_adapter is not None:
         write_adapter(tmp / "adapter")
     torch.save(optimizer, tmp / "optimizer.pt")
@@ -279,9 +282,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def _torch_file(file: Path) -> dict[str, Any]:
     """A ``torch.save``d dict, read with ``weights_only=True``. torch's own message is not passed on: for a
-    file it cannot read safely it suggests ``weights_only=False``, which must never be done with it."""
+    file it cannot read safely it suggests ``weights_only=False``, which must never be done with it. Nor are its
+    warnings and prints while reading ("Detected pickle protocol 4 ... please file an issue" for a damaged file):
+    the caller's one-line error or notice is the whole report."""
     try:
-        value = torch.load(file, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            value = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 (any failure means the same: the file is damaged)
         raise CheckpointError(f"{file}: not a readable checkpoint file ({type(e).__name__})") from None
     if not isinstance(value, dict):

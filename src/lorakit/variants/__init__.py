@@ -5,6 +5,7 @@
 - :mod:`.inits`: PiSSA, OLoRA and LoftQ, initialisers that read (and replace) the base weight.
 - :mod:`.quantized`: QLoRA, LoRA on bitsandbytes' 4-bit and 8-bit base layers.
 - :mod:`.loraplus`: LoRA+ optimizer parameter groups.
+- :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``).
 - :mod:`.tokens`: trainable tokens (``trainable_token_indices``), chosen embedding rows trained.
 
 Importing a module here registers nothing: :func:`register` (called once by ``import lorakit``) does.
@@ -43,7 +44,7 @@ with argument 16) to an :class:`~lorakit.core.tables.Init`; see :mod:`.inits` fo
 
 from __future__ import annotations
 
-from . import adalora, dora, inits, quantized, tokens
+from . import adalora, dora, inits, params, quantized, tokens
 from .adalora import AdaLoraAllocator, AdaLoraConfig
 from .loraplus import loraplus_param_groups
 from .quantized import merge_errors, quantize
@@ -55,6 +56,7 @@ def register() -> None:
     adalora.register()
     inits.register()
     quantized.register()
+    params.register()
     tokens.register()
 
 

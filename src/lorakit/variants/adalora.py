@@ -58,6 +58,7 @@ class AdaLoraConfig(LoraConfig):
                f"{self.init!r} is not supported")
         _check(not self.use_dora, "AdaLoRA and DoRA do not combine (use_dora=True)")
         _check(not self.slices, "AdaLoRA does not support fused slices (slices=...)")
+        _check(self.target_parameters is None, "AdaLoRA does not support target_parameters (parameter/expert adapters)")
 
     def to_peft_dict(self) -> dict[str, Any]:
         """As LoRA's, without the initial ``rank_pattern``/``alpha_pattern``: a save gives every layer its

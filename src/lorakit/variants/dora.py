@@ -55,6 +55,14 @@ class DoraAdapter(Adapter):
         dora.file_shape = (1, -1, *[1] * (w0.dim() - 2)) if isinstance(layer, LoraConv) else (-1,)
         return dora
 
+    @property
+    def row_batched(self) -> bool:
+        return True  # the base is frozen: m / ||W0 + s·B·A|| is one factor per output, see row_scale
+
+    def row_scale(self, layer: LoraLayer) -> Tensor:
+        """``m / ||W0 + s·B·A||`` per output ``(d,)``, fp32 (the norm detached, as in :meth:`layer_output`)."""
+        return _factor(self.lora_magnitude_vector.float(), self.row_norm(layer.weight_matrix()))
+
     def row_norm(self, W: Tensor) -> Tensor:
         """``||W + s·B·A||`` per output row, in fp32, detached: ``(d,)``."""
         with torch.no_grad():

@@ -1,0 +1,174 @@
+"""LoRA on MoE experts: lorakit's ``target_parameters`` vs PEFT's, one training step side by side (CPU).
+
+Model: a Qwen3-MoE-style config with random weights (nothing is downloaded), fp32, transformers' default
+experts implementation for CPU (``grouped_mm``)::
+
+    hidden 512, 4 layers, 8 heads (4 KV, head_dim 64), 32 experts, top-4, moe_intermediate 256, vocab 4096
+    batch 2 x 256 tokens; LoRA r=8, alpha=16 on experts.gate_up_proj and experts.down_proj only
+
+Both libraries get identical adapter weights (lorakit's checkpoint loaded into PEFT with
+``PeftModel.from_pretrained``) and their losses are checked to agree before anything is timed.
+
+- **step time**: forward, loss, backward, AdamW step, zero_grad; the best of ``--reps`` repetitions in
+  rotating order (lorakit, PEFT / PEFT, lorakit ...), ``torch.set_num_threads(1)`` so the ratio holds on a
+  loaded machine. Medians are printed too.
+- **peak memory**: in a fresh subprocess per library, the peak resident set size (VmHWM, reset through
+  ``/proc/self/clear_refs``) over two steps minus the resident size before them (benchmarks/bench_lora.py's
+  method).
+
+    python benchmarks/bench_moe.py            # ~1-2 min
+    python benchmarks/bench_moe.py --quick    # smaller config, smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import lorakit
+
+THREADS = 1
+TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+CONFIGS = {
+    "full": dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=32,
+                 num_experts_per_tok=4, batch=2, seq=256),
+    "quick": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+                  num_experts_per_tok=2, batch=2, seq=64),
+}
+
+
+def build(size: str):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    spec = dict(CONFIGS[size])
+    batch, seq = spec.pop("batch"), spec.pop("seq")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**spec))
+    ids = torch.randint(0, spec["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def make(variant: str, size: str, adapter_dir: str):
+    """The model with the adapter saved in ``adapter_dir`` (lorakit) or the same adapter in PEFT."""
+    model, ids = build(size)
+    if variant == "lorakit":
+        lorakit.load_adapter(model, adapter_dir)
+        lorakit.set_adapter(model, "default")  # trainable
+    else:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    return model.train(), ids
+
+
+def save_reference_adapter(size: str, path: str) -> None:
+    model, _ = build(size)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=8, alpha=16, target_parameters=TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B random too, so the update is not zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    lorakit.save_adapter(model, path)
+
+
+def step_fn(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def timing(size: str, adapter_dir: str, reps: int) -> dict:
+    models = {v: make(v, size, adapter_dir) for v in ("lorakit", "peft")}
+    with torch.no_grad():
+        losses = {v: m(input_ids=ids, labels=ids).loss.item() for v, (m, ids) in models.items()}
+    if abs(losses["lorakit"] - losses["peft"]) > 1e-4 * abs(losses["peft"]):
+        raise SystemExit(f"lorakit and PEFT disagree before timing: {losses}")
+    steps = {v: step_fn(m, ids) for v, (m, ids) in models.items()}
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    order = list(steps)
+    for i in range(reps):
+        for v in order[i % 2:] + order[:i % 2]:  # rotating order
+            t0 = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - t0)
+    return {"loss": losses, "best_s": {v: min(t) for v, t in times.items()},
+            "median_s": {v: statistics.median(t) for v, t in times.items()}}
+
+
+def memory_child(variant: str, size: str, adapter_dir: str) -> None:
+    torch.set_num_threads(THREADS)
+    model, ids = make(variant, size, adapter_dir)
+    step = step_fn(model, ids)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss0 = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_growth_mib": (_status_kb("VmHWM") - rss0) / 1024}))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(variant: str, size: str, adapter_dir: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--_memory-child", variant, size, adapter_dir],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small config (smoke run)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._memory_child:
+        return memory_child(*args._memory_child)
+    torch.set_num_threads(THREADS)
+    size = "quick" if args.quick else "full"
+    with tempfile.TemporaryDirectory() as tmp:
+        save_reference_adapter(size, tmp)
+        mem = {v: peak_memory(v, size, tmp) for v in ("lorakit", "peft")}
+        t = timing(size, tmp, args.reps)
+    best, med = t["best_s"], t["median_s"]
+    print(f"config {size}: {CONFIGS[size]}; r=8 on {TARGETS}; {THREADS} thread; load {open('/proc/loadavg').read().split()[:3]}")
+    print(f"loss (no grad)     lorakit {t['loss']['lorakit']:.6f}  PEFT {t['loss']['peft']:.6f}")
+    print("| metric | lorakit | PEFT | lorakit/PEFT |\n|---|---|---|---|")
+    print(f"| step time, best of {args.reps} (s) | {best['lorakit']:.3f} | {best['peft']:.3f} | "
+          f"{best['lorakit'] / best['peft']:.3f} |")
+    print(f"| step time, median (s) | {med['lorakit']:.3f} | {med['peft']:.3f} | {med['lorakit'] / med['peft']:.3f} |")
+    print(f"| peak RSS growth of a step (MiB) | {mem['lorakit']:.0f} | {mem['peft']:.0f} | "
+          f"{mem['lorakit'] / mem['peft']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

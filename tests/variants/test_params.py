@@ -1,0 +1,254 @@
+"""LoRA on parameters and MoE experts (``target_parameters``, lorakit.variants.params).
+
+Reference: the expert module's own forward run with ``W[e] + s·B[e]·A[e]`` written into its weights (what
+PEFT computes). Tolerances: fp32 results that differ only by summation order agree to 1e-5 at these sizes;
+gradients (sums over tokens in another order) to 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli.inspect import describe
+from lorakit.core.checkpoint import CheckpointError
+from lorakit.variants.params import ParamLayer, routed_forward
+from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
+
+FP32 = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _randomize(model, adapter="default", seed=2, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ParamLayer) and adapter in m.adapters:
+                for p in m.adapters[adapter].parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _adapted(arch="qwen3_moe", adapter="default", seed=2, std=0.3, **kw):
+    model = tiny_moe(arch)
+    cfg = {"r": 2, "alpha": 4, "target_parameters": EXPERTS, **kw}
+    lorakit.add_lora(model, lorakit.LoraConfig(**cfg), adapter)
+    _randomize(model, adapter, seed, std)
+    return model
+
+
+def _reference(arch, model, adapter="default"):
+    """A fresh base model with every adapted expert weight replaced by ``W + ΔW`` (dense, per expert)."""
+    ref = tiny_moe(arch)
+    with torch.no_grad():
+        for path, m in model.named_modules():
+            if isinstance(m, ParamLayer):
+                for name, part in m.adapters[adapter].parts.items():
+                    A, B = part.factors()  # (E, r, k), (E, d, r)
+                    delta = torch.stack([B[e] @ A[e] for e in range(A.shape[0])]) * part.scaling
+                    if part.transposed:
+                        delta = delta.transpose(1, 2)
+                    weight = getattr(ref.get_submodule(path), name)
+                    weight.add_(delta.view(weight.shape))  # a 2-D parameter is one "expert"
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_forward_equals_dense_reference_and_new_adapter_is_identity(arch):
+    x = token_ids()
+    base = tiny_moe(arch)(x).logits
+    model = tiny_moe(arch)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=EXPERTS))
+    # B starts at zero; the routed path runs the experts itself (another kernel than grouped_mm): fp32 rounding
+    torch.testing.assert_close(model(x).logits, base, **FP32)
+    _randomize(model)
+    out = model(x).logits
+    assert (out - base).abs().max() > 1e-2
+    torch.testing.assert_close(out, _reference(arch, model)(x).logits, **FP32)
+
+
+def test_routed_path_equals_generic_path_outputs_and_gradients(monkeypatch):
+    x = token_ids()
+    model = _adapted()
+    model(x).logits.square().mean().backward()
+    routed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out = model(x).logits
+    model.zero_grad()
+    calls = []
+    monkeypatch.setattr("lorakit.variants.params._routing_args", lambda *a: calls.append(1))  # -> None: generic
+    model(x).logits.square().mean().backward()
+    generic = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 1  # the one MoE layer went the generic way (W + ΔW through torch.func.functional_call)
+    torch.testing.assert_close(model(x).logits, out, **FP32)
+    assert routed.keys() == generic.keys() and len(routed) == 4  # 2 parameters x (A, B)
+    for n in routed:
+        torch.testing.assert_close(routed[n], generic[n], atol=1e-6, rtol=1e-4)
+
+
+def test_routed_forward_with_no_tokens():
+    layer = _adapted().model.layers[0].mlp.experts
+    out = routed_forward(layer.base_layer, torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long),
+                         torch.zeros(0, 2), dict(layer.adapters["default"].parts))
+    assert out.shape == (0, 32)
+
+
+def test_merge_unmerge_unload():
+    x = token_ids()
+    model = _adapted()
+    originals = {n: p.clone() for n, p in model.named_parameters() if "experts.base_layer" in n}
+    out = model(x).logits
+    lorakit.merge(model)
+    torch.testing.assert_close(model(x).logits, out, **FP32)
+    lorakit.unmerge(model)
+    for n, p in model.named_parameters():
+        if n in originals:  # W + ΔW - ΔW in fp32: within a few ulps of |W| (~0.5 here)
+            torch.testing.assert_close(p, originals[n], atol=1e-6, rtol=0)
+    base = lorakit.unload(_adapted(), merge=False)
+    assert type(base.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    torch.testing.assert_close(base(x).logits, tiny_moe("qwen3_moe")(x).logits, atol=1e-6, rtol=0)
+    merged = lorakit.unload(_adapted(), merge=True)
+    assert not any(isinstance(m, ParamLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(x).logits, out, **FP32)
+
+
+def test_disabled_is_the_base_model_bit_for_bit():
+    x = token_ids()
+    model = _adapted()
+    with lorakit.disabled(model):
+        assert torch.equal(model(x).logits, tiny_moe("qwen3_moe")(x).logits)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "adapters" in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "adapters" in n)
+
+
+def test_several_adapters_switch_and_must_target_the_same_parameters():
+    x = token_ids()
+    model = _adapted(seed=2)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=3, target_parameters=EXPERTS), "b")
+    _randomize(model, "b", seed=3)
+    out_b = model(x).logits
+    lorakit.set_adapter(model, "default")
+    torch.testing.assert_close(model(x).logits, _adapted(seed=2)(x).logits, **FP32)
+    torch.testing.assert_close(out_b, _reference("qwen3_moe", model, "b")(x).logits, **FP32)
+    with pytest.raises(ValueError, match=r"every adapter must target the same parameters"):
+        lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=["experts.down_proj"]), "c")
+    assert lorakit.adapter_names(model) == ["default", "b"]
+    lorakit.delete_adapter(model, "b")
+    torch.testing.assert_close(model(x).logits, _adapted(seed=2)(x).logits, **FP32)
+
+
+def test_per_row_and_combine_are_refused_by_name():
+    model = _adapted()
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=EXPERTS), "b")
+    with pytest.raises(ValueError, match=r"adapter '(default|b)' is a ParamAdapter, which per-row batching does not"):
+        with lorakit.per_row_adapters(model, ["default", "b"]):
+            pass
+    with pytest.raises(ValueError, match=r"combine_adapters: adapter 'default' is a ParamAdapter"):
+        lorakit.combine_adapters(model, {"default": 1.0, "b": 1.0}, "ab", how="cat")
+    assert lorakit.adapter_names(model) == ["default", "b"]
+
+
+def test_save_load_round_trip_and_inspect(tmp_path):
+    x = token_ids()
+    model = _adapted(target_modules="all-linear", target_parameters="all-experts")
+    out = model(x).logits
+    path = lorakit.save_adapter(model, tmp_path)
+    saved = json.loads((path / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == sorted(EXPERTS)  # "all-experts" is saved as what it matched
+    loaded = tiny_moe("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the base fingerprint matches (same model, planned in model order)
+        lorakit.load_adapter(loaded, path)
+    torch.testing.assert_close(loaded(x).logits, out, atol=0, rtol=0)
+    info = describe(path)
+    experts = [row for row in info["layers"] if "experts" in row]
+    assert len(experts) == 2 and all(row["experts"] == 4 and row["rank"] == 2 for row in experts)
+    layer = model.model.layers[0].mlp.experts.adapters["default"].parts["down_proj"]
+    row = next(r for r in experts if r["module"] == "model.layers.0.mlp.experts")  # the last parameter: no .base_layer
+    torch.testing.assert_close(torch.tensor(row["expert_norms"]), layer.expert_norms(), atol=1e-5, rtol=1e-5)
+
+
+def test_load_checks_expert_ranks_before_touching_the_model(tmp_path):
+    model = _adapted()
+    path = lorakit.save_adapter(model, tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))  # a multiple of 2: only the model knows E
+    target = tiny_moe("qwen3_moe")
+    with pytest.raises(CheckpointError, match=r"experts.base_layer.lora_A.weight has shape \(8, 32\), but adapter_config"
+                                              r".json gives 16 rows \(rank x experts\)"):
+        lorakit.load_adapter(target, path)
+    assert lorakit.adapter_names(target) == []
+
+
+def test_all_linear_and_all_experts():
+    model = tiny_moe("qwen3_moe")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules="all-linear", target_parameters="all-experts"))
+    layers = [n for n, m in model.named_modules() if isinstance(m, lorakit.core.layers.LoraLayer)]
+    assert len(layers) == 4 + 1  # q, k, v, o and the experts
+    only_linear = lorakit.add_lora(tiny_moe("qwen3_moe"), lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    assert not any(isinstance(m, ParamLayer) for m in only_linear.modules())  # all-linear keeps PEFT's meaning
+
+
+def test_two_dimensional_parameter_uses_the_generic_path():
+    x = token_ids()
+    model = _adapted(target_parameters=["mlp.gate.weight"])  # the router: a 2-D nn.Parameter, not an nn.Linear
+    layer = model.model.layers[0].mlp.gate
+    assert isinstance(layer, ParamLayer) and layer.adapters["default"].parts["weight"].num_experts == 1
+    torch.testing.assert_close(model(x).logits, _reference("qwen3_moe", model)(x).logits, **FP32)
+
+
+def test_bad_configs_are_refused_by_name():
+    with pytest.raises(ValueError, match="dropout=0.1 cannot be used with target_parameters"):
+        lorakit.LoraConfig(target_parameters=EXPERTS, dropout=0.1)
+    with pytest.raises(ValueError, match="use_dora cannot be used with target_parameters"):
+        lorakit.LoraConfig(target_parameters=EXPERTS, use_dora=True)
+    with pytest.raises(ValueError, match="target_parameters must be a non-empty list"):
+        lorakit.LoraConfig(target_parameters="experts.*")
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match=r"no parameter matches target_parameters=\['experts.up_proj'\]; 3-D"):
+        lorakit.add_lora(model, lorakit.LoraConfig(target_parameters=["experts.up_proj"]))
+    with pytest.raises(ValueError, match=r"model.norm.weight of shape \(32,\); only 2-D and 3-D"):
+        lorakit.add_lora(model, lorakit.LoraConfig(target_parameters=["model.norm.weight"]))
+    assert not any(isinstance(m, ParamLayer) for m in model.modules())
+
+
+def test_peft_config_round_trip():
+    cfg = lorakit.LoraConfig(r=4, target_parameters=EXPERTS)
+    d = cfg.to_peft_dict()
+    assert d["target_modules"] == [] and d["target_parameters"] == EXPERTS  # []: PEFT adds no default modules
+    back = lorakit.LoraConfig.from_peft_dict(d)
+    assert back.target_modules is None and back.target_parameters == sorted(EXPERTS)
+
+
+def test_trains_only_expert_factors_and_loss_falls():
+    x = token_ids(batch=4)
+    model = _adapted(seed=2, std=0.01).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 4 and all(p.shape[0] in (8, 32) for p in params)
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_qlora_base_expert_adapters_beside_quantized_linear_layers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    x = token_ids()
+    model = lorakit.quantize(tiny_moe("qwen3_moe"), bits=4)  # 4-bit q/k/v/o; the 3-D expert stacks stay fp32
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS))
+    _randomize(model)
+    ref = lorakit.quantize(_reference("qwen3_moe", model), bits=4)  # the same 4-bit layers, W + ΔW in the experts
+    torch.testing.assert_close(model(x).logits, ref(x).logits, **FP32)
+    both = lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS)
+    lorakit.add_lora(model, both, "both")
+    _randomize(model, "both", seed=4)
+    path = lorakit.save_adapter(model, tmp_path, "both")
+    loaded = lorakit.quantize(tiny_moe("qwen3_moe"), bits=4)
+    lorakit.load_adapter(loaded, path)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
