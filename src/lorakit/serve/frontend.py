@@ -134,6 +134,7 @@ class Generation:
 
     async def result(self) -> Done:
         self.text.deferred = True  # the whole answer at once: no per-token decoding on the event loop
+        self.results.hold = not self.text.stop  # nor a wake-up per token, unless stop strings are watched
         try:
             async for event in self.events():
                 if isinstance(event, Done):

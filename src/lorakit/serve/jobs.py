@@ -109,6 +109,12 @@ class Outbox:
 
 def _deliver(batch: list) -> None:
     for results, event in batch:
+        if results.hold and not isinstance(event, FINAL):
+            results.held.append(event)  # nobody waits for it before the end: no wake-up per token
+            continue
+        for early in results.held:
+            results.queue.put_nowait(early)
+        results.held.clear()
         results.queue.put_nowait(event)
 
 
@@ -117,6 +123,8 @@ class AsyncResults:
     they reach the loop when the engine flushes its step (:class:`Outbox`).
 
     If the loop is gone (the app stopped) ``on_lost`` is called on the engine thread (the job cancels itself).
+    With ``hold`` set (a reader that needs nothing before the end: a whole answer without stop strings), the
+    events before the final one reach the queue together with it: one wake-up of the reader, not one a token.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
@@ -124,6 +132,8 @@ class AsyncResults:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.outbox = Outbox.of(self.loop)
         self.on_lost = None
+        self.hold = False
+        self.held: list[Event] = []
 
     def put(self, event: Event) -> None:
         self.outbox.put(self, event)
