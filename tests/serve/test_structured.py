@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 
+import jsonschema
 import openai
 import pytest
 
@@ -17,9 +18,6 @@ from lorakit.serve.sampling import SamplingParams
 from lorakit.serve.structured import RowGrammar
 from tests.serve.helpers import running, save_adapters
 from tests.serve.helpers_json import save_json_llama
-
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("xgrammar")
 
 SCHEMA = {
     "type": "object",
