@@ -256,15 +256,10 @@ def case_decode_ratio(reps: int) -> dict:
     return out
 
 
-def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
-    from lorakit.ops.pool import AdapterPool
+def _decode_steps(model, rows: int):
+    """``step(ctx)`` -> a callable running 8 decode steps of ``rows`` rows (32-token cache) inside ``ctx()``."""
     from lorakit.serve import batch as B
 
-    model = llama(hidden, layers)
-    names = add_adapters(model, rows)
-    pool = AdapterPool(model, slots=rows)
-    for name in names:
-        pool.add(name)
     ids = torch.randint(1, 1000, (rows, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = B.cache_tensors(B.output_cache(model(input_ids=ids, use_cache=True)))
@@ -279,6 +274,18 @@ def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
                           use_cache=True, **{arg: B.make_cache(cache)})
         return run
 
+    return step
+
+
+def _ratio_at(hidden: int, layers: int, rows: int, reps: int) -> float:
+    from lorakit.ops.pool import AdapterPool
+
+    model = llama(hidden, layers)
+    names = add_adapters(model, rows)
+    pool = AdapterPool(model, slots=rows)
+    for name in names:
+        pool.add(name)
+    step = _decode_steps(model, rows)
     best = rotate({"per-row": step(lambda: pool.rows(names)),
                    "shared": step(lambda: lorakit.use_adapter(model, names[0]))}, reps)
     return round(best["per-row"] / best["shared"], 3)
@@ -300,7 +307,6 @@ def case_decode_ratio_dora(reps: int) -> dict:
 
 def _dora_ratio_at(hidden: int, layers: int, rows: int, reps: int) -> dict[str, float]:
     from lorakit.ops.pool import AdapterPool
-    from lorakit.serve import batch as B
     from lorakit.variants.dora import DoraAdapter
 
     model = llama(hidden, layers)
@@ -319,20 +325,7 @@ def _dora_ratio_at(hidden: int, layers: int, rows: int, reps: int) -> dict[str, 
     pool = AdapterPool(model, slots=rows)
     for name in names:
         pool.add(name)
-    ids = torch.randint(1, 1000, (rows, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cache = B.cache_tensors(B.output_cache(model(input_ids=ids, use_cache=True)))
-    arg = B.cache_argument(model)
-    step_ids, mask, pos = ids[:, -1:], torch.ones(rows, 33, dtype=torch.long), torch.full((rows, 1), 32)
-
-    def step(ctx):
-        def run():
-            with torch.no_grad(), ctx():
-                for _ in range(8):
-                    model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                          use_cache=True, **{arg: B.make_cache(cache)})
-        return run
-
+    step = _decode_steps(model, rows)
     best = rotate({"per-row": step(lambda: pool.rows(names)),
                    "shared plain": step(lambda: lorakit.use_adapter(model, names[0])),
                    "shared dora": step(lambda: lorakit.use_adapter(model, names[1]))}, reps)

@@ -105,3 +105,21 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, adapters_dir: Path, **options):
+    """``model_dir`` with the adapters of ``adapters_dir`` served on 127.0.0.1 (``build_frontend`` +
+    ``create_app``, ``options`` passed to the former); yields the base URL."""
+    from lorakit.serve.app import create_app
+    from lorakit.serve.loading import build_frontend
+
+    with running(create_app(build_frontend(str(model_dir), adapters_dir=adapters_dir, **options))) as url:
+        yield url
+
+
+def openai_client(url: str):
+    """The ``openai`` package's client for a server at ``url``: no retries, so a failure shows at once."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running
+from tests.serve.helpers import serving
 from tests.serve.helpers_clients import Reference
 
 pytest.importorskip("langchain_openai")
@@ -20,8 +18,7 @@ QUESTIONS = ["say hi", "what is two plus two ?", "the cat sat"]
 
 @pytest.fixture(scope="module")
 def server(llama_dir, llama_adapters):
-    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters, max_loaded=2, max_batch_size=8)
-    with running(create_app(front)) as url:
+    with serving(llama_dir, llama_adapters, max_loaded=2, max_batch_size=8) as url:
         yield url
 
 

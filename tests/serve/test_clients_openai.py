@@ -12,9 +12,7 @@ import math
 import openai
 import pytest
 
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running
+from tests.serve.helpers import openai_client, serving
 from tests.serve.helpers_clients import Reference
 
 pytest.importorskip("peft")
@@ -25,14 +23,13 @@ N = 5  # tokens per answer
 
 @pytest.fixture(scope="module")
 def server(llama_dir, llama_adapters):
-    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters, max_loaded=2, max_batch_size=8)
-    with running(create_app(front)) as url:
+    with serving(llama_dir, llama_adapters, max_loaded=2, max_batch_size=8) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

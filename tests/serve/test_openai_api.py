@@ -12,23 +12,19 @@ from __future__ import annotations
 import threading
 
 import httpx
-import openai
 import pytest
 import torch
 
 import lorakit
 from lorakit.models import load_model, load_tokenizer
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running
+from tests.serve.helpers import openai_client, serving
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def url(llama_dir, llama_adapters):
-    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters, max_batch_size=16)
-    with running(create_app(front)) as url:
+    with serving(llama_dir, llama_adapters, max_batch_size=16) as url:
         yield url
 
 
@@ -40,7 +36,7 @@ def http(url):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(url)
 
 
 @pytest.fixture(scope="module")

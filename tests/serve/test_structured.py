@@ -11,12 +11,11 @@ import jsonschema
 import openai
 import pytest
 
-from lorakit.serve.app import create_app
 from lorakit.serve.jobs import Finished, GenJob
 from lorakit.serve.loading import build_frontend
 from lorakit.serve.sampling import SamplingParams
 from lorakit.serve.structured import RowGrammar
-from tests.serve.helpers import running, save_adapters
+from tests.serve.helpers import openai_client, save_adapters, serving
 from tests.serve.helpers_json import save_json_llama
 
 SCHEMA = {
@@ -119,14 +118,13 @@ def test_constrained_and_free_rows_share_steps(json_llama, json_adapters):
 
 @pytest.fixture(scope="module")
 def server(json_llama, json_adapters):
-    front = build_frontend(str(json_llama), adapters_dir=json_adapters, max_batch_size=8)
-    with running(create_app(front)) as url:
+    with serving(json_llama, json_adapters, max_batch_size=8) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def test_http_chat_and_completions_json_beside_free(client):

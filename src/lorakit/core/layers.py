@@ -26,6 +26,19 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def init_pair(A: Tensor, B: Tensor, rank: int, init: str) -> None:
+    """LoRA's start: ``A`` Kaiming-uniform (``gaussian``: N(0, 1/r)), ``B`` zero, so the update is zero.
+    Weights on the meta device are left alone (they are filled by a later load)."""
+    if A.is_meta:
+        return
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / rank)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+
 class Adapter(nn.Module):
     """One adapter on one layer: ``lora_A``, ``lora_B``, dropout and scaling together.
 
@@ -309,14 +322,7 @@ class LoraLayer(nn.Module):
 
     def init_adapter(self, adapter: Adapter, init: str) -> None:
         """A random (Kaiming-uniform, or N(0, 1/r) for ``gaussian``), B zero."""
-        if adapter.lora_A.weight.is_meta:
-            return
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(adapter.lora_A.weight, std=1.0 / adapter.rank)
-            else:
-                nn.init.kaiming_uniform_(adapter.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(adapter.lora_B.weight)
+        init_pair(adapter.lora_A.weight, adapter.lora_B.weight, adapter.rank, init)
 
     def delta_weight(self, name: str) -> Tensor:
         """The update ``B @ A * scaling`` in fp32, in the layout of ``base_layer.weight``."""

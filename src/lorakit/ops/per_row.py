@@ -148,16 +148,21 @@ class StackedWeights:
         return A_g, B_g, S_g
 
 
-def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
-    """Reference: the LoRA update of each row computed by running its adapter on its rows alone."""
+def _row_groups(layer: LoraLayer, x: Tensor, names: list[str | None]):
+    """``(rows, adapter, x[rows])`` for each adapter of this layer that some row runs (base rows skipped)."""
     check_rows_match(names, x)
-    out = None
     for name in dict.fromkeys(names):
         if name is None or name not in layer.adapters:
             continue
         rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
         adapter = layer.adapters[name]
-        xs = x[rows] if not x.is_floating_point() else x[rows].to(adapter.dtype)
+        yield rows, adapter, (x[rows] if not x.is_floating_point() else x[rows].to(adapter.dtype))
+
+
+def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
+    """Reference: the LoRA update of each row computed by running its adapter on its rows alone."""
+    out = None
+    for rows, adapter, xs in _row_groups(layer, x, names):
         part = adapter(xs)
         if out is None:
             out = part.new_zeros(x.shape[0], *part.shape[1:])
@@ -169,13 +174,7 @@ def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
 
 def loop_output(layer: LoraLayer, out: Tensor, x: Tensor, names: list[str | None]) -> Tensor:
     """Reference for any adapter kind: each adapter's own ``layer_output`` on its rows; base rows keep ``out``."""
-    check_rows_match(names, x)
-    for name in dict.fromkeys(names):
-        if name is None or name not in layer.adapters:
-            continue
-        rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-        adapter = layer.adapters[name]
-        xs = x[rows] if not x.is_floating_point() else x[rows].to(adapter.dtype)
+    for rows, adapter, xs in _row_groups(layer, x, names):
         out = out.index_copy(0, rows, adapter.layer_output(layer, out[rows], xs, False).to(out.dtype))
     return out
 

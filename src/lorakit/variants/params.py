@@ -25,14 +25,12 @@ factors on the tokens routed to each expert, ``x_e·A[e]^T·B[e]^T·s`` (``(n_e,
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.config import LoraConfig
-from ..core.layers import Adapter, LoraLayer
+from ..core.layers import Adapter, LoraLayer, init_pair
 from ..core.tables import PARAMETER_LAYERS
 
 
@@ -76,14 +74,7 @@ class ExpertLora(Adapter):
     def reset(self, init: str) -> None:
         """PEFT's initialisation of the stacked pair: A Kaiming-uniform over ``(E*r, k)`` (``gaussian``:
         N(0, 1/r)), B zero, so a new adapter leaves every expert unchanged."""
-        if self.lora_A.weight.is_meta:
-            return
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
+        init_pair(self.lora_A.weight, self.lora_B.weight, self.rank, init)
 
 
 class ParamAdapter(nn.Module):
