@@ -132,6 +132,8 @@ def test_everything_is_checked_before_a_weight_changes(tmp_path):
     state = lorakit.lora_state_dict(bad)
     with pytest.raises(ValueError, match="non-finite values at v"):
         lorakit.hotswap_adapter(model, (lorakit.adapter_config(bad), state))
+    with pytest.raises(TypeError, match=r"takes an adapter directory or \(LoraConfig"):
+        lorakit.hotswap_adapter(model, state)  # the tensors without their config
     with pytest.raises(KeyError, match="no adapter named 'x'"):
         lorakit.hotswap_adapter(model, other_dir, adapter="x")
     assert torch.equal(model(x), before)

@@ -155,7 +155,8 @@ def _read(source) -> tuple[LoraConfig, dict[str, Tensor]]:
     if isinstance(source, str | os.PathLike):
         config, _, tensors = read_adapter(Path(source))
         return config, tensors
-    config, tensors = source
+    pair = source if isinstance(source, tuple | list) and len(source) == 2 else (None, None)
+    config, tensors = pair
     if not isinstance(config, LoraConfig) or not isinstance(tensors, dict):
         raise TypeError("hotswap_adapter takes an adapter directory or (LoraConfig, {PEFT key: tensor})")
     return config, tensors
