@@ -228,6 +228,7 @@ REFUSALS = [  # (route, extra body, the field the 400 names)
      "messages[0].content[1]"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
      "messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/tokenize", {}, "prompt"),
 ]

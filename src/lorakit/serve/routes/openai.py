@@ -171,6 +171,9 @@ def messages_of(messages: list[P.ChatMessage]) -> list[dict]:
         if name is not None:
             raise InvalidRequest(f"messages[{i}].{name} is not supported by this server", f"messages[{i}].{name}")
         content = m.content
+        if content is None and m.role != "assistant":  # OpenAI: only an assistant message may omit it
+            raise InvalidRequest(f"messages[{i}].content is required for a {m.role!r} message",
+                                 f"messages[{i}].content")
         if isinstance(content, list):
             content = "\n".join(_text_part(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
         message = {"role": m.role, "content": content or ""}
