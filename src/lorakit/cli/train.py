@@ -293,28 +293,11 @@ def _prepare_output(out: Path, args: argparse.Namespace) -> None:
     _write_run_args(out / RUN_ARGS, args)
 
 
-def _train(args: argparse.Namespace, say) -> int:
-    import torch
-
-    from .. import add_lora, quantize, save_adapter, trainable_parameters
-    from ..models import add_vocabulary, default_model_path, load_model, load_tokenizer
-    from ..train.data import collate, default_data_dir, label_names_in, resolve_splits
-    from ..train.evaluate import evaluate_classification, evaluate_perplexity
-    from ..train.loop import batches_per_epoch, train
+def _task_data(args: argparse.Namespace, splits: dict, tokenizer):
+    """The task's train data and the (capped) train and dev examples; class names from ``labels.txt``."""
+    from ..train.data import default_data_dir, label_names_in
     from ..train.tasks import load_task_data
-    from ..variants.tokens import record_added_tokens
 
-    t0 = time.perf_counter()
-    rank = _adalora_rank(args)
-    train_cfg = _check_run(args)  # nothing is written before every check passed
-    torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
-    model_path = args.model or default_model_path()
-    splits = resolve_splits(args.data or default_data_dir())
-    if "train" not in splits:
-        raise FileNotFoundError(f"--data {args.data}: no train file found")
-    tokenizer = load_tokenizer(model_path)
-    tokens = added_tokens(args.add_tokens)
-    tokenizer.add_tokens(tokens, special_tokens=True)  # before the data is tokenized: each is one token
     kw = {"max_length": args.max_length}
     names = label_names_in(args.data or default_data_dir()) if args.task == "classification" else None
     if names:  # the data folder's labels.txt: integer labels index into it
@@ -323,12 +306,12 @@ def _train(args: argparse.Namespace, say) -> int:
     if args.task == "classification":
         kw["label_names"] = train_data.label_names
     dev_data = load_task_data(splits["dev"], args.task, tokenizer, **kw) if "dev" in splits else None
-    train_examples = train_data.examples[: args.max_train_examples]
     dev_examples = dev_data.examples[: args.max_eval_examples] if dev_data else None
-    model = load_model(model_path, args.task, label_names=train_data.label_names)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    token_ids = add_vocabulary(model, tokenizer, tokens) if tokens else {}
+    return train_data, train_data.examples[: args.max_train_examples], dev_examples
+
+
+def _lora_config(args: argparse.Namespace, rank: int, model, model_path, token_ids: dict) -> LoraConfig:
+    """The run's adapter config from its flags (AdaLoRA's with ``--method adalora``)."""
     lora = (AdaLoraConfig if args.method == "adalora" else LoraConfig)(
         r=rank, alpha=args.alpha, dropout=_dropout(args), target_modules=_names(args.target_modules),
         target_parameters=_parameter_names(args.target_parameters),
@@ -342,7 +325,36 @@ def _train(args: argparse.Namespace, say) -> int:
     if args.convert_to_lora and (lora.init in ("kaiming", "gaussian") or lora.init.startswith("loftq")):
         raise ValueError(f"--convert-to-lora needs an --init that replaces the base weight by a residual (pissa, "
                          f"olora...), got {lora.init!r}")
-    add_lora(model, lora)
+    return lora
+
+
+def _train(args: argparse.Namespace, say) -> int:
+    import torch
+
+    from .. import add_lora, quantize, save_adapter, trainable_parameters
+    from ..models import add_vocabulary, default_model_path, load_model, load_tokenizer
+    from ..train.data import collate, default_data_dir, resolve_splits
+    from ..train.evaluate import evaluate_classification, evaluate_perplexity
+    from ..train.loop import batches_per_epoch, train
+    from ..variants.tokens import record_added_tokens
+
+    t0 = time.perf_counter()
+    rank = _adalora_rank(args)
+    train_cfg = _check_run(args)  # nothing is written before every check passed
+    torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
+    model_path = args.model or default_model_path()
+    splits = resolve_splits(args.data or default_data_dir())
+    if "train" not in splits:
+        raise FileNotFoundError(f"--data {args.data}: no train file found")
+    tokenizer = load_tokenizer(model_path)
+    tokens = added_tokens(args.add_tokens)
+    tokenizer.add_tokens(tokens, special_tokens=True)  # before the data is tokenized: each is one token
+    train_data, train_examples, dev_examples = _task_data(args, splits, tokenizer)
+    model = load_model(model_path, args.task, label_names=train_data.label_names)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    token_ids = add_vocabulary(model, tokenizer, tokens) if tokens else {}
+    add_lora(model, _lora_config(args, rank, model, model_path, token_ids))
     if token_ids:  # saved with the adapter: generate / eval / merge add them to the base tokenizer again
         record_added_tokens(model, token_ids)
     if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
