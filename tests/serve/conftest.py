@@ -1,10 +1,12 @@
-"""Saved tiny models and adapters shared by the serve tests (built once per session)."""
+"""Saved tiny models and adapters shared by the serve tests, and one running server over them (each built once
+per session)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.serve.helpers import save_adapters, save_bert, save_llama
+from tests.serve.helpers import openai_client, save_adapters, save_bert, save_llama, serving
+from tests.serve.helpers_json import save_json_llama
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
@@ -27,6 +29,22 @@ def llama_adapters(llama_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def server(llama_dir, llama_adapters):
+    """The LLaMA with its three adapters on 127.0.0.1 (a :class:`~tests.serve.helpers.Served`): two adapters
+    loaded at a time (so one is evicted and reloaded along the way), batches of up to 8 rows. Shared by every
+    module that only sends it requests; a module that loads adapters, patches the engine or needs other
+    limits overrides ``server`` (and ``client``) with its own."""
+    with serving(llama_dir, llama_adapters, max_loaded=2, max_batch_size=8) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The ``openai`` client of :func:`server`."""
+    return openai_client(server.url)
+
+
+@pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
     return save_bert(tmp_path_factory.mktemp("bert") / "bert", num_labels=len(LABELS))
 
@@ -35,6 +53,19 @@ def bert_dir(tmp_path_factory):
 def bert_adapters(bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bert_adapters")
     save_adapters(bert_dir, root, ["x", "y", "z"], task="classification", labels=LABELS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def json_llama(tmp_path_factory):
+    """A LLaMA whose byte-level tokenizer can write any JSON (:mod:`tests.serve.helpers_json`)."""
+    return save_json_llama(tmp_path_factory.mktemp("json_llama") / "jl")
+
+
+@pytest.fixture(scope="session")
+def json_adapters(json_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("json_adapters")
+    save_adapters(json_llama, root, ["a", "b"])
     return root
 
 

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -107,19 +108,27 @@ def running(app):
         thread.join(30)
 
 
+class Served(NamedTuple):
+    """A server started by :func:`serving`: its base URL and its engine."""
+
+    url: str
+    engine: Any
+
+
 @contextlib.contextmanager
-def serving(model_dir: Path, adapters_dir: Path, **options):
-    """``model_dir`` with the adapters of ``adapters_dir`` served on 127.0.0.1 (``build_frontend`` +
-    ``create_app``, ``options`` passed to the former); yields the base URL."""
+def serving(model_dir: Path, adapters_dir: Path | None = None, app_options: dict | None = None, **options):
+    """``model_dir`` with the adapters of ``adapters_dir`` served on 127.0.0.1 (``build_frontend`` with
+    ``options``, then ``create_app`` with ``app_options``); yields a :class:`Served`."""
     from lorakit.serve.app import create_app
     from lorakit.serve.loading import build_frontend
 
-    with running(create_app(build_frontend(str(model_dir), adapters_dir=adapters_dir, **options))) as url:
-        yield url
+    front = build_frontend(str(model_dir), adapters_dir=adapters_dir, **options)
+    with running(create_app(front, **(app_options or {}))) as url:
+        yield Served(url, front.engine)
 
 
-def openai_client(url: str):
+def openai_client(url: str, api_key: str = "unused"):
     """The ``openai`` package's client for a server at ``url``: no retries, so a failure shows at once."""
     import openai
 
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60)

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running
+from tests.serve.helpers import serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -33,47 +31,42 @@ def browser():
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
 
 
-def test_playground_generation_side_by_side(llama_dir, llama_adapters, tmp_path):
-    import openai
+def test_playground_generation_side_by_side(server, client, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters)
-    with running(create_app(front)) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        want = {m: client.completions.create(model=m, prompt="the cat sat", max_tokens=12, temperature=0)
-                .choices[0].text for m in ("a", "b")}
-        driver = browser()
-        try:
-            driver.get(url + "/")
-            wait = WebDriverWait(driver, 30)
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapters input")) == 4)
-            for box in driver.find_elements(By.CSS_SELECTOR, "#adapters input"):
-                if box.is_selected() != (box.get_attribute("value") in ("a", "b")):
-                    box.click()
-            driver.find_element(By.ID, "prompt").send_keys("the cat sat")
-            max_tokens = driver.find_element(By.ID, "max_tokens")
-            max_tokens.clear()
-            max_tokens.send_keys("12")
-            driver.find_element(By.ID, "run").click()
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card.done")) == 2)
-            cards = {c.get_attribute("data-model"): c for c in driver.find_elements(By.CSS_SELECTOR, ".card")}
-            assert set(cards) == {"a", "b"}
-            for m, card in cards.items():
-                assert card.find_element(By.CSS_SELECTOR, ".out").text == want[m].strip()
-                assert card.find_element(By.CSS_SELECTOR, ".latency").text.startswith("latency ")
-            shot = Path(os.environ.get("LORAKIT_SCREENSHOT_DIR", tmp_path)) / "playground-generate.png"
-            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
-        finally:
-            driver.quit()
+    want = {m: client.completions.create(model=m, prompt="the cat sat", max_tokens=12, temperature=0)
+            .choices[0].text for m in ("a", "b")}
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapters input")) == 4)
+        for box in driver.find_elements(By.CSS_SELECTOR, "#adapters input"):
+            if box.is_selected() != (box.get_attribute("value") in ("a", "b")):
+                box.click()
+        driver.find_element(By.ID, "prompt").send_keys("the cat sat")
+        max_tokens = driver.find_element(By.ID, "max_tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("12")
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card.done")) == 2)
+        cards = {c.get_attribute("data-model"): c for c in driver.find_elements(By.CSS_SELECTOR, ".card")}
+        assert set(cards) == {"a", "b"}
+        for m, card in cards.items():
+            assert card.find_element(By.CSS_SELECTOR, ".out").text == want[m].strip()
+            assert card.find_element(By.CSS_SELECTOR, ".latency").text.startswith("latency ")
+        shot = Path(os.environ.get("LORAKIT_SCREENSHOT_DIR", tmp_path)) / "playground-generate.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    finally:
+        driver.quit()
 
 
 def test_playground_classification_bars(bert_dir, bert_adapters, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    front = build_frontend(str(bert_dir), adapters_dir=bert_adapters)
-    with running(create_app(front)) as url:
+    with serving(bert_dir, bert_adapters) as (url, _):
         driver = browser()
         try:
             driver.get(url + "/")

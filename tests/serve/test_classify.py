@@ -11,10 +11,8 @@ import torch
 
 import lorakit
 from lorakit.models import load_model, load_tokenizer
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
 from tests.serve.conftest import LABELS
-from tests.serve.helpers import running
+from tests.serve.helpers import serving
 
 TEXTS = ["a great movie", "awful", "it was fine"]
 
@@ -26,8 +24,7 @@ def test_classify_across_adapters(bert_dir, bert_adapters):
         for name in ("x", "y", "z"):
             lorakit.load_adapter(model, bert_adapters / name, adapter=name)
             want[name] = torch.softmax(model(**tok(TEXTS, return_tensors="pt", padding=True)).logits, -1)
-    front = build_frontend(str(bert_dir), adapters_dir=bert_adapters, max_batch_size=16)
-    with running(create_app(front)) as url:
+    with serving(bert_dir, bert_adapters, max_batch_size=16) as (url, _):
         got = {}
 
         def ask(name):

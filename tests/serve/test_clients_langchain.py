@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.helpers import serving
 from tests.serve.helpers_clients import Reference
 
 pytest.importorskip("langchain_openai")
@@ -17,16 +16,10 @@ QUESTIONS = ["say hi", "what is two plus two ?", "the cat sat"]
 
 
 @pytest.fixture(scope="module")
-def server(llama_dir, llama_adapters):
-    with serving(llama_dir, llama_adapters, max_loaded=2, max_batch_size=8) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def chat(server):
     from langchain_openai import ChatOpenAI
 
-    return ChatOpenAI(model="b", base_url=server + "/v1", api_key="unused", temperature=0, max_tokens=TOKENS,
+    return ChatOpenAI(model="b", base_url=server.url + "/v1", api_key="unused", temperature=0, max_tokens=TOKENS,
                       max_retries=0, timeout=60, stream_usage=True)
 
 

@@ -14,10 +14,6 @@ import json
 
 import pytest
 
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running
-
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("peft")
 
@@ -91,13 +87,6 @@ def offline(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir, llama_adapters):
-    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters, max_loaded=2, max_batch_size=8)
-    with running(create_app(front)) as url:
-        yield url
-
-
 def evaluate(tasks, names, model, model_args, **kw) -> dict[str, list[dict]]:
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=names, task_manager=tasks,
                                   log_samples=True, **kw)
@@ -124,7 +113,7 @@ def reference(tasks, llama_dir, llama_adapters):
 def test_local_completions_match_offline_hf_with_peft(tasks, server, reference, llama_dir):
     want, _ = reference
     # batch_size=3: lm-eval sends 3 token-id prompts per request; 15 (context, choice) pairs -> 5 requests
-    args = (f"model=a,base_url={server}/v1/completions,tokenizer={llama_dir},tokenizer_backend=huggingface,"
+    args = (f"model=a,base_url={server.url}/v1/completions,tokenizer={llama_dir},tokenizer_backend=huggingface,"
             "tokenized_requests=True,num_concurrent=1,max_retries=1,timeout=60")
     got = evaluate(tasks, ["lk_mc", "lk_gen"], "local-completions", args, batch_size=3)
 
@@ -145,9 +134,9 @@ def test_local_completions_with_the_servers_remote_tokenizer(tasks, server, refe
     tokenizes through the server (``/tokenize``, ``/detokenize``) instead of a local tokenizer."""
     from lm_eval.utils import check_remote_tokenizer_support
 
-    assert check_remote_tokenizer_support(server + "/v1/completions")
+    assert check_remote_tokenizer_support(server.url + "/v1/completions")
     want, _ = reference
-    args = f"model=a,base_url={server}/v1/completions,num_concurrent=1,max_retries=1,timeout=60"
+    args = f"model=a,base_url={server.url}/v1/completions,num_concurrent=1,max_retries=1,timeout=60"
     got = evaluate(tasks, ["lk_mc"], "local-completions", args, batch_size=5)
     diff = max(abs(a - b) for a, b in zip(loglikelihoods(want["lk_mc"]), loglikelihoods(got["lk_mc"]),
                                           strict=True))
@@ -156,7 +145,7 @@ def test_local_completions_with_the_servers_remote_tokenizer(tasks, server, refe
 
 def test_local_chat_completions_generation_matches_offline_chat(tasks, server, reference):
     _, want = reference
-    args = f"model=a,base_url={server}/v1/chat/completions,num_concurrent=1,max_retries=1,timeout=60"
+    args = f"model=a,base_url={server.url}/v1/chat/completions,num_concurrent=1,max_retries=1,timeout=60"
     got = evaluate(tasks, ["lk_gen"], "local-chat-completions", args, apply_chat_template=True)
     assert generations(got["lk_gen"]) == generations(want["lk_gen"])
     # real continuations (one stops at the task's "." stop sequence), each its own

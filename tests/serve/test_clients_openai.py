@@ -12,24 +12,12 @@ import math
 import openai
 import pytest
 
-from tests.serve.helpers import openai_client, serving
 from tests.serve.helpers_clients import Reference
 
 pytest.importorskip("peft")
 
 TOL = 1e-4
 N = 5  # tokens per answer
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir, llama_adapters):
-    with serving(llama_dir, llama_adapters, max_loaded=2, max_batch_size=8) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

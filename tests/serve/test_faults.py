@@ -11,9 +11,7 @@ import httpx
 import openai
 import pytest
 
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running, save_adapters, save_llama
+from tests.serve.helpers import openai_client, save_adapters, save_llama, serving
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +31,19 @@ def root(llama_dir, llama_adapters, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llama_dir, root):
-    front = build_frontend(str(llama_dir), adapters_dir=root, max_loaded=4)
-    with running(create_app(front, max_body_bytes=4096)) as url:
-        yield url, front.engine
+    with serving(llama_dir, root, app_options={"max_body_bytes": 4096}, max_loaded=4) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server[0], timeout=60) as c:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server.url)
 
 
 def error(r: httpx.Response, status: int) -> str:
@@ -155,14 +152,13 @@ def test_client_leaving_mid_stream_frees_its_row(server, http, monkeypatch):
 
 
 def test_api_key(llama_dir, llama_adapters):
-    front = build_frontend(str(llama_dir), adapters={"a": llama_adapters / "a"})
-    with running(create_app(front, api_key="s3cret")) as url:
+    with serving(llama_dir, adapters={"a": llama_adapters / "a"}, app_options={"api_key": "s3cret"}) as (url, _):
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/").status_code == 200  # the static page; it sends the key with its calls
         for path in ("/v1/models", "/metrics"):
             assert httpx.get(url + path).status_code == 401
             assert httpx.get(url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+            openai_client(url, api_key="wrong").models.list()
+        ok = openai_client(url, api_key="s3cret")
         assert ok.completions.create(model="a", prompt="hi", max_tokens=2).usage.completion_tokens == 2

@@ -13,7 +13,7 @@ from lorakit.cli.main import main
 from lorakit.serve.app import create_app
 from lorakit.serve.loading import build_frontend
 from tests.serve.conftest import LLAMA_ADAPTERS
-from tests.serve.helpers import running
+from tests.serve.helpers import openai_client, running
 
 PROMPTS = ["the cat sat", "what is two plus two ?"]
 MAX = 8
@@ -29,18 +29,6 @@ def offline(capsys, llama_dir, adapter_dir, prompts, max_new=MAX) -> list[str]:
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     return [line[len(p):].strip() for line, p in zip(lines, prompts, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir, llama_adapters):
-    front = build_frontend(str(llama_dir), adapters_dir=llama_adapters, max_loaded=2, max_batch_size=8)
-    with running(create_app(front)) as url:
-        yield url, front.engine
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def test_greedy_matches_offline_generate_alone_and_batched(server, client, capsys, llama_dir, llama_adapters):
@@ -155,7 +143,7 @@ def test_a_qlora_adapter_is_served_on_the_4bit_base_it_was_trained_on(llama_dir,
     front = build_frontend(str(llama_dir), adapters={"q4": path}, max_batch_size=4)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in front.engine.model.modules())
     with running(create_app(front)) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         got = [client.completions.create(model="q4", prompt=p, max_tokens=MAX, temperature=0).choices[0].text.strip()
                for p in PROMPTS]
     assert got == want  # the same 4-bit codes and adapter: the same greedy tokens

@@ -17,26 +17,14 @@ import torch
 
 import lorakit
 from lorakit.models import load_model, load_tokenizer
-from tests.serve.helpers import openai_client, serving
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def url(llama_dir, llama_adapters):
-    with serving(llama_dir, llama_adapters, max_batch_size=16) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=60) as c:
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai_client(url)
 
 
 @pytest.fixture(scope="module")

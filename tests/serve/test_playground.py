@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.serve.app import create_app
-from lorakit.serve.loading import build_frontend
-from tests.serve.helpers import running
+from tests.serve.helpers import serving
 from tests.serve.helpers_heads import HEADS, save_heads
-from tests.serve.helpers_json import save_json_llama
 from tests.serve.test_browser import CHROMIUM, DRIVER, browser
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium / chromium-driver not installed "
@@ -33,7 +30,7 @@ def test_playground_multi_task_heads(tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, adapters = save_heads(tmp_path)
-    with running(create_app(build_frontend(str(base), adapters_dir=adapters))) as url:
+    with serving(base, adapters) as (url, _):
         driver = browser()
         try:
             driver.get(url + "/")
@@ -65,13 +62,12 @@ def test_playground_multi_task_heads(tmp_path):
             driver.quit()
 
 
-def test_playground_json_mode(tmp_path):
+def test_playground_json_mode(json_llama, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     jsonschema = pytest.importorskip("jsonschema")
-    model = save_json_llama(tmp_path / "jl")
-    with running(create_app(build_frontend(str(model)))) as url:
+    with serving(json_llama) as (url, _):
         driver = browser()
         try:
             driver.get(url + "/")

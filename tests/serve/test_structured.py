@@ -15,8 +15,7 @@ from lorakit.serve.jobs import Finished, GenJob
 from lorakit.serve.loading import build_frontend
 from lorakit.serve.sampling import SamplingParams
 from lorakit.serve.structured import RowGrammar
-from tests.serve.helpers import openai_client, save_adapters, serving
-from tests.serve.helpers_json import save_json_llama
+from tests.serve.helpers import openai_client, serving
 
 SCHEMA = {
     "type": "object",
@@ -35,18 +34,6 @@ FREE = 16  # tokens of a free row
 # {"type": "json_object"} bounds nothing: with random weights a row may write one string forever. Seed 4 at
 # temperature 1 closes its object within 10 tokens on the test model, so those rows are checked in full.
 OBJECT_SEED = 4
-
-
-@pytest.fixture(scope="module")
-def json_llama(tmp_path_factory):
-    return save_json_llama(tmp_path_factory.mktemp("json_llama") / "jl")
-
-
-@pytest.fixture(scope="module")
-def json_adapters(json_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("json_adapters")
-    save_adapters(json_llama, root, ["a", "b"])
-    return root
 
 
 class _Events(list):
@@ -118,13 +105,13 @@ def test_constrained_and_free_rows_share_steps(json_llama, json_adapters):
 
 @pytest.fixture(scope="module")
 def server(json_llama, json_adapters):
-    with serving(json_llama, json_adapters, max_batch_size=8) as url:
-        yield url
+    with serving(json_llama, json_adapters, max_batch_size=8) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai_client(server)
+    return openai_client(server.url)
 
 
 def test_http_chat_and_completions_json_beside_free(client):
