@@ -52,6 +52,8 @@ def load_model(model: str, task: str, num_labels: int | None = None, dtype=None,
     ``label_names`` (class ``i`` is ``label_names[i]``) go to the model config's ``id2label``/``label2id``.
     """
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
 
     _check_exists(model)
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -70,14 +72,30 @@ def load_model(model: str, task: str, num_labels: int | None = None, dtype=None,
         # drawn anew (it is trained anyway); a mismatch anywhere else is an error.
         net, info = auto.from_pretrained(model, ignore_mismatched_sizes=task == "classification",
                                          output_loading_info=True, **kwargs)
-    except OSError as e:
-        raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, SafetensorError, StrictDataclassError) as e:  # what a bad checkpoint makes it raise
+        raise ModelError(f"cannot load model {model!r}: {_load_error(model, e)}") from None
     heads = tuple(f"{name}." for name in head_module_names(net))
     for key, found, expected in sorted(info.get("mismatched_keys", ())):
         if not key.startswith(heads):
             raise ModelError(f"cannot load model {model!r}: tensor {key} has shape {tuple(found)} in the checkpoint, "
                              f"the model expects {tuple(expected)}")
     return net
+
+
+def _load_error(model: str, e: Exception) -> str:
+    """What went wrong loading ``model``, in one line: the OS's words, the unreadable safetensors file, or
+    the config field of the wrong type (a hub model's; a local one is checked before)."""
+    from safetensors import SafetensorError
+
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if isinstance(e, SafetensorError):
+        return f"its safetensors weights are not readable: {lines[0]}"
+    return lines[0] if isinstance(e, OSError) else f"config.json: {_field_error(e)}"
+
+
+def _field_error(e: Exception) -> str:
+    """huggingface_hub's strict-dataclass error (``Validation error for field 'x':`` + the cause) as one line."""
+    return str(e).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -110,12 +128,17 @@ def _check_local(path: Path) -> None:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         raise ModelError(f"{config}: not a JSON object") from None
-    from transformers import CONFIG_MAPPING
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
 
-    if model_type is not None and model_type not in CONFIG_MAPPING:
-        import transformers
-
+    if model_type is None:
+        return  # transformers says what it makes of that
+    if model_type not in transformers.CONFIG_MAPPING:
         raise ModelError(f"{config}: model_type {model_type!r} is not known to transformers {transformers.__version__}")
+    try:  # each field's type, as transformers checks it (hidden_size "abc"), before tokenizer or model loads
+        transformers.AutoConfig.from_pretrained(path)
+    except StrictDataclassError as e:
+        raise ModelError(f"{config}: {_field_error(e)}") from None
 
 
 def _check_hub(repo_id: str) -> None:

@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 
+from .options import check_output_dir
+
 HELP = "Spectrum, effective rank, amplification and (two adapters) subspace similarity of LoRA updates."
 
 
@@ -23,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analyze import run_analysis, summary_rows
 
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output-dir")  # before the analysis runs, not after
     adapters = [args.adapter] + ([args.adapter2] if args.adapter2 else [])
     result = run_analysis(adapters, model=args.model, output_dir=args.output_dir)
     if args.json:

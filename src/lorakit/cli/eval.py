@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     trained_as = run_args.get("task")
     if not args.task and isinstance(trained_as, str) and TASK_TYPES.get(trained_as) == TASK_TYPES[task]:
         task = trained_as  # e2e and sft adapters are both CAUSAL_LM: the run says which
+    if args.task and TASK_TYPES[args.task] != TASK_TYPES[task]:
+        fits = " or ".join(t for t, kind in TASK_TYPES.items() if kind == TASK_TYPES[task])
+        raise UsageError(f"--task {args.task} needs a {TASK_TYPES[args.task]} adapter; this one is "
+                         f"{TASK_TYPES[task]} (use --task {fits})")
     task = args.task or task
     result: dict = {}
     if task == "e2e":

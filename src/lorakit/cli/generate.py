@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 
-from .options import add_base_quantize, positive_float, positive_int
+from .options import UsageError, add_base_quantize, positive_float, positive_int, seed_int
 
 HELP = "Generate text with a causal LM and one or more adapters (optionally a different adapter per prompt)."
 
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=positive_int, default=1)
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_base_quantize(p)
 
 
@@ -37,6 +37,8 @@ def _parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name.replace(".", "_") or "default", spec
+        elif not name.strip():
+            raise UsageError(f"--adapter {spec!r}: the NAME before '=' is empty")
         out.append((name, path))
     return out
 

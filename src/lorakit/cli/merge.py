@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ..core.checkpoint import temp_name
+from ..core.checkpoint import read_adapter, temp_name
 from ..core.model import unload
 from ..models import load_with_adapter
 from .options import check_output_dir
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
+    _check_inputs_outside(out, args.adapter, args.model)
     model, tokenizer, _ = load_with_adapter(args.adapter, args.model, quantize=None)  # full precision, always
     merged = unload(model, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -41,3 +42,15 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(f"merged model written to {out}")
     return 0
+
+
+def _check_inputs_outside(out: Path, adapter: str, model: str | None) -> None:
+    """``out`` (replaced whole) holds neither the adapter nor a local base model: ``--force`` would delete
+    what the merge reads."""
+    base = model or read_adapter(adapter)[0].base_model_name_or_path
+    inputs = [(Path(adapter), "the adapter to merge")]
+    if base and Path(base).expanduser().exists():
+        inputs.append((Path(base).expanduser(), "the base model"))
+    for path, what in inputs:
+        if out.resolve() in (path.resolve(), *path.resolve().parents):
+            raise ValueError(f"--out {out} holds {what} ({path}); pick another directory")

@@ -40,6 +40,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A random seed: what ``torch.manual_seed`` and the trainer accept, ``[0, 2**63)``."""
+    value = _number(int, text, "an integer in [0, 2**63)")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
+    return value
+
+
 def finite_float(text: str) -> float:
     return _number(float, text, "a number")
 
