@@ -81,6 +81,16 @@ def llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+def token_llama(tied: bool = True):
+    """The trainable-tokens model: vocab 40, hidden 16, one layer, embeddings tied to the head or not (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def bert():
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -88,6 +98,15 @@ def bert():
                      vocab_size=101, max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(cfg).eval()
+
+
+def save_random(path: Path, build: Callable, config, tokenizer, seed: int = 0) -> Path:
+    """``build(config)`` (a model class, or ``AutoModel....from_config``) with seeded random weights, saved with
+    ``tokenizer`` in ``path``: a model directory as the ``lorakit`` commands and the server load one."""
+    torch.manual_seed(seed)
+    build(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @dataclass

@@ -12,7 +12,7 @@ import lorakit
 from lorakit.cli.main import main
 from lorakit.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.core.layers import LoraLayer
-from tests.conftest import MLP
+from tests.conftest import MLP, save_random
 
 A = "base_model.model.fc1.lora_A.weight"
 B = "base_model.model.fc1.lora_B.weight"
@@ -60,12 +60,9 @@ def test_merge_refuses_non_finite_weights_with_one_line(tmp_path, capsys):
     from tests.train.helpers_tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
     cfg = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                      vocab_size=tok.vocab_size, max_position_embeddings=32)
-    base = tmp_path / "base"
-    BertForSequenceClassification(cfg).save_pretrained(base)
-    tok.save_pretrained(base)
+    base = save_random(tmp_path / "base", BertForSequenceClassification, cfg, tok)
     model = lorakit.add_lora(BertForSequenceClassification.from_pretrained(base),
                              lorakit.LoraConfig(r=2, target_modules=["query"]))
     with torch.no_grad():

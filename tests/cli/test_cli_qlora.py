@@ -9,12 +9,12 @@ import torch
 
 import lorakit
 from lorakit.cli.main import main
-from tests.cli.test_cli import FAST, bert_dir, cls_data  # noqa: F401 (fixtures)
+from tests.cli.conftest import FAST
 
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cls_data, tmp_path, capsys,  # noqa: F811
+def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cls_data, tmp_path, capsys,
                                                                      monkeypatch):
     seen, real = [], lorakit.variants.quantized.quantize
 
@@ -57,7 +57,7 @@ def test_train_quantize_nf4_then_merge_onto_the_full_precision_base(bert_dir, cl
         torch.testing.assert_close(plain(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_train_quantize_without_bitsandbytes_names_the_extra(bert_dir, cls_data, tmp_path, capsys,  # noqa: F811
+def test_train_quantize_without_bitsandbytes_names_the_extra(bert_dir, cls_data, tmp_path, capsys,
                                                             monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     out = tmp_path / "run"

@@ -4,10 +4,9 @@ tiny random-init GPT-2 (the toy-data version is in test_cli.py; this one checks 
 import json
 
 import pytest
-import torch
 
 from lorakit.cli.main import main
-from tests.conftest import shared_data
+from tests.conftest import save_random, shared_data
 from tests.train.helpers_tokenizer import tiny_tokenizer
 
 
@@ -30,12 +29,9 @@ def test_e2e_pipeline_on_real_data(tmp_path, capsys):
     kept = [line for line in valid_lines if line.split("||")[0] in mrs]
     (data / "valid.txt").write_text("\n".join(kept) + "\n", encoding="utf-8")
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=128,
                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model_dir = tmp_path / "gpt2"
-    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_random(tmp_path / "gpt2", GPT2LMHeadModel, cfg, tok)
     out = tmp_path / "run"
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--task", "e2e", "--target-modules",
                  "c_attn", "--r", "4", "--alpha", "32", "--epochs", "1", "--batch-size", "8", "--progress", "false",

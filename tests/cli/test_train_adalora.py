@@ -5,10 +5,10 @@ import json
 import pytest
 
 from lorakit.cli.main import main
-from tests.cli.test_cli import FAST, bert_dir, cls_data  # noqa: F401 (pytest fixtures)
+from tests.cli.conftest import FAST
 
 
-def test_train_adalora_saves_the_allocated_ranks(bert_dir, cls_data, tmp_path, capsys):  # noqa: F811
+def test_train_adalora_saves_the_allocated_ranks(bert_dir, cls_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST,
             "--method", "adalora", "--init-rank", "4", "--target-rank", "2", "--delta-t", "1"]
@@ -29,7 +29,7 @@ def test_train_adalora_saves_the_allocated_ranks(bert_dir, cls_data, tmp_path, c
     (["--method", "adalora"], "--method adalora needs --target-rank"),
     (["--method", "adalora", "--init-rank", "2", "--target-rank", "3"], "exceeds the initial"),
 ])
-def test_bad_adalora_flags_exit_2_and_write_nothing(bert_dir, cls_data, tmp_path, capsys, extra, message):  # noqa: F811
+def test_bad_adalora_flags_exit_2_and_write_nothing(bert_dir, cls_data, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     code = main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(out), *FAST, *extra])
     err = capsys.readouterr().err

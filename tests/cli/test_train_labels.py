@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lorakit.cli.main import main
 from lorakit.train.data import DataError, default_data_dir, label_names_in
+from tests.conftest import save_random
 from tests.train.helpers_tokenizer import minilm_tokenizer
 
 
@@ -30,12 +30,9 @@ def test_a_run_records_the_folders_class_names(tmp_path, capsys):
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = minilm_tokenizer()
-    torch.manual_seed(0)
-    model = tmp_path / "bert"
-    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=37, vocab_size=tok.vocab_size,
-                                             max_position_embeddings=64)).save_pretrained(model)
-    tok.save_pretrained(model)
+    model = save_random(tmp_path / "bert", BertForSequenceClassification,
+                        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                   vocab_size=tok.vocab_size, max_position_embeddings=64), tok)
     data = tmp_path / "data"
     data.mkdir()
     rows = ["sentence\tlabel"] + [f"{w} movie .\t{int(w == 'good')}" for w in ["good", "bad"] * 4]

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from lorakit.cli.main import main
-from tests.cli import test_cli
+from tests.cli.conftest import FAST
+from tests.conftest import save_random
 from tests.train.helpers_tokenizer import tiny_tokenizer
-
-e2e_data, FAST = test_cli.e2e_data, test_cli.FAST  # shared module fixture
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +17,11 @@ def moe_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
     cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
                          num_experts_per_tok=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("qwen3moe")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_random(tmp_path_factory.mktemp("qwen3moe"), AutoModelForCausalLM.from_config, cfg, tok)
 
 
 def test_train_every_linear_layer_and_every_expert_then_inspect_and_merge(moe_dir, e2e_data, tmp_path, capsys):

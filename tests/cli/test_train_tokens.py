@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli.main import main
+from tests.conftest import save_random
 from tests.train.helpers_tokenizer import tiny_tokenizer
 
 FAST = ["--epochs", "1", "--batch-size", "4", "--progress", "false", "--lr", "5e-2", "--max-length", "32"]
@@ -20,14 +21,10 @@ def llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_random(tmp_path_factory.mktemp("llama"), LlamaForCausalLM, cfg, tok)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ import json
 import torch
 
 from lorakit.cli.main import main
-from tests.cli import test_cli
-
-bert_dir, cls_data, FAST = test_cli.bert_dir, test_cli.cls_data, test_cli.FAST  # shared module fixtures
+from tests.cli.conftest import FAST
 
 
 def _logits(model, tok):

@@ -21,6 +21,7 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import LoraLayer
 from lorakit.core.saved import SavedModule
+from tests.conftest import token_llama
 from tests.variants.moe_models import ARCHS as MOE_ARCHS
 from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
 
@@ -339,14 +340,6 @@ TOKEN_CASES = {  # name: (tied embeddings, PEFT config kwargs or None for TRAINA
 }
 
 
-def _llama(tied):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def _token_input():
     x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     x[0, :5] = torch.tensor([3, 5, 17, 4, 6])
@@ -358,7 +351,7 @@ def _peft_token_model(name):
     tied, kwargs = TOKEN_CASES[name]
     cfg = peft.TrainableTokensConfig(token_indices=TOKEN_IDS) if kwargs is None else \
         peft.LoraConfig(r=4, init_lora_weights=False, **kwargs)
-    model = peft.get_peft_model(_llama(tied), cfg).eval()
+    model = peft.get_peft_model(token_llama(tied), cfg).eval()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -370,7 +363,7 @@ def _peft_token_model(name):
 def _lorakit_token_model(name):
     tied, kwargs = TOKEN_CASES[name]
     kwargs = kwargs or {"target_modules": [], "trainable_token_indices": TOKEN_IDS}
-    model = lorakit.add_lora(_llama(tied), lorakit.LoraConfig(r=4, **kwargs))
+    model = lorakit.add_lora(token_llama(tied), lorakit.LoraConfig(r=4, **kwargs))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
@@ -387,7 +380,7 @@ def test_token_adapters_move_both_ways_with_equal_outputs(name, tmp_path):
     x = _token_input()
     theirs = _peft_token_model(name)
     theirs.save_pretrained(tmp_path / "peft")
-    model = _llama(TOKEN_CASES[name][0])
+    model = token_llama(TOKEN_CASES[name][0])
     lorakit.load_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(model(x).logits, theirs(x).logits, **FP32)
     merged = lorakit.unload(copy.deepcopy(model), merge=True)
@@ -398,6 +391,6 @@ def test_token_adapters_move_both_ways_with_equal_outputs(name, tmp_path):
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert written["peft_type"] == ("LORA" if TOKEN_CASES[name][1] else "TRAINABLE_TOKENS")
     peft = pytest.importorskip("peft")
-    loaded = peft.PeftModel.from_pretrained(_llama(TOKEN_CASES[name][0]), tmp_path / "ours").eval()
+    loaded = peft.PeftModel.from_pretrained(token_llama(TOKEN_CASES[name][0]), tmp_path / "ours").eval()
     torch.testing.assert_close(loaded(x).logits, ours(x).logits, **FP32)
-    assert not torch.allclose(ours(x).logits, _llama(TOKEN_CASES[name][0])(x).logits, **FP32)
+    assert not torch.allclose(ours(x).logits, token_llama(TOKEN_CASES[name][0])(x).logits, **FP32)

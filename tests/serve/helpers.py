@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 import lorakit
+from tests.conftest import save_random
 from tests.train.helpers_tokenizer import minilm_tokenizer, tiny_tokenizer
 
 
@@ -37,12 +38,9 @@ def save_bert(path: Path, num_labels: int = 3) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = minilm_tokenizer()
-    torch.manual_seed(0)
     cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
                      vocab_size=tok.vocab_size, max_position_embeddings=64, num_labels=num_labels)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_random(path, BertForSequenceClassification, cfg, tok)
 
 
 def add_random_adapters(model, out: Path, names: list[str], task: str = "sft") -> dict[str, Path]:

@@ -15,17 +15,11 @@ import torch
 import lorakit
 from lorakit.core.layers import LoraLayer
 from lorakit.variants.tokens import TokenLayer, record_added_tokens
+from tests.conftest import token_llama
 
 transformers = pytest.importorskip("transformers")
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
 IDS = [3, 5, 17]
-
-
-def llama(tied: bool = True):
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tokens_in_input():
@@ -45,7 +39,7 @@ def randomize_rows(model, adapter="default", seed=2):
 
 def reference(rows: dict[str, torch.Tensor], tied: bool) -> torch.nn.Module:
     """The base model with the trained rows written into its tables (tied: the head follows, being the same)."""
-    ref = llama(tied)
+    ref = token_llama(tied)
     with torch.no_grad():
         for path, r in rows.items():
             ref.get_submodule(path).weight[IDS] = r
@@ -60,8 +54,9 @@ def trained_rows(model, adapter="default"):
 @pytest.mark.parametrize("tied", [True, False])
 def test_new_adapter_changes_nothing_and_equals_the_reference_once_trained(tied):
     x = tokens_in_input()
-    base = llama(tied)(x).logits
-    model = lorakit.add_lora(llama(tied), lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS))
+    base = token_llama(tied)(x).logits
+    model = lorakit.add_lora(token_llama(tied),
+                             lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS))
     torch.testing.assert_close(model(x).logits, base, **FP32)
     assert isinstance(model.lm_head, TokenLayer) == tied  # a tied head follows the embedding, as in PEFT
     randomize_rows(model)
@@ -79,7 +74,8 @@ def test_new_adapter_changes_nothing_and_equals_the_reference_once_trained(tied)
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_only_the_chosen_rows_train(tied):
-    model = lorakit.add_lora(llama(tied), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS)).train()
+    config = lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS)
+    model = lorakit.add_lora(token_llama(tied), config).train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names == ["model.embed_tokens.adapters.default.trainable_tokens_delta"]
     assert lorakit.trainable_parameters(model)[0] == len(IDS) * 16
@@ -95,9 +91,9 @@ def test_only_the_chosen_rows_train(tied):
 @pytest.mark.parametrize("tied", [True, False])
 def test_merge_unload_disabled_save_load(tied, tmp_path):
     x = tokens_in_input()
-    base = llama(tied)(x).logits
+    base = token_llama(tied)(x).logits
     config = lorakit.LoraConfig(target_modules=["v_proj"], trainable_token_indices=IDS, modules_to_save=["norm"])
-    model = lorakit.add_lora(llama(tied), config)
+    model = lorakit.add_lora(token_llama(tied), config)
     randomize_rows(model)
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.adapters["default"].lora_B.weight.normal_()
@@ -106,13 +102,13 @@ def test_merge_unload_disabled_save_load(tied, tmp_path):
     with lorakit.disabled(model):
         assert torch.equal(model(x).logits, base)
     lorakit.save_adapter(model, tmp_path)
-    fresh = llama(tied)
+    fresh = token_llama(tied)
     lorakit.load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh(x).logits, out, **FP32)
     lorakit.merge(fresh)
     torch.testing.assert_close(fresh(x).logits, out, **FP32)
     lorakit.unmerge(fresh)
-    assert torch.equal(fresh.model.embed_tokens.base_layer.weight, llama(tied).model.embed_tokens.weight)
+    assert torch.equal(fresh.model.embed_tokens.base_layer.weight, token_llama(tied).model.embed_tokens.weight)
     plain = lorakit.unload(copy.deepcopy(model), merge=True)
     assert not any(isinstance(m, LoraLayer) for m in plain.modules())
     torch.testing.assert_close(plain(x).logits, out, **FP32)
@@ -122,8 +118,8 @@ def test_merge_unload_disabled_save_load(tied, tmp_path):
 
 def test_several_adapters_switch_and_delete():
     x = tokens_in_input()
-    base = llama()(x).logits
-    model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS), "rows")
+    base = token_llama()(x).logits
+    model = lorakit.add_lora(token_llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS), "rows")
     randomize_rows(model, "rows")
     lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[7]), "other")
     randomize_rows(model, "other", seed=3)
@@ -144,7 +140,8 @@ def test_several_adapters_switch_and_delete():
 
 
 def test_refused_by_name():
-    model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS), "a")
+    model = lorakit.add_lora(token_llama(), lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS),
+                             "a")
     lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["q_proj"]), "b")
     with pytest.raises(ValueError, match="'a' is a TokenAdapter, which per-row batching does not support"):
         with lorakit.per_row_adapters(model, ["a", "b"]):
@@ -162,7 +159,7 @@ def test_refused_by_name():
         ({"target_modules": [], "trainable_token_indices": {"nothing": [3]}}, "must name one module"),
     ]
     for kwargs, message in cases:
-        fresh = llama()
+        fresh = token_llama()
         with pytest.raises(ValueError, match=message):
             lorakit.add_lora(fresh, lorakit.LoraConfig(**kwargs))
         assert not any(isinstance(m, LoraLayer) for m in fresh.modules())  # untouched
@@ -170,14 +167,14 @@ def test_refused_by_name():
         lorakit.LoraConfig(trainable_token_indices=[3, 3])
     with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
         lorakit.LoraConfig(target_modules=[])
-    lora_head = lorakit.add_lora(llama(False), lorakit.LoraConfig(target_modules=["lm_head"]))
+    lora_head = lorakit.add_lora(token_llama(False), lorakit.LoraConfig(target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="'lm_head' holds LoRA adapters"):
         lorakit.add_lora(lora_head, lorakit.LoraConfig(target_modules=[], trainable_token_indices={"lm_head": [3]}),
                          "t")
 
 
 def test_added_tokens_are_recorded_and_checked(tmp_path):
-    model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=[38, 39]))
+    model = lorakit.add_lora(token_llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=[38, 39]))
     with pytest.raises(ValueError, match=r"added token ids \[12\] are not trained"):
         record_added_tokens(model, {"<x>": 12})
     record_added_tokens(model, {"<a>": 38, "<b>": 39})
@@ -195,7 +192,7 @@ def test_token_rows_on_a_4bit_base():
     from lorakit.variants.quantized import PRESETS
 
     x = tokens_in_input()
-    model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS))
+    model = lorakit.add_lora(token_llama(), lorakit.LoraConfig(target_modules=[], trainable_token_indices=IDS))
     randomize_rows(model)
     ref = reference(trained_rows(model), True)
     lorakit.quantize(model, **PRESETS["nf4"])
