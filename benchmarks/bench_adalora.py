@@ -9,7 +9,7 @@ downloaded). Step = forward, loss, backward, AdamW, zero_grad, plus for AdaLoRA 
 in the loss and the allocator after the optimizer step (lorakit: ``AdaLoraAllocator.step``; PEFT:
 ``update_and_allocate``, its penalty added inside ``forward``), both in the budget phase with a
 re-allocation every step (``delta_t = 1``: the most allocator work per step). Times: best of ``--reps``
-in rotating order (``bench_lora.alternate``).
+in rotating order (``common.alternate``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import argparse
 import copy
 
 import torch
-from bench_lora import THREADS, alternate, environment, fmt_ms
+from bench_lora import THREADS
+from common import alternate, environment, fmt_ms
 from torch import nn
 
 import lorakit

@@ -9,8 +9,9 @@ Variants, all on one randomly initialised base (nothing downloaded), r=8, alpha=
 (LLaMA) or c_attn (GPT-2's Conv1D): ``lora`` (lorakit plain LoRA), ``dora`` (lorakit DoRA), ``peft_dora``
 (PEFT's DoRA holding lorakit's exact weights; outputs checked to agree first), ``peft_lora``.
 Step = forward, loss, backward, AdamW, zero_grad. Times: best of ``--reps`` repetitions in rotating order
-(bench_lora.alternate). Memory: CPU, peak RSS growth over two steps in a fresh subprocess per variant
-(bench_lora's method); CUDA, ``torch.cuda.max_memory_allocated`` growth over two steps in this process.
+(common.alternate). Memory: CPU, peak RSS growth over two steps in a fresh subprocess per variant
+(common.peak_growth_mib, as bench_lora); CUDA, ``torch.cuda.max_memory_allocated`` growth over two steps in
+this process.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 
 import torch
-from bench_lora import SPECS, THREADS, alternate, build_model, close, environment, fmt_ms, randomize_B, vocab
+from bench_lora import SPECS, THREADS, build_model, close, randomize_B, vocab
+from common import alternate, environment, fmt_ms, in_child, peak_growth_mib
 from torch import nn
 
 import lorakit
@@ -66,23 +67,10 @@ def step_fn(model: nn.Module, ids: torch.Tensor):
 
 def memory_child(variant: str, model_name: str, b: int, s: int) -> None:
     """Subprocess entry (CPU): peak RSS growth (MiB) over two steps of one variant; prints JSON."""
-    import ctypes
-    import gc
-
-    from bench_lora import _status_kb
-
     torch.set_num_threads(THREADS)
     model = make(variant, build_model(model_name), model_name, copy_base=False).train()
     ids = torch.randint(0, vocab(model), (b, s), generator=torch.Generator().manual_seed(0))
-    step = step_fn(model, ids)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    rss0 = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(2):
-        step()
-    print(json.dumps({"mib": (_status_kb("VmHWM") - rss0) / 1024}))
+    print(json.dumps({"mib": peak_growth_mib(step_fn(model, ids))}))
 
 
 def cuda_memory(model: nn.Module, ids: torch.Tensor) -> float:
@@ -210,9 +198,7 @@ def main(argv=None) -> None:
 
 
 def _child(variant: str, model_name: str, b: int, s: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--_memory-child", variant, model_name, str(b), str(s)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["mib"]
+    return in_child(__file__, "--_memory-child", variant, model_name, b, s)["mib"]
 
 
 if __name__ == "__main__":

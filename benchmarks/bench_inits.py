@@ -6,7 +6,7 @@
 Inits: kaiming (PEFT's default), gaussian, pissa (full SVD), pissa_niter_4 (randomized SVD), olora (QR).
 Also reported: how far pissa_niter_4's ``s·B·A`` is from the best rank-r approximation PiSSA takes
 (relative Frobenius error), and the size of the plain-LoRA conversion (rank 2r) against the adapter.
-Times: best of ``--reps`` in rotating order (bench_lora.alternate).
+Times: best of ``--reps`` in rotating order (common.alternate).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_lora import THREADS, alternate
+from bench_lora import THREADS
+from common import alternate
 from torch import nn
 
 import lorakit

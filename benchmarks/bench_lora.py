@@ -23,16 +23,13 @@ import argparse
 import copy
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from common import adamw_step, alternate, environment, fmt_ms, in_child, peak_growth_mib
 from torch import nn
 
 import lorakit
@@ -132,28 +129,6 @@ def lora_flops_per_token(model: nn.Module, name: str) -> int:
 
 
 # ----- timing ----------------------------------------------------------------------------------------------
-def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Best (minimum) seconds per call of each fn over ``reps`` repetitions run in rotating order.
-
-    The minimum, not the median: this machine is shared, and other work only ever adds time (timeit's
-    rule). Medians go to the log so the spread can be judged.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    print("    " + ", ".join(f"{n}: best {fmt_ms(min(t))} median {fmt_ms(statistics.median(t))}"
-                             for n, t in times.items()) + f"; load {os.getloadavg()[0]:.1f}", flush=True)
-    return {n: min(t) for n, t in times.items()}
-
-
 def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
     err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
     if err > tol:
@@ -176,29 +151,11 @@ class Table:
         return "\n".join(lines)
 
 
-def fmt_ms(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
-
-
 def met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
 # ----- case: training step ---------------------------------------------------------------------------------
-def train_step_fn(model: nn.Module, batch: torch.Tensor) -> Callable[[], float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def step():
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
 def make_train_variant(variant: str, base: nn.Module, spec: Spec) -> nn.Module:
     if variant == "lorakit":
         model = lorakit_model(base, spec.train_targets, ["default"])
@@ -212,15 +169,8 @@ def make_train_variant(variant: str, base: nn.Module, spec: Spec) -> nn.Module:
 
 
 def memory_child(variant: str, model_name: str, batch: int, seq: int) -> None:
-    """Subprocess entry: peak RSS growth (MiB) of two training steps of one variant; prints JSON.
-
-    The variant is built in place (no copies freed before the measurement) and freed heap memory is
-    handed back to the OS (``malloc_trim``) before the baseline is read, so that no variant's steps can
-    reuse memory that is already counted in its baseline.
-    """
-    import ctypes
-    import gc
-
+    """Subprocess entry: peak RSS growth (MiB) of two training steps of one variant, built in place
+    (:func:`common.peak_growth_mib`); prints JSON."""
     torch.set_num_threads(THREADS)
     spec, model = SPECS[model_name], build_model(model_name)
     if variant == "lorakit":
@@ -236,29 +186,11 @@ def memory_child(variant: str, model_name: str, batch: int, seq: int) -> None:
     randomize_B(model, seed=1)
     model.train()
     ids = torch.randint(0, vocab(model), (batch, seq), generator=torch.Generator().manual_seed(0))
-    step = train_step_fn(model, ids)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    rss0 = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    for _ in range(2):
-        step()
-    print(json.dumps({"peak_growth_mib": (_status_kb("VmHWM") - rss0) / 1024}))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    print(json.dumps({"peak_growth_mib": peak_growth_mib(adamw_step(model, ids, lr=1e-5))}))
 
 
 def peak_memory(variant: str, model_name: str, batch: int, seq: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--_memory-child", variant, model_name, str(batch), str(seq)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+    return in_child(__file__, "--_memory-child", variant, model_name, batch, seq)["peak_growth_mib"]
 
 
 def case_train(table: Table, model_name: str, args) -> None:
@@ -272,7 +204,7 @@ def case_train(table: Table, model_name: str, args) -> None:
         close(models["lorakit"](ids).logits, models["peft"](ids).logits, f"train/{model_name} logits")
         for m in models.values():
             m.train()
-    steps = {v: train_step_fn(m, ids) for v, m in models.items()}
+    steps = {v: adamw_step(m, ids, lr=1e-5) for v, m in models.items()}
     t = alternate(steps, args.train_reps)
     tok = b * s
     table.add("train step", model_name, f"tokens/s (b{b} x s{s}, r=8)", f"{tok / t['lorakit']:.0f}",
@@ -457,16 +389,6 @@ def case_switch(table: Table, model_name: str, args) -> None:
 
 CASES = {"train": case_train, "forward": case_forward, "decode": case_decode, "switch": case_switch}
 CASE_MODELS = {"train": ("gpt2", "llama"), "forward": ("gpt2", "llama"), "decode": ("llama",), "switch": ("llama",)}
-
-
-def environment() -> str:
-    import peft
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return (f"{cpu}, {torch.get_num_threads()} threads; python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, peft {peft.__version__}; fp32")
 
 
 def main(argv=None) -> None:

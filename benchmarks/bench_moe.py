@@ -13,8 +13,8 @@ Both libraries get identical adapter weights (lorakit's checkpoint loaded into P
   rotating order (lorakit, PEFT / PEFT, lorakit ...), ``torch.set_num_threads(1)`` so the ratio holds on a
   loaded machine. Medians are printed too.
 - **peak memory**: in a fresh subprocess per library, the peak resident set size (VmHWM, reset through
-  ``/proc/self/clear_refs``) over two steps minus the resident size before them (benchmarks/bench_lora.py's
-  method).
+  ``/proc/self/clear_refs``) over two steps minus the resident size before them (benchmarks/common.py,
+  as bench_lora.py).
 
     python benchmarks/bench_moe.py            # ~1-2 min
     python benchmarks/bench_moe.py --quick    # smaller config, smoke run
@@ -23,16 +23,13 @@ Both libraries get identical adapter weights (lorakit's checkpoint loaded into P
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
+from common import adamw_step, in_child, peak_growth_mib
 
 import lorakit
 
@@ -83,27 +80,13 @@ def save_reference_adapter(size: str, path: str) -> None:
     lorakit.save_adapter(model, path)
 
 
-def step_fn(model, ids):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
 def timing(size: str, adapter_dir: str, reps: int) -> dict:
     models = {v: make(v, size, adapter_dir) for v in ("lorakit", "peft")}
     with torch.no_grad():
         losses = {v: m(input_ids=ids, labels=ids).loss.item() for v, (m, ids) in models.items()}
     if abs(losses["lorakit"] - losses["peft"]) > 1e-4 * abs(losses["peft"]):
         raise SystemExit(f"lorakit and PEFT disagree before timing: {losses}")
-    steps = {v: step_fn(m, ids) for v, (m, ids) in models.items()}
+    steps = {v: adamw_step(m, ids, lr=1e-4) for v, (m, ids) in models.items()}
     for step in steps.values():
         step()  # warm-up
     times: dict[str, list[float]] = {v: [] for v in steps}
@@ -120,29 +103,11 @@ def timing(size: str, adapter_dir: str, reps: int) -> dict:
 def memory_child(variant: str, size: str, adapter_dir: str) -> None:
     torch.set_num_threads(THREADS)
     model, ids = make(variant, size, adapter_dir)
-    step = step_fn(model, ids)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    rss0 = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    for _ in range(2):
-        step()
-    print(json.dumps({"peak_growth_mib": (_status_kb("VmHWM") - rss0) / 1024}))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    print(json.dumps({"peak_growth_mib": peak_growth_mib(adamw_step(model, ids, lr=1e-4))}))
 
 
 def peak_memory(variant: str, size: str, adapter_dir: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--_memory-child", variant, size, adapter_dir],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+    return in_child(__file__, "--_memory-child", variant, size, adapter_dir)["peak_growth_mib"]
 
 
 def main() -> None:

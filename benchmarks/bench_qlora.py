@@ -22,8 +22,6 @@ Reported:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -37,15 +35,7 @@ CONFIG = dict(vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hid
 BATCH, SEQ, THREADS = 2, 128, 2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lora import _status_kb  # noqa: E402 (the /proc/self/status reader both benchmarks use)
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS shows what is held
-    except OSError:
-        pass
+from common import reset_peak, status_kb, trim_heap  # noqa: E402 (the memory readers the benchmarks share)
 
 
 def build(mode: str):
@@ -87,15 +77,14 @@ def memory_worker(mode: str, steps: int) -> dict:
     import lorakit  # noqa: F401
 
     torch.set_num_threads(THREADS)
-    _trim()
-    baseline = _status_kb("VmRSS")
+    trim_heap()
+    baseline = status_kb("VmRSS")
     model, optimizer, ids, linear_bytes = build(mode)
-    _trim()
-    ready = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    trim_heap()
+    ready = status_kb("VmRSS")
+    reset_peak()
     losses = [train_step(model, optimizer, ids) for _ in range(steps)]
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return {"mode": mode, "linear_weight_bytes": linear_bytes, "ready_mib": (ready - baseline) / 1024,
             "peak_mib": (peak - baseline) / 1024, "step_growth_mib": (peak - ready) / 1024, "losses": losses}
 
