@@ -85,6 +85,10 @@ def test_eval_refuses_a_task_of_another_kind_than_the_adapter(saved, tmp_path, c
     report = tmp_path / "report.json"
     fails(["eval", str(adapter), "--data", str(data), "--task", "classification", "--output", str(report)], capsys,
           "--task classification needs a SEQ_CLS adapter; this one is CAUSAL_LM (use --task sft or e2e)", report)
+    sft = tmp_path / "dev.jsonl"
+    sft.write_text(json.dumps({"prompt": "say hi", "response": "hi there"}) + "\n")
+    fails(["eval", str(adapter), "--data", str(sft), "--task", "e2e", "--output", str(report)], capsys,
+          f"{sft}: record 1: no E2E fields", report)  # the file is named, as for the other tasks
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -32,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.checkpoint import class_names
     from ..models import TASK_TYPES, load_with_adapter
-    from ..train.data import read_records, resolve_splits
+    from ..train.data import resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.state import write_text_atomic
-    from ..train.tasks import group_references, load_task_data
+    from ..train.tasks import load_task_data
     from .train import read_run_args
 
     if args.output:
@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or task
     result: dict = {}
     if task == "e2e":
-        refs = group_references(read_records(path))
-        refs = dict(list(refs.items())[: args.max_examples])
+        refs = _e2e_references(path, args.max_examples)
         metrics, hyps = evaluate_e2e(model, tokenizer, refs, args.max_new_tokens, args.batch_size,
                                      num_beams=args.num_beams)
         result["hypotheses"] = hyps
@@ -76,6 +75,19 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(result, indent=2))
     return 0
+
+
+def _e2e_references(path, limit: int | None) -> dict[str, list[str]]:
+    """The first ``limit`` MRs of the E2E file ``path``, each with all its references; a bad record is named with
+    its file."""
+    from ..train.data import DataError, read_records
+    from ..train.tasks import group_references
+
+    try:
+        refs = group_references(read_records(path))
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    return dict(list(refs.items())[:limit])
 
 
 def _training_data(run_args: dict) -> str:
