@@ -164,3 +164,34 @@ def test_plan_vocabulary_takes_the_union_and_refuses_conflicts_by_name(llama_dir
         grown.append((model.model.embed_tokens.weight, model.lm_head.weight))
     assert grown[0][0].shape == (n + 8, 32) and grown[0][1].shape == (n + 8, 32)
     assert torch.equal(grown[0][0], grown[1][0]) and torch.equal(grown[0][1], grown[1][1])
+
+
+def test_conflicting_adapter_fails_by_name_and_dynamic_loads_keep_the_vocabulary(llama_dir, tmp_path):
+    """``a_tools`` and ``b_other`` each added a token as id 56: the first listed is served, the other's requests
+    fail naming both. Loaded while running: an adapter whose tokens the server holds works; one that needs a new
+    token is refused (the embeddings do not grow under running requests), the server unchanged."""
+    import httpx
+
+    save_token_adapter(llama_dir, tmp_path, "a_tools", ["<tool>"], head=False, lora=False, seed=3)
+    save_token_adapter(llama_dir, tmp_path, "b_other", ["<other>"], head=False, lora=False, seed=4)
+    save_token_adapter(llama_dir, tmp_path / "later", "c_same", ["<tool>"], head=False, lora=True, seed=5)
+    save_token_adapter(llama_dir, tmp_path / "later", "d_new", ["<tool>", "<new>"], head=False, lora=False, seed=6)
+    with serving(llama_dir, tmp_path) as url:
+        client = openai_client(url)
+        with pytest.raises(openai.APIStatusError, match="adapters 'a_tools' and 'b_other' both add id 56, as "
+                                                        "'<tool>' and '<other>'; one tokenizer cannot hold both"):
+            client.completions.create(model="b_other", prompt="<tool> hi", max_tokens=2)
+        assert client.completions.create(model="a_tools", prompt="<tool> hi", max_tokens=2).usage.completion_tokens
+        load = {"lora_name": "c_same", "lora_path": "later/c_same"}
+        assert httpx.post(url + "/v1/load_lora_adapter", json=load, timeout=30).status_code == 200
+        with_same = client.completions.create(model="c_same", prompt="<tool> hi", max_tokens=2, logprobs=0)
+        assert with_same.usage.completion_tokens == 2
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "d_new", "lora_path": "later/d_new"},
+                       timeout=30)
+        assert r.status_code == 400
+        assert "adapter 'd_new' was trained with token '<new>' as id 57; this server does not hold it (the " \
+               "vocabulary is fixed at start: put the adapter in --adapters-dir and restart the server)" in r.text
+        names = [m.id for m in client.models.list().data]
+        tokens = httpx.post(url + "/tokenize", json={"prompt": "<tool> <new>"}, timeout=30).json()["tokens"]
+    assert "d_new" not in names and "c_same" in names
+    assert tokens[0] == 56 and len(tokens) > 2  # '<new>' was not added: split into the base's tokens

@@ -242,7 +242,7 @@ class AdapterStore:
         if name == self.base_name or name in self.known:
             raise InvalidRequest(f"adapter {name!r} already exists; unload it first", "lora_name")
         info = describe(name, resolve_inside(self.adapters_dir, rel_path))
-        why = vocabulary_refusal(info, self.tokenizer, self.model.get_input_embeddings().num_embeddings) \
+        why = vocabulary_refusal(info, self.tokenizer, self.model.get_input_embeddings().weight.shape[0]) \
             if self.tokenizer is not None and not info.error else ""
         if why:
             raise InvalidRequest(why, "lora_path")
