@@ -191,7 +191,8 @@ def test_conflicting_adapter_fails_by_name_and_dynamic_loads_keep_the_vocabulary
         assert r.status_code == 400
         assert "adapter 'd_new' was trained with token '<new>' as id 57; this server does not hold it (the " \
                "vocabulary is fixed at start: put the adapter in --adapters-dir and restart the server)" in r.text
-        names = [m.id for m in client.models.list().data]
+        cards = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
         tokens = httpx.post(url + "/tokenize", json={"prompt": "<tool> <new>"}, timeout=30).json()["tokens"]
-    assert "d_new" not in names and "c_same" in names
+    assert "d_new" not in cards and cards["c_same"]["error"] is None and cards["a_tools"]["error"] is None
+    assert "adapters 'a_tools' and 'b_other' both add id 56" in cards["b_other"]["error"]
     assert tokens[0] == 56 and len(tokens) > 2  # '<new>' was not added: split into the base's tokens
