@@ -166,17 +166,25 @@ def test_plan_vocabulary_takes_the_union_and_refuses_conflicts_by_name(llama_dir
     assert torch.equal(grown[0][0], grown[1][0]) and torch.equal(grown[0][1], grown[1][1])
 
 
-def test_conflicting_adapter_fails_by_name_and_dynamic_loads_keep_the_vocabulary(llama_dir, tmp_path):
-    """``a_tools`` and ``b_other`` each added a token as id 56: the first listed is served, the other's requests
-    fail naming both. Loaded while running: an adapter whose tokens the server holds works; one that needs a new
-    token is refused (the embeddings do not grow under running requests), the server unchanged."""
+@pytest.fixture(scope="module")
+def clash_dir(llama_dir, tmp_path_factory):
+    """``a_tools`` and ``b_other`` each added a token as id 56; under ``later/`` (not listed at start, loadable
+    while running): ``c_same`` added ``<tool>`` as 56 too, ``d_new`` added ``<tool> <new>``."""
+    root = tmp_path_factory.mktemp("clash")
+    save_token_adapter(llama_dir, root, "a_tools", ["<tool>"], head=False, lora=False, seed=3)
+    save_token_adapter(llama_dir, root, "b_other", ["<other>"], head=False, lora=False, seed=4)
+    save_token_adapter(llama_dir, root / "later", "c_same", ["<tool>"], head=False, lora=True, seed=5)
+    save_token_adapter(llama_dir, root / "later", "d_new", ["<tool>", "<new>"], head=False, lora=False, seed=6)
+    return root
+
+
+def test_conflicting_adapter_fails_by_name_and_dynamic_loads_keep_the_vocabulary(llama_dir, clash_dir):
+    """The first listed of two conflicting adapters is served, the other's requests fail naming both. Loaded while
+    running: an adapter whose tokens the server holds works; one that needs a new token is refused (the
+    embeddings do not grow under running requests), the server unchanged."""
     import httpx
 
-    save_token_adapter(llama_dir, tmp_path, "a_tools", ["<tool>"], head=False, lora=False, seed=3)
-    save_token_adapter(llama_dir, tmp_path, "b_other", ["<other>"], head=False, lora=False, seed=4)
-    save_token_adapter(llama_dir, tmp_path / "later", "c_same", ["<tool>"], head=False, lora=True, seed=5)
-    save_token_adapter(llama_dir, tmp_path / "later", "d_new", ["<tool>", "<new>"], head=False, lora=False, seed=6)
-    with serving(llama_dir, tmp_path) as url:
+    with serving(llama_dir, clash_dir) as url:
         client = openai_client(url)
         with pytest.raises(openai.APIStatusError, match="adapters 'a_tools' and 'b_other' both add id 56, as "
                                                         "'<tool>' and '<other>'; one tokenizer cannot hold both"):
@@ -196,3 +204,18 @@ def test_conflicting_adapter_fails_by_name_and_dynamic_loads_keep_the_vocabulary
     assert "d_new" not in cards and cards["c_same"]["error"] is None and cards["a_tools"]["error"] is None
     assert "adapters 'a_tools' and 'b_other' both add id 56" in cards["b_other"]["error"]
     assert tokens[0] == 56 and len(tokens) > 2  # '<new>' was not added: split into the base's tokens
+
+
+def test_lorakit_serve_prints_the_adapter_it_will_not_serve(llama_dir, clash_dir, capsys, monkeypatch):
+    """The command itself (uvicorn's loop replaced by a no-op: the server starts and stops at once)."""
+    import uvicorn
+
+    from lorakit.cli.main import main
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    assert main(["serve", "--model", str(llama_dir), "--adapters-dir", str(clash_dir), "--port", "0"]) == 0
+    out = capsys.readouterr()
+    assert "with 2 adapter(s) at http://127.0.0.1:" in out.out
+    assert out.err.strip() == ("lorakit serve: adapter 'b_other' fails its requests: adapters 'a_tools' and 'b_other' "
+                               "both add id 56, as '<tool>' and '<other>'; one tokenizer cannot hold both: serve them "
+                               "from separate servers")
