@@ -176,6 +176,8 @@ def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
 def loop_output(layer: LoraLayer, out: Tensor, x: Tensor, names: list[str | None]) -> Tensor:
     """Reference for any adapter kind: each adapter's own ``layer_output`` on its rows; base rows keep ``out``."""
     for rows, adapter, xs in _row_groups(layer, x, names):
+        if len(rows) == len(names):  # every row runs this adapter (rows in order): no gather, no copy back
+            return adapter.layer_output(layer, out, xs, False).to(out.dtype)
         out = out.index_copy(0, rows, adapter.layer_output(layer, out[rows], xs, False).to(out.dtype))
     return out
 
