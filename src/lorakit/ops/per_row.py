@@ -265,7 +265,8 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
 
     Linear-like and embedding layers use stacked adapter weights gathered per row (one batched matmul
     pair per layer whatever the number of adapters); DoRA rows add one per-output factor each (see the
-    module docstring); dropout is not applied. Inside
+    module docstring); trainable-token rows (``row_wise``) run each adapter on its own rows; dropout is not
+    applied. Inside
     :func:`~lorakit.core.model.disabled` every row runs the base model. ``modules_to_save`` copies run on
     their rows along the batch's first dimension, so they must return one tensor with the batch first:
     recurrent modules are refused.
