@@ -94,7 +94,7 @@ def test_served_token_adapters_match_offline_per_row(llama_dir, token_dir):
     assert all(call in want[("calls", p)][0] and call not in want[(None, p)][0] for p in PROMPTS)  # the head rows
     for p in PROMPTS:  # the embedding rows + LoRA matter far beyond the tolerance
         assert (torch.tensor(want[("tools", p)][1]) - torch.tensor(want[(None, p)][1])).abs().max() > 1e-2
-    with serving(llama_dir, token_dir, max_batch_size=8) as url:
+    with serving(llama_dir, token_dir, max_batch_size=8) as (url, _):
         client = openai_client(url)
         got: dict = {}
 
@@ -122,7 +122,7 @@ def test_served_token_adapters_match_offline_per_row(llama_dir, token_dir):
 def test_the_tokenizer_knows_the_added_tokens(llama_dir, token_dir):
     import httpx
 
-    with serving(llama_dir, token_dir) as url:
+    with serving(llama_dir, token_dir) as (url, _):
         r = httpx.post(url + "/tokenize", json={"model": "tools", "prompt": "<tool> hi <call>"}, timeout=30)
         assert r.status_code == 200, r.text
         tokens = r.json()["tokens"]
@@ -184,7 +184,7 @@ def test_conflicting_adapter_fails_by_name_and_dynamic_loads_keep_the_vocabulary
     embeddings do not grow under running requests), the server unchanged."""
     import httpx
 
-    with serving(llama_dir, clash_dir) as url:
+    with serving(llama_dir, clash_dir) as (url, _):
         client = openai_client(url)
         with pytest.raises(openai.APIStatusError, match="adapters 'a_tools' and 'b_other' both add id 56, as "
                                                         "'<tool>' and '<other>'; one tokenizer cannot hold both"):
