@@ -15,6 +15,7 @@ import torch
 
 import lorakit
 from lorakit.cli.inspect import describe
+from lorakit.cli.main import main
 from lorakit.core.checkpoint import CheckpointError
 from lorakit.variants.params import ParamLayer, routed_forward
 from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
@@ -167,6 +168,27 @@ def test_save_load_round_trip_and_inspect(tmp_path):
     layer = model.model.layers[0].mlp.experts.adapters["default"].parts["down_proj"]
     row = next(r for r in experts if r["module"] == "model.layers.0.mlp.experts")  # the last parameter: no .base_layer
     torch.testing.assert_close(torch.tensor(row["expert_norms"]), layer.expert_norms(), atol=1e-5, rtol=1e-5)
+
+
+def test_rank_and_alpha_patterns_by_parameter_path_load_and_inspect(tmp_path, capsys):
+    """rank_pattern / alpha_pattern keyed by ``<module>.<parameter>`` (PEFT's keys): the load takes the file and
+    inspect reports each parameter's own rank, expert count and scaling (it read ``config.r`` before, and the
+    load refused a rank that is no multiple of ``r``)."""
+    x = token_ids()
+    model = _adapted(r=3, rank_pattern={"experts.down_proj": 2}, alpha_pattern={"experts.down_proj": 8})
+    parts = model.model.layers[0].mlp.experts.adapters["default"].parts
+    assert (parts["gate_up_proj"].rank, parts["down_proj"].rank) == (3, 2)
+    path = lorakit.save_adapter(model, tmp_path)
+    loaded = tiny_moe("qwen3_moe")
+    lorakit.load_adapter(loaded, path)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    rows = {row["parameter"]: row for row in describe(path)["layers"]}
+    assert {p: (rows[p]["rank"], rows[p]["experts"]) for p in parts} == {"gate_up_proj": (3, 4), "down_proj": (2, 4)}
+    assert rows["down_proj"]["scaling"] == 4.0 and rows["gate_up_proj"]["scaling"] == 4 / 3
+    for name, part in parts.items():
+        torch.testing.assert_close(torch.tensor(rows[name]["expert_norms"]), part.expert_norms(), **FP32)
+    assert main(["inspect", str(path)]) == 0
+    assert "down_proj: 4 experts x rank 2" in capsys.readouterr().out
 
 
 def test_load_checks_expert_ranks_before_touching_the_model(tmp_path):
