@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -61,7 +63,30 @@ class DoraAdapter(Adapter):
 
     def row_scale(self, layer: LoraLayer) -> Tensor:
         """``m / ||W0 + s·B·A||`` per output ``(d,)``, fp32 (the norm detached, as in :meth:`layer_output`)."""
-        return _factor(self.lora_magnitude_vector.float(), self.row_norm(layer.weight_matrix()))
+        return _factor(self.lora_magnitude_vector.float(), self.layer_norm(layer))
+
+    def layer_norm(self, layer: LoraLayer) -> Tensor:
+        """:meth:`row_norm` of the layer's base weight, fp32 ``(d,)``, computed again only when the base weight, A or
+        B changed since the last call: an inference forward (``use_adapter``, ``generate``) reads it, a training
+        step (which changes A and B in place) recomputes it once.
+
+        The key is each tensor's identity, storage, dtype and autograd version counter (bumped by every in-place
+        write: optimizer steps, ``copy_``, ``merge``), so a changed weight never meets a stale norm. Tensors made
+        under ``inference_mode`` keep no version counter: then nothing is cached.
+        """
+        tensors = (layer.weight, self.lora_A.weight, self.lora_B.weight)
+        cached = self.__dict__.get("_norm_cache")
+        if cached is not None and cached[0].matches(tensors):
+            return cached[1]
+        norm = self.row_norm(layer.weight_matrix())
+        key = _version_key(*tensors)
+        self.__dict__["_norm_cache"] = None if key is None else (key, norm)
+        return norm
+
+    def __getstate__(self) -> dict:  # copies and pickles start without the cached norm (it holds weak references)
+        state = self.__dict__.copy()
+        state.pop("_norm_cache", None)
+        return state
 
     def row_norm(self, W: Tensor) -> Tensor:
         """``||W + s·B·A||`` per output row, in fp32, detached: ``(d,)``."""
@@ -74,7 +99,7 @@ class DoraAdapter(Adapter):
 
     def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         x = x if x.dtype == self.dtype or not x.is_floating_point() else x.to(self.dtype)
-        norm = self.row_norm(layer.weight_matrix()).to(self.dtype)
+        norm = self.layer_norm(layer).to(self.dtype)
         scale = layer.feature_view(_factor(self.lora_magnitude_vector, norm))  # (d,), broadcast over the output
         bias = getattr(layer.base_layer, "bias", None)
         bias = None if bias is None else layer.feature_view(bias)
@@ -104,6 +129,27 @@ class DoraAdapter(Adapter):
 
     def extra_tensors(self) -> dict[str, Tensor]:
         return {"lora_magnitude_vector": self.lora_magnitude_vector.view(self.file_shape)}
+
+
+class _VersionKey:
+    """What changes when any of ``tensors`` is replaced or written in place: the objects (held weakly, so a
+    replaced weight is not kept alive), their storage, dtype, shape and version counters."""
+
+    def __init__(self, tensors: tuple[Tensor, ...]):
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.state = [(t.data_ptr(), t.dtype, t.device, t.shape, t._version) for t in tensors]
+
+    def matches(self, tensors: tuple[Tensor, ...]) -> bool:
+        return all(ref() is t for ref, t in zip(self.refs, tensors, strict=True)) and \
+            self.state == [(t.data_ptr(), t.dtype, t.device, t.shape, t._version) for t in tensors]
+
+
+def _version_key(*tensors: Tensor) -> _VersionKey | None:
+    """None for tensors made under ``inference_mode`` (they keep no version counter): nothing is cached."""
+    try:
+        return _VersionKey(tensors)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def _factor(magnitude: Tensor, norm: Tensor) -> Tensor:
