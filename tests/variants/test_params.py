@@ -17,6 +17,7 @@ import lorakit
 from lorakit.cli.inspect import describe
 from lorakit.cli.main import main
 from lorakit.core.checkpoint import CheckpointError
+from lorakit.ops.pool import AdapterPool
 from lorakit.variants.params import ParamLayer, routed_forward
 from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
 
@@ -139,15 +140,91 @@ def test_several_adapters_switch_and_must_target_the_same_parameters():
     torch.testing.assert_close(model(x).logits, _adapted(seed=2)(x).logits, **FP32)
 
 
-def test_per_row_and_combine_are_refused_by_name():
-    model = _adapted()
-    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=EXPERTS), "b")
+def _three_adapters(arch):
+    """Experts only (r=2), every linear layer and every expert (r=3), plain LoRA on q and v: all random."""
+    model = tiny_moe(arch)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS), "e1")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=3, alpha=3, target_modules="all-linear", target_parameters="all-experts"),
+                     "e2")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "plain")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name or ".parts." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+ROWS = ["e1", None, "plain", "e2", "e1"]  # expert rows, a base row and a plain LoRA row in one batch
+
+
+def _alone(model, x):
+    """Each adapter (None: the base model) run on the whole batch by itself."""
+    out = {}
+    with torch.no_grad():
+        for name in dict.fromkeys(ROWS):
+            with lorakit.disabled(model) if name is None else lorakit.use_adapter(model, name):
+                out[name] = model(x).logits
+    return out
+
+
+@pytest.mark.parametrize(("arch", "grouped"), [("qwen3_moe", True), ("qwen3_moe", False), ("mixtral", True)])
+def test_per_row_expert_rows_equal_each_adapter_alone(arch, grouped, monkeypatch):
+    """Each row's tokens, routed to experts, get that row's adapter's expert update (grouped by adapter, then
+    expert): per_row_adapters and the pool give every row the output of its adapter alone, for a prefill
+    (7 tokens a row) and a decode step (1). fp32: the same products in another grouping, 1e-5."""
+    if not grouped:  # the loop over experts, where torch.nn.functional.grouped_mm does not take the operands
+        monkeypatch.setattr("lorakit.variants.params._grouped_ok", lambda *t: False)
+    model = _three_adapters(arch)
+    pool = AdapterPool(model)
+    for name in ("e1", "e2", "plain"):
+        pool.add(name)
+    for seq in (7, 1):
+        x = token_ids(len(ROWS), seq)
+        alone = _alone(model, x)
+        with torch.no_grad():
+            with lorakit.per_row_adapters(model, ROWS):
+                rows = model(x).logits
+            with pool.rows(ROWS):
+                pooled = model(x).logits
+        assert all(layer.row_plan is None for layer in model.modules() if isinstance(layer, ParamLayer))
+        for i, name in enumerate(ROWS):
+            torch.testing.assert_close(rows[i], alone[name][i], **FP32)
+            torch.testing.assert_close(pooled[i], alone[name][i], **FP32)
+    assert (alone["e1"] - alone[None]).abs().max() > 1e-2 and (alone["e2"] - alone["e1"]).abs().max() > 1e-2
+
+
+def test_per_row_expert_gradients_equal_the_adapter_alone_on_its_rows():
+    """With grad, an expert adapter's factors get the gradient of its own rows: the same as running it alone
+    on those rows (1e-4 relative: sums over tokens in another order)."""
+    model = _three_adapters("qwen3_moe")
+    x = token_ids(len(ROWS), 5)
+    parts = model.model.layers[0].mlp.experts.adapters["e1"].parts
+    parts.requires_grad_(True)  # only the adapter added last trains after add_lora
+    with lorakit.per_row_adapters(model, ROWS):
+        model(x).logits.square().sum().backward()
+    rows = {n: p.grad.clone() for n, p in parts.named_parameters()}
+    model.zero_grad()
+    with lorakit.use_adapter(model, "e1"):
+        model(x[[0, 4]]).logits.square().sum().backward()
+    assert len(rows) == 4 and all(g.abs().max() > 0 for g in rows.values())
+    for n, p in parts.named_parameters():
+        torch.testing.assert_close(rows[n], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_per_row_refuses_a_two_dimensional_parameter_and_combine_refuses_experts():
+    model = _adapted(target_parameters=["mlp.gate.weight"])  # the router: the generic path (W + ΔW), not routed
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=["mlp.gate.weight"]), "b")
     with pytest.raises(ValueError, match=r"adapter '(default|b)' is a ParamAdapter, which per-row batching does not"):
         with lorakit.per_row_adapters(model, ["default", "b"]):
             pass
+    with pytest.raises(ValueError, match=r"AdapterPool: adapter 'default' is a ParamAdapter"):
+        AdapterPool(model).add("default")
+    experts = _adapted()
+    lorakit.add_lora(experts, lorakit.LoraConfig(r=2, target_parameters=EXPERTS), "b")
     with pytest.raises(ValueError, match=r"combine_adapters: adapter 'default' is a ParamAdapter"):
-        lorakit.combine_adapters(model, {"default": 1.0, "b": 1.0}, "ab", how="cat")
-    assert lorakit.adapter_names(model) == ["default", "b"]
+        lorakit.combine_adapters(experts, {"default": 1.0, "b": 1.0}, "ab", how="cat")
+    assert lorakit.adapter_names(experts) == ["default", "b"]
 
 
 def test_save_load_round_trip_and_inspect(tmp_path):

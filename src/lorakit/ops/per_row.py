@@ -14,6 +14,10 @@ sources: :class:`StackedWeights`, stacked per context from the adapters (here), 
 of :class:`lorakit.ops.pool.AdapterPool`. :func:`loop_update` runs each adapter on its own rows: the
 reference (test oracle) and the path for convolutions.
 
+Expert rows. A layer that routes tokens itself (``routes_rows``: the experts of a MoE block) gets the rows'
+names (:class:`RoutedRows`) and groups its (token, expert) pairs by adapter, then expert
+(:meth:`lorakit.variants.params.ParamLayer.row_forward`).
+
 DoRA rows. A DoRA adapter's output is ``f ⊙ (W0·x + s·B·A·x) + bias`` with ``f = m / ||W0 + s·B·A||`` per
 output feature; the base is frozen, so ``f`` is fixed for the adapter and stacked beside A and B as
 ``S: (n+1, d)`` (1 for plain LoRA and base rows; :meth:`Adapter.row_scale`). With ``out = base(x)``::
@@ -208,13 +212,24 @@ class ZeroUpdate:
         return out
 
 
+@dataclass(eq=False)
+class RoutedRows:
+    """The plan of a layer that groups its tokens by row itself (``routes_rows``: the experts of a MoE block,
+    :meth:`lorakit.variants.params.ParamLayer.row_forward`): it reads the rows' adapter names."""
+
+    names: list[str | None]
+
+
 def check_rows_match(names, x: Tensor) -> None:
     if len(names) != x.shape[0]:
         raise ValueError(f"per_row_adapters got {len(names)} adapter names for a batch of {x.shape[0]} rows")
 
 
-def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | LoopUpdate:
-    """The per-row update for ``layer``: gathered for linear-like and embedding layers, loop for convs."""
+def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | LoopUpdate | RoutedRows:
+    """The per-row update for ``layer``: gathered for linear-like and embedding layers, loop for convs, the
+    names for a layer that routes rows itself."""
+    if getattr(layer, "routes_rows", False):
+        return RoutedRows(names)
     if isinstance(layer, LoraConv) or not any(n in layer.adapters for n in names if n is not None):
         return LoopUpdate(layer, names)
     used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
@@ -229,7 +244,7 @@ def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | Loop
 
 def row_batched(adapter: nn.Module) -> bool:
     """Whether the per-row path can run ``adapter`` (``Adapter.row_batched``); an adapter module that does not
-    say (trainable tokens, parameter adapters) is refused by name."""
+    say (trainable tokens) is refused by name."""
     return bool(getattr(adapter, "row_batched", False))
 
 

@@ -25,7 +25,9 @@ DoRA rows applies it per row (:func:`lorakit.ops.per_row.scaled_output`), a batc
 
 The pool is a snapshot for inference: if an adapter's weights change after :meth:`AdapterPool.add`,
 call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
-convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference).
+convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference); a layer that routes rows itself
+(``routes_rows``: MoE experts) gets the rows' names (:class:`~lorakit.ops.per_row.RoutedRows`) and reads its
+adapters' factors live.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
-from .per_row import LoopUpdate, RowPlan, ZeroUpdate, row_batched
+from .per_row import LoopUpdate, RoutedRows, RowPlan, ZeroUpdate, row_batched
 
 
 class _LayerStack:
@@ -133,15 +135,19 @@ class AdapterPool:
         return self._wrapped
 
     def _pooled_layers(self) -> list[LoraLayer]:
-        return [layer for layer in self._wrappers()[0] if not isinstance(layer, LoraConv)]
+        """Layers whose adapters are stacked: not convolutions (run by loop) nor layers that route rows
+        themselves (MoE experts, which read their adapters' own factors)."""
+        return [layer for layer in self._wrappers()[0]
+                if not isinstance(layer, LoraConv) and not getattr(layer, "routes_rows", False)]
 
     def add(self, name: str) -> int:
         """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
         self._wrapped = None  # adding the adapter may have wrapped new layers
         if name not in adapter_names(self.model):
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
+        every = [layer for layer in self._wrappers()[0] if name in layer.adapters]
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
-        for layer in layers:  # the stacks hold B·A and a per-output factor: anything else would run wrong
+        for layer in every:  # the stacks hold B·A and a per-output factor: anything else would run wrong
             adapter = layer.adapters[name]
             if not row_batched(adapter) or changed_base(adapter):
                 why = f"is a {type(adapter).__name__}" if not row_batched(adapter) else "replaced its base weights (its init)"
@@ -196,6 +202,9 @@ class AdapterPool:
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
         for layer in layers:
+            if getattr(layer, "routes_rows", False):  # MoE experts: the rows' adapters, read live
+                layer.row_plan = RoutedRows(names)
+                continue
             stack = self.stacks.get(layer)
             if stack is None:  # convolutions, and layers no pooled adapter touches
                 layer.row_plan = LoopUpdate(layer, names) if isinstance(layer, LoraConv) else ZeroUpdate(names)
