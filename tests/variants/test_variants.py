@@ -143,9 +143,10 @@ def test_dora_dropout_in_training_matches_peft():
 
 
 def test_dora_norm_computed_once_while_weights_unchanged_and_never_stale(monkeypatch):
-    """The row norms ||W0 + s·B·A|| are computed once per layer while the base weight, A and B keep their
-    version; any in-place write (an optimizer step, ``copy_``) or a replaced weight recomputes them. PEFT
-    (which computes them on every forward) is the reference after each change."""
+    """Inference forwards compute the row norms ||W0 + s·B·A|| once per layer while the base weight, A and B
+    keep their version; any in-place write (an optimizer step, ``copy_``) or a replaced weight recomputes them,
+    and forwards with grad compute them every time. PEFT (which computes them on every forward) is the
+    reference after each change."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -190,6 +191,8 @@ def test_dora_norm_computed_once_while_weights_unchanged_and_never_stale(monkeyp
         for _ in range(2):
             torch.testing.assert_close(fresh(x), peft_model(x), atol=ATOL, rtol=1e-5)
     assert len(calls) == 5 + 4
+    torch.testing.assert_close(ours(x), peft_model(x), atol=ATOL, rtol=1e-5)  # with grad (training): every forward
+    assert len(calls) == 9 + 2
 
 
 def test_dora_and_plain_side_by_side_and_what_dora_refuses():

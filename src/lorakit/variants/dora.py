@@ -66,15 +66,19 @@ class DoraAdapter(Adapter):
         return _factor(self.lora_magnitude_vector.float(), self.layer_norm(layer))
 
     def layer_norm(self, layer: LoraLayer) -> Tensor:
-        """:meth:`row_norm` of the layer's base weight, fp32 ``(d,)``, computed again only when the base weight, A or
-        B changed since the last call: an inference forward (``use_adapter``, ``generate``) reads it, a training
-        step (which changes A and B in place) recomputes it once.
+        """:meth:`row_norm` of the layer's base weight, fp32 ``(d,)``. Inference forwards (grad disabled:
+        ``use_adapter``, ``generate``, serving) keep it and compute it again only when the base weight, A or B
+        changed since; a forward with grad computes it every time, as before.
 
         The key is each tensor's identity, storage, dtype and autograd version counter (bumped by every in-place
-        write: optimizer steps, ``copy_``, ``merge``), so a changed weight never meets a stale norm. Tensors made
-        under ``inference_mode`` keep no version counter: then nothing is cached.
+        write: optimizer steps, ``copy_``, ``merge``, a load), so a changed weight never meets a stale norm.
+        Nothing is cached for tensors made under ``inference_mode`` (they keep no version counter), while
+        ``torch.compile`` traces, or in a ``torch.distributed`` run (sharded weights are gathered into place by
+        collectives that need not bump a version).
         """
         tensors = (layer.weight, self.lora_A.weight, self.lora_B.weight)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _distributed():
+            return self.row_norm(layer.weight_matrix())
         cached = self.__dict__.get("_norm_cache")
         if cached is not None and cached[0].matches(tensors):
             return cached[1]
@@ -150,6 +154,10 @@ def _version_key(*tensors: Tensor) -> _VersionKey | None:
         return _VersionKey(tensors)
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _factor(magnitude: Tensor, norm: Tensor) -> Tensor:
