@@ -212,6 +212,21 @@ def test_per_row_expert_gradients_equal_the_adapter_alone_on_its_rows():
         torch.testing.assert_close(rows[n], p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_per_row_expert_rows_must_match_the_batch():
+    """The experts see the batch flattened to tokens: the MoE block around them checks the row count (12 tokens
+    would split evenly between 2 names), and the context leaves no hook behind."""
+    model = _adapted()  # experts only: no linear layer to count the rows
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=EXPERTS), "b")
+    x = token_ids(4, 3)
+    pool = AdapterPool(model)
+    pool.add("default")
+    for context in (lorakit.per_row_adapters(model, ["default", "b"]), pool.rows(["default", None])):
+        with pytest.raises(ValueError, match="got 2 adapter names for a batch of 4 rows"), torch.no_grad(), context:
+            model(x)
+    block = model.model.layers[0].mlp
+    assert not block._forward_pre_hooks and model.model.layers[0].mlp.experts.row_plan is None
+
+
 def test_per_row_refuses_a_two_dimensional_parameter_and_combine_refuses_experts():
     model = _adapted(target_parameters=["mlp.gate.weight"])  # the router: the generic path (W + ΔW), not routed
     lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=["mlp.gate.weight"]), "b")

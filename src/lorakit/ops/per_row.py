@@ -220,6 +220,29 @@ class RoutedRows:
     names: list[str | None]
 
 
+def routed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules around the layers that route rows themselves (a MoE block around its experts)."""
+    return [model.get_submodule(path.rpartition(".")[0]) for path, m in model.named_modules()
+            if path and getattr(m, "routes_rows", False)]
+
+
+@contextmanager
+def block_rows_checked(blocks: list[nn.Module], rows: int):
+    """A routed layer sees the batch flattened to tokens and cannot count its rows; the block around it still
+    gets ``(b, s, H)``: while inside, a block called with ``b != rows`` refuses, naming both counts."""
+    def check(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(x, Tensor) and x.dim() == 3 and x.shape[0] != rows:
+            raise ValueError(f"per_row_adapters got {rows} adapter names for a batch of {x.shape[0]} rows")
+
+    handles = [block.register_forward_pre_hook(check, with_kwargs=True) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def check_rows_match(names, x: Tensor) -> None:
     if len(names) != x.shape[0]:
         raise ValueError(f"per_row_adapters got {len(names)} adapter names for a batch of {x.shape[0]} rows")
@@ -293,7 +316,9 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     for m in saved:
         m.row_names = names
     try:
-        yield model
+        with block_rows_checked(routed_blocks(model) if any(isinstance(p, RoutedRows) for p in plans) else [],
+                                len(names)):
+            yield model
     finally:  # nested contexts restore the outer rows
         for layer, plan in before[0]:
             layer.row_plan = plan

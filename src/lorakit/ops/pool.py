@@ -39,7 +39,15 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
-from .per_row import LoopUpdate, RoutedRows, RowPlan, ZeroUpdate, row_batched
+from .per_row import (
+    LoopUpdate,
+    RoutedRows,
+    RowPlan,
+    ZeroUpdate,
+    block_rows_checked,
+    routed_blocks,
+    row_batched,
+)
 
 
 class _LayerStack:
@@ -120,6 +128,7 @@ class AdapterPool:
         self.slot_of: dict[str, int] = {}
         self.stacks: dict[LoraLayer, _LayerStack] = {}
         self._wrapped = None  # (LoRA layers, modules_to_save wrappers) of the model, found at add/remove
+        self._routed = None  # the blocks around layers that route rows (MoE experts), found with them
 
     def __contains__(self, name: str) -> bool:
         return name in self.slot_of
@@ -134,6 +143,12 @@ class AdapterPool:
             self._wrapped = wrappers(self.model)
         return self._wrapped
 
+    def _blocks(self) -> list[nn.Module]:
+        """The blocks around layers that route rows themselves (found once per add/remove, like the wrappers)."""
+        if self._routed is None:
+            self._routed = routed_blocks(self.model)
+        return self._routed
+
     def _pooled_layers(self) -> list[LoraLayer]:
         """Layers whose adapters are stacked: not convolutions (run by loop) nor layers that route rows
         themselves (MoE experts, which read their adapters' own factors)."""
@@ -142,7 +157,7 @@ class AdapterPool:
 
     def add(self, name: str) -> int:
         """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
-        self._wrapped = None  # adding the adapter may have wrapped new layers
+        self._wrapped = self._routed = None  # adding the adapter may have wrapped new layers
         if name not in adapter_names(self.model):
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
         every = [layer for layer in self._wrappers()[0] if name in layer.adapters]
@@ -179,7 +194,7 @@ class AdapterPool:
     def remove(self, name: str) -> None:
         """Free ``name``'s slot (the adapter stays in the model; delete it there separately)."""
         slot = self.slot_of.pop(name)
-        self._wrapped = None
+        self._wrapped = self._routed = None
         for stack in self.stacks.values():
             stack.clear(slot)
 
@@ -217,7 +232,8 @@ class AdapterPool:
         for m in saved:
             m.row_names = names
         try:
-            yield self.model
+            with block_rows_checked(self._blocks(), len(names)):
+                yield self.model
         finally:
             for layer in layers:
                 layer.row_plan = None
