@@ -89,6 +89,23 @@ def test_routed_path_equals_generic_path_outputs_and_gradients(monkeypatch):
         torch.testing.assert_close(routed[n], generic[n], atol=1e-6, rtol=1e-4)
 
 
+def test_grouped_factors_kept_for_inference_and_never_stale():
+    """The grouped-matmul layout of A and B is kept between inference forwards and rebuilt after an in-place
+    change of the factors; with grad it is built every time. The dense reference is read afresh each time."""
+    x = token_ids()
+    model = _adapted()
+    part = model.model.layers[0].mlp.experts.adapters["default"].parts["down_proj"]
+    with torch.no_grad():
+        assert part.grouped_factors()[1] is part.grouped_factors()[1]
+        before = model(x).logits
+        torch.testing.assert_close(before, _reference("qwen3_moe", model)(x).logits, **FP32)
+        part.lora_B.weight.mul_(2)
+        after = model(x).logits
+        torch.testing.assert_close(after, _reference("qwen3_moe", model)(x).logits, **FP32)
+    assert (after - before).abs().max() > 1e-2
+    assert part.grouped_factors()[1] is not part.grouped_factors()[1]  # grad enabled: built per call
+
+
 def test_routed_forward_with_no_tokens():
     layer = _adapted().model.layers[0].mlp.experts
     out = routed_forward(layer.base_layer, torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor, nn
 
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, SlicedAdapter
 from ..core.tables import VARIANTS
+from .derived import Derived
 
 
 class DoraAdapter(Adapter):
@@ -42,6 +41,7 @@ class DoraAdapter(Adapter):
         cls.check_layer(layer, plain)
         dora = cls(plain.lora_A, plain.lora_B, 0.0, plain.scaling, plain.config)
         dora.dropout = plain.dropout
+        dora._norms = Derived()  # the row norms, kept for inference while W0, A and B are unchanged
         if "base_change" in plain.__dict__:
             dora.base_change = plain.base_change
         w = plain.lora_B.weight
@@ -67,30 +67,10 @@ class DoraAdapter(Adapter):
 
     def layer_norm(self, layer: LoraLayer) -> Tensor:
         """:meth:`row_norm` of the layer's base weight, fp32 ``(d,)``. Inference forwards (grad disabled:
-        ``use_adapter``, ``generate``, serving) keep it and compute it again only when the base weight, A or B
-        changed since; a forward with grad computes it every time, as before.
-
-        The key is each tensor's identity, storage, dtype and autograd version counter (bumped by every in-place
-        write: optimizer steps, ``copy_``, ``merge``, a load), so a changed weight never meets a stale norm.
-        Nothing is cached for tensors made under ``inference_mode`` (they keep no version counter), while
-        ``torch.compile`` traces, or in a ``torch.distributed`` run (sharded weights are gathered into place by
-        collectives that need not bump a version).
-        """
-        tensors = (layer.weight, self.lora_A.weight, self.lora_B.weight)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _distributed():
-            return self.row_norm(layer.weight_matrix())
-        cached = self.__dict__.get("_norm_cache")
-        if cached is not None and cached[0].matches(tensors):
-            return cached[1]
-        norm = self.row_norm(layer.weight_matrix())
-        key = _version_key(*tensors)
-        self.__dict__["_norm_cache"] = None if key is None else (key, norm)
-        return norm
-
-    def __getstate__(self) -> dict:  # copies and pickles start without the cached norm (it holds weak references)
-        state = self.__dict__.copy()
-        state.pop("_norm_cache", None)
-        return state
+        ``use_adapter``, ``generate``, serving) keep it until the base weight, A or B changes
+        (:class:`~lorakit.variants.derived.Derived`); a forward with grad computes it every time."""
+        return self._norms.get((layer.weight, self.lora_A.weight, self.lora_B.weight),
+                               lambda: self.row_norm(layer.weight_matrix()))
 
     def row_norm(self, W: Tensor) -> Tensor:
         """``||W + s·B·A||`` per output row, in fp32, detached: ``(d,)``."""
@@ -133,31 +113,6 @@ class DoraAdapter(Adapter):
 
     def extra_tensors(self) -> dict[str, Tensor]:
         return {"lora_magnitude_vector": self.lora_magnitude_vector.view(self.file_shape)}
-
-
-class _VersionKey:
-    """What changes when any of ``tensors`` is replaced or written in place: the objects (held weakly, so a
-    replaced weight is not kept alive), their storage, dtype, shape and version counters."""
-
-    def __init__(self, tensors: tuple[Tensor, ...]):
-        self.refs = [weakref.ref(t) for t in tensors]
-        self.state = [(t.data_ptr(), t.dtype, t.device, t.shape, t._version) for t in tensors]
-
-    def matches(self, tensors: tuple[Tensor, ...]) -> bool:
-        return all(ref() is t for ref, t in zip(self.refs, tensors, strict=True)) and \
-            self.state == [(t.data_ptr(), t.dtype, t.device, t.shape, t._version) for t in tensors]
-
-
-def _version_key(*tensors: Tensor) -> _VersionKey | None:
-    """None for tensors made under ``inference_mode`` (they keep no version counter): nothing is cached."""
-    try:
-        return _VersionKey(tensors)
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return None
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _factor(magnitude: Tensor, norm: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraLayer, init_pair
 from ..core.tables import PARAMETER_LAYERS
+from .derived import Derived
 
 
 class ExpertLora(Adapter):
@@ -46,6 +47,7 @@ class ExpertLora(Adapter):
         super().__init__(nn.Linear(k, E * r, bias=False, **kw), nn.Linear(E * r, d, bias=False, **kw), 0.0,
                          scaling, config)
         self.num_experts, self.transposed, self.ndim = E, transposed, param.dim()
+        self._grouped = Derived()  # grouped_factors, kept for inference while A and B are unchanged
 
     @property
     def rank(self) -> int:
@@ -57,6 +59,19 @@ class ExpertLora(Adapter):
         A = self.lora_A.weight.view(E, r, -1)
         B = self.lora_B.weight.view(-1, r, E).permute(2, 0, 1)
         return A, B
+
+    def grouped_factors(self) -> tuple[Tensor, Tensor]:
+        """``A^T: (E, k, r')`` and ``B^T: (E, r', d)`` in the layout ``torch.nn.functional.grouped_mm`` takes (16-byte
+        strides: the rank zero-padded to ``r'``, which changes no value; B^T made contiguous). Inference forwards
+        reuse them until A or B changes (:class:`~lorakit.variants.derived.Derived`)."""
+        return self._grouped.get((self.lora_A.weight, self.lora_B.weight), self._grouped_layout)
+
+    def _grouped_layout(self) -> tuple[Tensor, Tensor]:
+        A, B = self.factors()  # (E, r, k), (E, d, r)
+        pad = -self.rank % max(1, 16 // A.element_size())
+        At = (F.pad(A, (0, 0, 0, pad)) if pad else A).transpose(1, 2)  # (E, k, r')
+        Bt = (F.pad(B, (0, pad)) if pad else B).transpose(1, 2).contiguous()  # (E, r', d)
+        return At, Bt
 
     def delta(self) -> Tensor:
         """``s·B[e]·A[e]`` for every expert, in the parameter's layout and dtype of the factors."""
@@ -333,12 +348,8 @@ def _expert_linear(experts: nn.Module, name: str, x: Tensor, groups: _Groups,
 
 
 def _lora_update(x: Tensor, groups: _Groups, part: ExpertLora) -> Tensor:
-    """``x_e @ A[e]^T @ B[e]^T`` per expert group (no scaling): ``(S, d)``. The rank is zero-padded to a
-    multiple of 16 bytes (``grouped_mm``'s strides), which changes no value."""
-    A, B = part.factors()  # (E, r, k), (E, d, r)
-    pad = -part.rank % max(1, 16 // A.element_size())
-    At = F.pad(A, (0, 0, 0, pad)).transpose(1, 2)  # (E, k, r')
-    Bt = F.pad(B, (0, pad)).transpose(1, 2).contiguous()  # (E, r', d)
+    """``x_e @ A[e]^T @ B[e]^T`` per expert group (no scaling): ``(S, d)``."""
+    At, Bt = part.grouped_factors()  # (E, k, r'), (E, r', d)
     return _grouped_matmul(_grouped_matmul(x.to(At.dtype), At, groups), Bt, groups)  # (S, r') -> (S, d)
 
 
