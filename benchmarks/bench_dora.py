@@ -29,6 +29,7 @@ from bench_lora import SPECS, THREADS, alternate, build_model, close, environmen
 from torch import nn
 
 import lorakit
+from lorakit.variants.derived import Derived
 
 VARIANTS = ("lora", "dora", "peft_dora", "peft_lora")
 
@@ -165,7 +166,7 @@ def infer_case(dim: int, tokens: int, reps: int) -> str:
     def forward(m, drop=False):
         def run():
             if drop:
-                dora.__dict__.pop("_norm_cache", None)
+                dora._norms = Derived()  # forget the kept row norms: what every forward computed before
             with torch.no_grad(), lorakit.use_adapter(m, "default") if m is not models["peft_dora"] else nullcontext():
                 return m(x)
         return run
