@@ -7,6 +7,8 @@
 - :mod:`.loraplus`: LoRA+ optimizer parameter groups.
 - :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``).
 - :mod:`.tokens`: trainable tokens (``trainable_token_indices``), chosen embedding rows trained.
+- :mod:`.derived`: values derived from weights (DoRA's row norms, the expert pairs' grouped layout), kept for
+  inference while the weights are unchanged.
 
 Importing a module here registers nothing: :func:`register` (called once by ``import lorakit``) does.
 
