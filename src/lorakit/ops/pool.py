@@ -25,9 +25,10 @@ DoRA rows applies it per row (:func:`lorakit.ops.per_row.scaled_output`), a batc
 
 The pool is a snapshot for inference: if an adapter's weights change after :meth:`AdapterPool.add`,
 call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
-convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference); a layer that routes rows itself
-(``routes_rows``: MoE experts) gets the rows' names (:class:`~lorakit.ops.per_row.RoutedRows`) and reads its
-adapters' factors live.
+convolutions, and adapters that act on their rows alone without a ``B·A`` to stack (``row_wise``: trainable
+tokens), run :func:`lorakit.ops.per_row.loop_output` on the rows of each adapter (reading the adapter itself,
+not a snapshot); a layer that routes rows itself (``routes_rows``: MoE experts) gets the rows' names
+(:class:`~lorakit.ops.per_row.RoutedRows`) and reads its adapters' factors live.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .per_row import (
     block_rows_checked,
     routed_blocks,
     row_batched,
+    row_wise,
 )
 
 
@@ -162,13 +164,14 @@ class AdapterPool:
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
         every = [layer for layer in self._wrappers()[0] if name in layer.adapters]
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
-        for layer in every:  # the stacks hold B·A and a per-output factor: anything else would run wrong
+        for layer in every:  # stacked (B·A, a per-output factor), run on its rows (row_wise) or routed (experts)
             adapter = layer.adapters[name]
-            if not row_batched(adapter) or changed_base(adapter):
-                why = f"is a {type(adapter).__name__}" if not row_batched(adapter) else "replaced its base weights (its init)"
+            if not (row_batched(adapter) and not changed_base(adapter) or row_wise(adapter)):
+                why = "replaced its base weights (its init)" if row_batched(adapter) else f"is a {type(adapter).__name__}"
                 raise ValueError(f"AdapterPool: adapter {name!r} {why}, which mixed-adapter batching cannot run "
                                  "beside other adapters; serve it alone or convert it to plain LoRA")
-        pairs = {layer: layer.adapters[name].plain_pair() for layer in layers}
+        # row_wise adapters (trainable tokens) are not stacked: rows() runs them on their rows by loop
+        pairs = {layer: layer.adapters[name].plain_pair() for layer in layers if row_batched(layer.adapters[name])}
         rank = max([self.rank] + [A.shape[0] for A, _ in pairs.values()])
         slot = self.slot_of.get(name)
         if slot is None:
@@ -213,6 +216,7 @@ class AdapterPool:
         names = list(names)
         index = self.index(names)
         slots = set(index.tolist())
+        used = set(names) - {None}
         layers, saved = self._wrappers()
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
@@ -221,8 +225,9 @@ class AdapterPool:
                 layer.row_plan = RoutedRows(names)
                 continue
             stack = self.stacks.get(layer)
-            if stack is None:  # convolutions, and layers no pooled adapter touches
-                layer.row_plan = LoopUpdate(layer, names) if isinstance(layer, LoraConv) else ZeroUpdate(names)
+            if stack is None:  # convolutions and row_wise adapters run on their rows; untouched layers: nothing
+                held = not used.isdisjoint(layer.adapters)
+                layer.row_plan = LoopUpdate(layer, names) if held else ZeroUpdate(names)
                 continue
             on_layer = slots & stack.present
             shared = next(iter(slots)) if len(slots) == 1 and on_layer else None
