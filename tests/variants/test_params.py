@@ -158,12 +158,14 @@ def test_several_adapters_switch_and_must_target_the_same_parameters():
 
 
 def _three_adapters(arch):
-    """Experts only (r=2), every linear layer and every expert (r=3), plain LoRA on q and v: all random."""
+    """Experts only (r=2), every linear layer and every expert (r=3), plain LoRA on q and v, DoRA on k and o:
+    all random."""
     model = tiny_moe(arch)
     lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS), "e1")
     lorakit.add_lora(model, lorakit.LoraConfig(r=3, alpha=3, target_modules="all-linear", target_parameters="all-experts"),
                      "e2")
     lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "plain")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["k_proj", "o_proj"], use_dora=True), "dora")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -172,7 +174,7 @@ def _three_adapters(arch):
     return model
 
 
-ROWS = ["e1", None, "plain", "e2", "e1"]  # expert rows, a base row and a plain LoRA row in one batch
+ROWS = ["e1", None, "plain", "e2", "e1", "dora"]  # expert rows, a base row, plain LoRA and DoRA rows in one batch
 
 
 def _alone(model, x):
@@ -194,7 +196,7 @@ def test_per_row_expert_rows_equal_each_adapter_alone(arch, grouped, monkeypatch
         monkeypatch.setattr("lorakit.variants.params._grouped_ok", lambda *t: False)
     model = _three_adapters(arch)
     pool = AdapterPool(model)
-    for name in ("e1", "e2", "plain"):
+    for name in ("e1", "e2", "plain", "dora"):
         pool.add(name)
     for seq in (7, 1):
         x = token_ids(len(ROWS), seq)
