@@ -4,6 +4,7 @@
     python benchmarks/bench_dora.py --quick         # small shapes, ~1 min
     python benchmarks/bench_dora.py --device cuda --shape 8 512 --model llama
     python benchmarks/bench_dora.py --layer 2048 1024 --reps 50   # one adapted layer alone
+    python benchmarks/bench_dora.py --infer 2048 1 --threads 1    # inference forward: cached row norms or not
 
 Variants, all on one randomly initialised base (nothing downloaded), r=8, alpha=16 on q_proj, v_proj
 (LLaMA) or c_attn (GPT-2's Conv1D): ``lora`` (lorakit plain LoRA), ``dora`` (lorakit DoRA), ``peft_dora``
@@ -21,6 +22,7 @@ import copy
 import json
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from bench_lora import SPECS, THREADS, build_model, close, randomize_B, vocab
@@ -28,6 +30,7 @@ from common import alternate, environment, fmt_ms, in_child, peak_growth_mib
 from torch import nn
 
 import lorakit
+from lorakit.variants.derived import Derived
 
 VARIANTS = ("lora", "dora", "peft_dora", "peft_lora")
 
@@ -124,6 +127,50 @@ def layer_case(dim: int, tokens: int, reps: int, dev: torch.device) -> str:
     return "\n".join([head, "|---|---|---|---|---|---|", row])
 
 
+def infer_case(dim: int, tokens: int, reps: int) -> str:
+    """Inference forward (``torch.no_grad`` inside ``use_adapter``) of one adapted Linear(dim, dim): lorakit DoRA
+    with its row norms cached (they are recomputed only when W0, A or B change), the same with the cache dropped
+    before every call (what every forward paid before), PEFT's DoRA (recomputes per forward), plain LoRA."""
+    import peft
+
+    g = torch.Generator().manual_seed(0)
+    base = nn.Sequential(nn.Linear(dim, dim))
+    x = torch.randn(tokens, dim, generator=g)
+    models = {}
+    for v in ("lora", "dora", "peft_dora"):
+        torch.manual_seed(1)
+        lk = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=8, alpha=16, target_modules=["0"],
+                                                                      use_dora=v != "lora"))
+        with torch.no_grad():
+            lk[0].adapters["default"].lora_B.weight.normal_(0, 0.02)
+        if v == "peft_dora":
+            twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
+                                                                            use_dora=True))
+            peft.set_peft_model_state_dict(twin, lorakit.lora_state_dict(lk))
+            lk = twin
+        models[v] = lk.eval()
+    dora = models["dora"][0].adapters["default"]
+
+    def forward(m, drop=False):
+        def run():
+            if drop:
+                dora._norms = Derived()  # forget the kept row norms: what every forward computed before
+            with torch.no_grad(), lorakit.use_adapter(m, "default") if m is not models["peft_dora"] else nullcontext():
+                return m(x)
+        return run
+
+    with torch.no_grad():
+        close(forward(models["dora"])(), forward(models["peft_dora"])(), "DoRA inference output", tol=1e-5)
+    fns = {"cached": forward(models["dora"]), "uncached": forward(models["dora"], drop=True),
+           "peft_dora": forward(models["peft_dora"]), "lora": forward(models["lora"])}
+    t = alternate(fns, reps, warmup=3)
+    head = f"| Linear({dim}, {dim}), {tokens} token(s), inference forward | DoRA, norms cached | DoRA, norms per " \
+           "forward (before) | PEFT DoRA | plain LoRA | before/cached |"
+    row = (f"| best of {reps} | {fmt_ms(t['cached'])} | {fmt_ms(t['uncached'])} | {fmt_ms(t['peft_dora'])} | "
+           f"{fmt_ms(t['lora'])} | {t['uncached'] / t['cached']:.2f} |")
+    return "\n".join([head, "|---|---|---|---|---|---|", row])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(SPECS), default="llama")
@@ -134,9 +181,16 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="also write the Markdown table to this file")
     p.add_argument("--layer", type=int, nargs=2, metavar=("DIM", "TOKENS"),
                    help="time one adapted Linear(DIM, DIM) on TOKENS tokens instead of a whole model")
+    p.add_argument("--infer", type=int, nargs=2, metavar=("DIM", "TOKENS"),
+                   help="time the inference forward of one adapted Linear(DIM, DIM): DoRA's row norms cached or not")
+    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     p.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
+    if args.infer:
+        print(environment(), flush=True)
+        print("\n" + infer_case(*args.infer, args.reps or 50))
+        return None
     if args._memory_child:
         v, m, b, s = args._memory_child
         return memory_child(v, m, int(b), int(s))

@@ -18,6 +18,11 @@ Both libraries get identical adapter weights (lorakit's checkpoint loaded into P
 
     python benchmarks/bench_moe.py            # ~1-2 min
     python benchmarks/bench_moe.py --quick    # smaller config, smoke run
+    python benchmarks/bench_moe.py --per-row 4 64   # inference: 4 rows x 64 tokens, each on its own expert adapter
+
+``--per-row ROWS SEQ``: an inference forward (no grad) of ROWS rows, each on its own expert adapter, through
+``per_row_adapters`` (tokens grouped by adapter, then expert), against the same rows run one forward per
+adapter (``use_adapter`` on each row alone) and against every row on one shared adapter (the lower bound).
 """
 
 from __future__ import annotations
@@ -110,16 +115,72 @@ def peak_memory(variant: str, size: str, adapter_dir: str) -> float:
     return in_child(__file__, "--_memory-child", variant, size, adapter_dir)["peak_growth_mib"]
 
 
+def per_row(size: str, rows: int, seq: int, reps: int) -> str:
+    model, _ = build(size)
+    names = [f"a{i}" for i in range(rows)]
+    gen = torch.Generator().manual_seed(1)
+    for name in names:
+        lorakit.add_lora(model, lorakit.LoraConfig(r=8, alpha=16, target_parameters=TARGETS), name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".parts." in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
+
+    def mixed():
+        with lorakit.per_row_adapters(model, names):
+            return model(ids).logits
+
+    def one_by_one():
+        outs = []
+        for i, name in enumerate(names):
+            with lorakit.use_adapter(model, name):
+                outs.append(model(ids[i:i + 1]).logits)
+        return torch.cat(outs)
+
+    def shared():
+        with lorakit.use_adapter(model, names[0]):
+            return model(ids).logits
+
+    with torch.no_grad():
+        err = (mixed() - one_by_one()).abs().max().item()
+        if err > 1e-4:
+            raise SystemExit(f"per-row rows differ from their adapters alone by {err:.2e}")
+        fns = {"mixed": mixed, "one_by_one": one_by_one, "shared": shared}
+        times: dict[str, list[float]] = {v: [] for v in fns}
+        for fn in fns.values():
+            fn()  # warm-up
+        for i in range(reps):
+            order = list(fns)[i % 3:] + list(fns)[:i % 3]
+            for v in order:
+                t0 = time.perf_counter()
+                fns[v]()
+                times[v].append(time.perf_counter() - t0)
+    best = {v: min(t) for v, t in times.items()}
+    return (f"config {size}, {rows} rows x {seq} tokens, r=8 on {TARGETS}, {THREADS} thread, max |row - alone| "
+            f"{err:.1e}; load {open('/proc/loadavg').read().split()[:3]}\n"
+            "| inference forward, best of %d | per_row_adapters (%d adapters) | one forward per adapter | one shared "
+            "adapter | per-row / one-by-one | per-row / shared |\n|---|---|---|---|---|---|\n" % (reps, rows)
+            + f"| seconds | {best['mixed']:.3f} | {best['one_by_one']:.3f} | {best['shared']:.3f} | "
+              f"{best['mixed'] / best['one_by_one']:.3f} | {best['mixed'] / best['shared']:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small config (smoke run)")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--per-row", type=int, nargs=2, metavar=("ROWS", "SEQ"),
+                   help="inference: ROWS rows of SEQ tokens, each on its own expert adapter, per-row vs one by one")
     p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory_child:
         return memory_child(*args._memory_child)
     torch.set_num_threads(THREADS)
     size = "quick" if args.quick else "full"
+    if args.per_row:
+        print(per_row(size, *args.per_row, args.reps))
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         save_reference_adapter(size, tmp)
         mem = {v: peak_memory(v, size, tmp) for v in ("lorakit", "peft")}

@@ -15,7 +15,9 @@ import torch
 
 import lorakit
 from lorakit.cli.inspect import describe
+from lorakit.cli.main import main
 from lorakit.core.checkpoint import CheckpointError
+from lorakit.ops.pool import AdapterPool
 from lorakit.variants.params import ParamLayer, routed_forward
 from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
 
@@ -87,6 +89,23 @@ def test_routed_path_equals_generic_path_outputs_and_gradients(monkeypatch):
         torch.testing.assert_close(routed[n], generic[n], atol=1e-6, rtol=1e-4)
 
 
+def test_grouped_factors_kept_for_inference_and_never_stale():
+    """The grouped-matmul layout of A and B is kept between inference forwards and rebuilt after an in-place
+    change of the factors; with grad it is built every time. The dense reference is read afresh each time."""
+    x = token_ids()
+    model = _adapted()
+    part = model.model.layers[0].mlp.experts.adapters["default"].parts["down_proj"]
+    with torch.no_grad():
+        assert part.grouped_factors()[1] is part.grouped_factors()[1]
+        before = model(x).logits
+        torch.testing.assert_close(before, _reference("qwen3_moe", model)(x).logits, **FP32)
+        part.lora_B.weight.mul_(2)
+        after = model(x).logits
+        torch.testing.assert_close(after, _reference("qwen3_moe", model)(x).logits, **FP32)
+    assert (after - before).abs().max() > 1e-2
+    assert part.grouped_factors()[1] is not part.grouped_factors()[1]  # grad enabled: built per call
+
+
 def test_routed_forward_with_no_tokens():
     layer = _adapted().model.layers[0].mlp.experts
     out = routed_forward(layer.base_layer, torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long),
@@ -138,15 +157,108 @@ def test_several_adapters_switch_and_must_target_the_same_parameters():
     torch.testing.assert_close(model(x).logits, _adapted(seed=2)(x).logits, **FP32)
 
 
-def test_per_row_and_combine_are_refused_by_name():
-    model = _adapted()
+def _three_adapters(arch):
+    """Experts only (r=2), every linear layer and every expert (r=3), plain LoRA on q and v, DoRA on k and o:
+    all random."""
+    model = tiny_moe(arch)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS), "e1")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=3, alpha=3, target_modules="all-linear", target_parameters="all-experts"),
+                     "e2")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "plain")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["k_proj", "o_proj"], use_dora=True), "dora")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name or ".parts." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+ROWS = ["e1", None, "plain", "e2", "e1", "dora"]  # expert rows, a base row, plain LoRA and DoRA rows in one batch
+
+
+def _alone(model, x):
+    """Each adapter (None: the base model) run on the whole batch by itself."""
+    out = {}
+    with torch.no_grad():
+        for name in dict.fromkeys(ROWS):
+            with lorakit.disabled(model) if name is None else lorakit.use_adapter(model, name):
+                out[name] = model(x).logits
+    return out
+
+
+@pytest.mark.parametrize(("arch", "grouped"), [("qwen3_moe", True), ("qwen3_moe", False), ("mixtral", True)])
+def test_per_row_expert_rows_equal_each_adapter_alone(arch, grouped, monkeypatch):
+    """Each row's tokens, routed to experts, get that row's adapter's expert update (grouped by adapter, then
+    expert): per_row_adapters and the pool give every row the output of its adapter alone, for a prefill
+    (7 tokens a row) and a decode step (1). fp32: the same products in another grouping, 1e-5."""
+    if not grouped:  # the loop over experts, where torch.nn.functional.grouped_mm does not take the operands
+        monkeypatch.setattr("lorakit.variants.params._grouped_ok", lambda *t: False)
+    model = _three_adapters(arch)
+    pool = AdapterPool(model)
+    for name in ("e1", "e2", "plain", "dora"):
+        pool.add(name)
+    for seq in (7, 1):
+        x = token_ids(len(ROWS), seq)
+        alone = _alone(model, x)
+        with torch.no_grad():
+            with lorakit.per_row_adapters(model, ROWS):
+                rows = model(x).logits
+            with pool.rows(ROWS):
+                pooled = model(x).logits
+        assert all(layer.row_plan is None for layer in model.modules() if isinstance(layer, ParamLayer))
+        for i, name in enumerate(ROWS):
+            torch.testing.assert_close(rows[i], alone[name][i], **FP32)
+            torch.testing.assert_close(pooled[i], alone[name][i], **FP32)
+    assert (alone["e1"] - alone[None]).abs().max() > 1e-2 and (alone["e2"] - alone["e1"]).abs().max() > 1e-2
+
+
+def test_per_row_expert_gradients_equal_the_adapter_alone_on_its_rows():
+    """With grad, an expert adapter's factors get the gradient of its own rows: the same as running it alone
+    on those rows (1e-4 relative: sums over tokens in another order)."""
+    model = _three_adapters("qwen3_moe")
+    x = token_ids(len(ROWS), 5)
+    parts = model.model.layers[0].mlp.experts.adapters["e1"].parts
+    parts.requires_grad_(True)  # only the adapter added last trains after add_lora
+    with lorakit.per_row_adapters(model, ROWS):
+        model(x).logits.square().sum().backward()
+    rows = {n: p.grad.clone() for n, p in parts.named_parameters()}
+    model.zero_grad()
+    with lorakit.use_adapter(model, "e1"):
+        model(x[[0, 4]]).logits.square().sum().backward()
+    assert len(rows) == 4 and all(g.abs().max() > 0 for g in rows.values())
+    for n, p in parts.named_parameters():
+        torch.testing.assert_close(rows[n], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_per_row_expert_rows_must_match_the_batch():
+    """The experts see the batch flattened to tokens: the MoE block around them checks the row count (12 tokens
+    would split evenly between 2 names), and the context leaves no hook behind."""
+    model = _adapted()  # experts only: no linear layer to count the rows
     lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=EXPERTS), "b")
+    x = token_ids(4, 3)
+    pool = AdapterPool(model)
+    pool.add("default")
+    for context in (lorakit.per_row_adapters(model, ["default", "b"]), pool.rows(["default", None])):
+        with pytest.raises(ValueError, match="got 2 adapter names for a batch of 4 rows"), torch.no_grad(), context:
+            model(x)
+    block = model.model.layers[0].mlp
+    assert not block._forward_pre_hooks and model.model.layers[0].mlp.experts.row_plan is None
+
+
+def test_per_row_refuses_a_two_dimensional_parameter_and_combine_refuses_experts():
+    model = _adapted(target_parameters=["mlp.gate.weight"])  # the router: the generic path (W + ΔW), not routed
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_parameters=["mlp.gate.weight"]), "b")
     with pytest.raises(ValueError, match=r"adapter '(default|b)' is a ParamAdapter, which per-row batching does not"):
         with lorakit.per_row_adapters(model, ["default", "b"]):
             pass
+    with pytest.raises(ValueError, match=r"AdapterPool: adapter 'default' is a ParamAdapter"):
+        AdapterPool(model).add("default")
+    experts = _adapted()
+    lorakit.add_lora(experts, lorakit.LoraConfig(r=2, target_parameters=EXPERTS), "b")
     with pytest.raises(ValueError, match=r"combine_adapters: adapter 'default' is a ParamAdapter"):
-        lorakit.combine_adapters(model, {"default": 1.0, "b": 1.0}, "ab", how="cat")
-    assert lorakit.adapter_names(model) == ["default", "b"]
+        lorakit.combine_adapters(experts, {"default": 1.0, "b": 1.0}, "ab", how="cat")
+    assert lorakit.adapter_names(experts) == ["default", "b"]
 
 
 def test_save_load_round_trip_and_inspect(tmp_path):
@@ -167,6 +279,27 @@ def test_save_load_round_trip_and_inspect(tmp_path):
     layer = model.model.layers[0].mlp.experts.adapters["default"].parts["down_proj"]
     row = next(r for r in experts if r["module"] == "model.layers.0.mlp.experts")  # the last parameter: no .base_layer
     torch.testing.assert_close(torch.tensor(row["expert_norms"]), layer.expert_norms(), atol=1e-5, rtol=1e-5)
+
+
+def test_rank_and_alpha_patterns_by_parameter_path_load_and_inspect(tmp_path, capsys):
+    """rank_pattern / alpha_pattern keyed by ``<module>.<parameter>`` (PEFT's keys): the load takes the file and
+    inspect reports each parameter's own rank, expert count and scaling (it read ``config.r`` before, and the
+    load refused a rank that is no multiple of ``r``)."""
+    x = token_ids()
+    model = _adapted(r=3, rank_pattern={"experts.down_proj": 2}, alpha_pattern={"experts.down_proj": 8})
+    parts = model.model.layers[0].mlp.experts.adapters["default"].parts
+    assert (parts["gate_up_proj"].rank, parts["down_proj"].rank) == (3, 2)
+    path = lorakit.save_adapter(model, tmp_path)
+    loaded = tiny_moe("qwen3_moe")
+    lorakit.load_adapter(loaded, path)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    rows = {row["parameter"]: row for row in describe(path)["layers"]}
+    assert {p: (rows[p]["rank"], rows[p]["experts"]) for p in parts} == {"gate_up_proj": (3, 4), "down_proj": (2, 4)}
+    assert rows["down_proj"]["scaling"] == 4.0 and rows["gate_up_proj"]["scaling"] == 4 / 3
+    for name, part in parts.items():
+        torch.testing.assert_close(torch.tensor(rows[name]["expert_norms"]), part.expert_norms(), **FP32)
+    assert main(["inspect", str(path)]) == 0
+    assert "down_proj: 4 experts x rank 2" in capsys.readouterr().out
 
 
 def test_load_checks_expert_ranks_before_touching_the_model(tmp_path):

@@ -142,6 +142,59 @@ def test_dora_dropout_in_training_matches_peft():
     torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=1e-5)
 
 
+def test_dora_norm_computed_once_while_weights_unchanged_and_never_stale(monkeypatch):
+    """Inference forwards compute the row norms ||W0 + s·B·A|| once per layer while the base weight, A and B
+    keep their version; any in-place write (an optimizer step, ``copy_``) or a replaced weight recomputes them,
+    and forwards with grad compute them every time. PEFT (which computes them on every forward) is the
+    reference after each change."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 4))
+    peft_model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"],
+                                                                    use_dora=True)).eval()
+    ours = copy.deepcopy(base)
+    lorakit.add_lora(ours, lorakit.LoraConfig(r=3, alpha=6, target_modules=["0", "2"], use_dora=True))
+    pairs = []  # (our tensor, PEFT's) for the base weights, A, B and magnitudes
+    for i in (0, 2):
+        ad, pl = ours[i].adapters["default"], peft_model.base_model.model[i]
+        pairs += [(ours[i].base_layer.weight, pl.base_layer.weight), (ad.lora_A.weight, pl.lora_A["default"].weight),
+                  (ad.lora_B.weight, pl.lora_B["default"].weight),
+                  (ad.lora_magnitude_vector, pl.lora_magnitude_vector["default"].weight)]
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            theirs.add_(torch.randn_like(theirs) * 0.3)
+            mine.copy_(theirs)
+    calls = []
+    row_norm = DoraAdapter.row_norm
+    monkeypatch.setattr(DoraAdapter, "row_norm", lambda self, W: calls.append(self) or row_norm(self, W))
+    x = torch.randn(5, 10)
+    with torch.no_grad(), lorakit.use_adapter(ours, "default"):
+        expected = peft_model(x)
+        for _ in range(3):
+            torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=1e-5)
+        assert len(calls) == 2  # one per layer, on the first forward only
+        for k in (2, 4):  # our B of the first layer, then the base weight of the second, changed in place
+            delta = torch.randn_like(pairs[k][0]) * 0.1
+            pairs[k][0].add_(delta), pairs[k][1].add_(delta)
+            torch.testing.assert_close(ours(x), peft_model(x), atol=ATOL, rtol=1e-5)
+        assert len(calls) == 4  # the changed layer once each time
+    ours[0].adapters["default"].lora_A.weight = nn.Parameter(pairs[1][1].detach().clone() * 2)  # a new tensor
+    with torch.no_grad():
+        pairs[1][1].mul_(2)
+        torch.testing.assert_close(ours(x), peft_model(x), atol=ATOL, rtol=1e-5)
+    assert len(calls) == 5
+    with torch.inference_mode():  # weights made here keep no version counter: computed every time, still right
+        fresh = copy.deepcopy(ours)
+        assert fresh[0].adapters["default"].lora_B.weight.is_inference()
+        for _ in range(2):
+            torch.testing.assert_close(fresh(x), peft_model(x), atol=ATOL, rtol=1e-5)
+    assert len(calls) == 5 + 4
+    torch.testing.assert_close(ours(x), peft_model(x), atol=ATOL, rtol=1e-5)  # with grad (training): every forward
+    assert len(calls) == 9 + 2
+
+
 def test_dora_and_plain_side_by_side_and_what_dora_refuses():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -11,6 +11,7 @@ import torch
 
 from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from ..core.config import LORAKIT_KEY
+from ..core.targets import Stack, parameter_stacks
 
 HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
 
@@ -24,13 +25,15 @@ def describe(path: str | Path) -> dict:
     """Everything ``inspect`` reports, as a dict (no model needed)."""
     path = Path(path)
     config, raw, tensors = read_adapter(path)
+    a_keys = sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A")))
+    stems = {k: k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in a_keys}
+    stacks = parameter_stacks(config, {stems[k]: tensors[k].shape[0] for k in a_keys})
     layers = []  # read_adapter ran check_adapter_tensors, as load_adapter does: A and B pair up, ranks match
-    for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
+    for key in a_keys:
         stem = key.rsplit(".lora_", 1)[0]
         b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
         A, B = tensors[key].float(), tensors[b_key].float()
-        module = stem.removeprefix("base_model.model.")
-        layers.append(_layer(module, A, B, config))
+        layers.append(_layer(stems[key], A, B, config, stacks.get(stems[key])))
     size = sum(f.stat().st_size for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
     meta = raw[LORAKIT_KEY]
     return {
@@ -47,19 +50,23 @@ def describe(path: str | Path) -> dict:
     }
 
 
-def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config) -> dict:
+def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config, stack: Stack | None) -> dict:
     """One pair's row. An expert stack (``target_parameters``: A ``(E*r, in)``, B ``(out, r*E)``, PEFT's
-    layout) gets its expert count and the norm of each expert's update ``s·B[e]·A[e]``."""
-    r, scaling = A.shape[0], config.scaling(module)
-    row = {"module": module, "rank": r, "scaling": scaling, "params": A.numel() + B.numel()}
-    E = A.shape[0] // config.r if config.target_parameters and A.shape[0] % config.r == 0 else 1
-    if E > 1 and A.dim() == 2:
-        r = config.r
+    layout) gets its parameter, expert count, rank and the norm of each expert's update ``s·B[e]·A[e]``;
+    ``stack``: from :func:`~lorakit.core.targets.parameter_stacks`, which reads
+    ``rank_pattern`` / ``alpha_pattern`` by parameter path (as PEFT keys them)."""
+    row = {"module": module, "rank": A.shape[0], "scaling": config.scaling(module), "params": A.numel() + B.numel()}
+    if stack is None and config.target_parameters and A.shape[0] % config.r == 0:  # "all-experts": the config's r
+        stack = Stack(None, config.r, A.shape[0] // config.r, row["scaling"])
+    if stack is not None and stack.experts == 1:  # a 2-D parameter: one plain pair, at its parameter's r and alpha
+        row = {**row, "parameter": stack.parameter, "rank": stack.rank, "scaling": stack.scaling}
+    elif stack is not None and A.dim() == 2:
+        r, E, scaling = stack.rank, stack.experts, stack.scaling
         A_e, B_e = A.view(E, r, -1), B.view(B.shape[0], r, E).permute(2, 0, 1)  # (E, r, in), (E, out, r)
         norms = torch.linalg.matrix_norm(torch.bmm(B_e, A_e)) * scaling
-        return {**row, "rank": r, "experts": E, "expert_norms": norms.tolist(),
-                "delta_norm": norms.pow(2).sum().sqrt().item()}
-    return {**row, "delta_norm": torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * scaling}
+        return {**row, "parameter": stack.parameter, "rank": r, "scaling": scaling, "experts": E,
+                "expert_norms": norms.tolist(), "delta_norm": norms.pow(2).sum().sqrt().item()}
+    return {**row, "delta_norm": torch.linalg.matrix_norm(B.flatten(1) @ A.flatten(1)).item() * row["scaling"]}
 
 
 def _token_rows(config, tensors: dict, meta: dict) -> list[dict]:
@@ -99,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>7.3f}  {layer['delta_norm']:>10.4g}")
         if "experts" in layer:  # one rank-r update per expert: its norm
             norms = " ".join(f"{n:.3g}" for n in layer["expert_norms"])
-            print(f"{'':<{width}}  {layer['experts']} experts x rank {layer['rank']}, ||B_e·A_e||·s: {norms}")
+            what = f"{layer['parameter']}: " if layer["parameter"] else ""
+            print(f"{'':<{width}}  {what}{layer['experts']} experts x rank {layer['rank']}, ||B_e·A_e||·s: {norms}")
     for t in info["trainable_tokens"]:
         added = f", added to the tokenizer: {', '.join(t['added_tokens'])}" if t["added_tokens"] else ""
         print(f"\ntrainable tokens  {t['module']}: {t['rows']} rows, ids {t['ids']}, ||rows|| {t['norm']:.4g}, "

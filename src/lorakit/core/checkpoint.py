@@ -31,7 +31,7 @@ from .layers import LoraLayer, changed_base, plain_lora_pair
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
 from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
-from .targets import find_parameter_targets, find_targets
+from .targets import find_parameter_targets, find_targets, parameter_stacks
 from .tensor_file import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -314,7 +314,10 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
                 raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
         elif key.endswith(MAGNITUDE) and not config.use_dora:
             raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
-    for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
+    a_keys = sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A")))
+    stacks = parameter_stacks(config, {k.rsplit(".lora_", 1)[0].removeprefix(PREFIX): tensors[k].shape[0]
+                                       for k in a_keys if tensors[k].dim() >= 1})
+    for key in a_keys:
         stem = key.rsplit(".lora_", 1)[0]
         b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
         if b_key not in tensors:
@@ -325,7 +328,9 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
                                   "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
         module = stem.removeprefix(PREFIX)
         r = config.rank_for(module)
-        stack = config.target_parameters is not None and A.shape[0] % r == 0  # E experts x r (checked at load)
+        # E experts x r: the parameter's r (rank_pattern by parameter path) where the file tells, else a multiple
+        # of the module's; load_adapter checks each against the model (_check_parameter_ranks)
+        stack = module in stacks or config.target_parameters is not None and A.shape[0] % r == 0
         if A.shape[0] != r and not stack:
             raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(A.shape)}, but {CONFIG_NAME} gives "
                                   f"rank {r} for {module}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from itertools import permutations
+from typing import NamedTuple
 
 from torch import nn
 
@@ -232,3 +234,65 @@ def find_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
         if path and not any(path.startswith(p + ".") for p in found) and _selected(path, keys):
             found.append(path)
     return found
+
+
+# ----- expert stacks in a checkpoint, without the model -------------------------------------------------------
+class Stack(NamedTuple):
+    """One ``target_parameters`` pair of a checkpoint: its parameter (None: two fit, see below), rank, expert
+    count and scaling."""
+
+    parameter: str | None
+    rank: int
+    experts: int
+    scaling: float
+
+
+def parameter_stacks(config: LoraConfig, rows: dict[str, int]) -> dict[str, Stack]:
+    """Which targeted parameter each ``target_parameters`` pair of a checkpoint is, from the file alone.
+
+    ``rows``: checkpoint stem (module path, ``.base_layer`` repeated for PEFT's nesting) -> rows of its
+    ``lora_A`` (``E*r``: experts x rank). Returns stem -> :class:`Stack` for the stems of modules whose
+    parameters the config names; ``parameter`` is None where two of them fit the same depth (equal ranks:
+    the numbers are the same either way). ``rank_pattern`` is keyed by ``<module>.<parameter>``, as in PEFT.
+
+    The nesting order is the module's parameter order, which the file does not hold; every order of the
+    named parameters is tried and the ones where all depths share one expert count ``E`` kept: ``E`` is then
+    ``sum(rows) / sum(ranks)`` whatever the order, so each depth's rank is determined. A module whose pairs fit
+    no order is left out (the caller reports it).
+    """
+    spec = config.target_parameters
+    if not isinstance(spec, list):
+        return {}  # "all-experts": the names are the model's
+    modules: dict[str, dict[int, str]] = {}
+    for stem in rows:
+        module, depth = stem, 0
+        while module.endswith(".base_layer"):
+            module, depth = module.removesuffix(".base_layer"), depth + 1
+        modules.setdefault(module, {})[depth] = stem
+    out = {}
+    for module, stems in modules.items():
+        names = list(dict.fromkeys(e.rsplit(".", 1)[-1] for e in spec
+                                   if f"{module}.{e.rsplit('.', 1)[-1]}" == e
+                                   or f"{module}.{e.rsplit('.', 1)[-1]}".endswith("." + e)))
+        if len(names) != len(stems) or sorted(stems) != list(range(len(stems))) or len(names) > 6:
+            continue
+        fits = [order for order in permutations(names) if _one_expert_count(config, module, order, stems, rows)]
+        for depth, stem in stems.items():
+            if not fits:
+                break
+            found = {order[len(stems) - 1 - depth] for order in fits}  # order is innermost first: depth 0 is last
+            key = f"{module}.{fits[0][len(stems) - 1 - depth]}"
+            r = config.rank_for(key)
+            out[stem] = Stack(found.pop() if len(found) == 1 else None, r, rows[stem] // r, config.scaling(key))
+    return out
+
+
+def _one_expert_count(config: LoraConfig, module: str, order: tuple[str, ...], stems: dict[int, str],
+                      rows: dict[str, int]) -> bool:
+    counts = set()
+    for depth, stem in stems.items():
+        r = config.rank_for(f"{module}.{order[len(stems) - 1 - depth]}")
+        if rows[stem] % r:
+            return False
+        counts.add(rows[stem] // r)
+    return len(counts) == 1

@@ -15,6 +15,10 @@ of :class:`lorakit.ops.pool.AdapterPool`. :func:`loop_update` runs each adapter 
 reference (test oracle) and the path for convolutions and for adapters that are not a stackable update
 but act on their rows alone (``row_wise``: trainable tokens, whose rows replace embedding rows and logits).
 
+Expert rows. A layer that routes tokens itself (``routes_rows``: the experts of a MoE block) gets the rows'
+names (:class:`RoutedRows`) and groups its (token, expert) pairs by adapter, then expert
+(:meth:`lorakit.variants.params.ParamLayer.row_forward`).
+
 DoRA rows. A DoRA adapter's output is ``f ⊙ (W0·x + s·B·A·x) + bias`` with ``f = m / ||W0 + s·B·A||`` per
 output feature; the base is frozen, so ``f`` is fixed for the adapter and stacked beside A and B as
 ``S: (n+1, d)`` (1 for plain LoRA and base rows; :meth:`Adapter.row_scale`). With ``out = base(x)``::
@@ -211,14 +215,48 @@ class ZeroUpdate:
         return out
 
 
+@dataclass(eq=False)
+class RoutedRows:
+    """The plan of a layer that groups its tokens by row itself (``routes_rows``: the experts of a MoE block,
+    :meth:`lorakit.variants.params.ParamLayer.row_forward`): it reads the rows' adapter names."""
+
+    names: list[str | None]
+
+
+def routed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules around the layers that route rows themselves (a MoE block around its experts)."""
+    return [model.get_submodule(path.rpartition(".")[0]) for path, m in model.named_modules()
+            if path and getattr(m, "routes_rows", False)]
+
+
+@contextmanager
+def block_rows_checked(blocks: list[nn.Module], rows: int):
+    """A routed layer sees the batch flattened to tokens and cannot count its rows; the block around it still
+    gets ``(b, s, H)``: while inside, a block called with ``b != rows`` refuses, naming both counts."""
+    def check(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(x, Tensor) and x.dim() == 3 and x.shape[0] != rows:
+            raise ValueError(f"per_row_adapters got {rows} adapter names for a batch of {x.shape[0]} rows")
+
+    handles = [block.register_forward_pre_hook(check, with_kwargs=True) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def check_rows_match(names, x: Tensor) -> None:
     if len(names) != x.shape[0]:
         raise ValueError(f"per_row_adapters got {len(names)} adapter names for a batch of {x.shape[0]} rows")
 
 
-def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | LoopUpdate:
+def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | LoopUpdate | RoutedRows:
     """The per-row update for ``layer``: gathered for linear-like and embedding layers whose adapters stack
-    (``row_batched``), loop for convolutions and for adapters that run on their rows alone (``row_wise``)."""
+    (``row_batched``), loop for convolutions and for adapters that run on their rows alone (``row_wise``), the
+    names for a layer that routes rows itself (``routes_rows``: MoE experts)."""
+    if getattr(layer, "routes_rows", False):
+        return RoutedRows(names)
     used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
     if isinstance(layer, LoraConv) or not used or not all(row_batched(layer.adapters[n]) for n in used):
         return LoopUpdate(layer, names)
@@ -291,7 +329,9 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     for m in saved:
         m.row_names = names
     try:
-        yield model
+        with block_rows_checked(routed_blocks(model) if any(isinstance(p, RoutedRows) for p in plans) else [],
+                                len(names)):
+            yield model
     finally:  # nested contexts restore the outer rows
         for layer, plan in before[0]:
             layer.row_plan = plan

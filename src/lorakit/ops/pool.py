@@ -27,7 +27,8 @@ The pool is a snapshot for inference: if an adapter's weights change after :meth
 call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
 convolutions, and adapters that act on their rows alone without a ``B·A`` to stack (``row_wise``: trainable
 tokens), run :func:`lorakit.ops.per_row.loop_output` on the rows of each adapter (reading the adapter itself,
-not a snapshot).
+not a snapshot); a layer that routes rows itself (``routes_rows``: MoE experts) gets the rows' names
+(:class:`~lorakit.ops.per_row.RoutedRows`) and reads its adapters' factors live.
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
-from .per_row import LoopUpdate, RowPlan, ZeroUpdate, row_batched, row_wise
+from .per_row import (
+    LoopUpdate,
+    RoutedRows,
+    RowPlan,
+    ZeroUpdate,
+    block_rows_checked,
+    routed_blocks,
+    row_batched,
+    row_wise,
+)
 
 
 class _LayerStack:
@@ -120,6 +130,7 @@ class AdapterPool:
         self.slot_of: dict[str, int] = {}
         self.stacks: dict[LoraLayer, _LayerStack] = {}
         self._wrapped = None  # (LoRA layers, modules_to_save wrappers) of the model, found at add/remove
+        self._routed = None  # the blocks around layers that route rows (MoE experts), found with them
 
     def __contains__(self, name: str) -> bool:
         return name in self.slot_of
@@ -134,16 +145,26 @@ class AdapterPool:
             self._wrapped = wrappers(self.model)
         return self._wrapped
 
+    def _blocks(self) -> list[nn.Module]:
+        """The blocks around layers that route rows themselves (found once per add/remove, like the wrappers)."""
+        if self._routed is None:
+            self._routed = routed_blocks(self.model)
+        return self._routed
+
     def _pooled_layers(self) -> list[LoraLayer]:
-        return [layer for layer in self._wrappers()[0] if not isinstance(layer, LoraConv)]
+        """Layers whose adapters are stacked: not convolutions (run by loop) nor layers that route rows
+        themselves (MoE experts, which read their adapters' own factors)."""
+        return [layer for layer in self._wrappers()[0]
+                if not isinstance(layer, LoraConv) and not getattr(layer, "routes_rows", False)]
 
     def add(self, name: str) -> int:
         """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
-        self._wrapped = None  # adding the adapter may have wrapped new layers
+        self._wrapped = self._routed = None  # adding the adapter may have wrapped new layers
         if name not in adapter_names(self.model):
             raise KeyError(f"AdapterPool: no adapter named {name!r}; the model has {adapter_names(self.model)}")
+        every = [layer for layer in self._wrappers()[0] if name in layer.adapters]
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
-        for layer in layers:  # the stacks hold B·A and a per-output factor: anything else would run wrong
+        for layer in every:  # stacked (B·A, a per-output factor), run on its rows (row_wise) or routed (experts)
             adapter = layer.adapters[name]
             if not (row_batched(adapter) and not changed_base(adapter) or row_wise(adapter)):
                 why = "replaced its base weights (its init)" if row_batched(adapter) else f"is a {type(adapter).__name__}"
@@ -176,7 +197,7 @@ class AdapterPool:
     def remove(self, name: str) -> None:
         """Free ``name``'s slot (the adapter stays in the model; delete it there separately)."""
         slot = self.slot_of.pop(name)
-        self._wrapped = None
+        self._wrapped = self._routed = None
         for stack in self.stacks.values():
             stack.clear(slot)
 
@@ -200,6 +221,9 @@ class AdapterPool:
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
         for layer in layers:
+            if getattr(layer, "routes_rows", False):  # MoE experts: the rows' adapters, read live
+                layer.row_plan = RoutedRows(names)
+                continue
             stack = self.stacks.get(layer)
             if stack is None:  # convolutions and row_wise adapters run on their rows; untouched layers: nothing
                 held = not used.isdisjoint(layer.adapters)
@@ -213,7 +237,8 @@ class AdapterPool:
         for m in saved:
             m.row_names = names
         try:
-            yield self.model
+            with block_rows_checked(self._blocks(), len(names)):
+                yield self.model
         finally:
             for layer in layers:
                 layer.row_plan = None

@@ -7,6 +7,8 @@
 - :mod:`.loraplus`: LoRA+ optimizer parameter groups.
 - :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``).
 - :mod:`.tokens`: trainable tokens (``trainable_token_indices``), chosen embedding rows trained.
+- :mod:`.derived`: values derived from weights (DoRA's row norms, the expert pairs' grouped layout), kept for
+  inference while the weights are unchanged.
 
 Importing a module here registers nothing: :func:`register` (called once by ``import lorakit``) does.
 
@@ -33,7 +35,9 @@ they hold. A variant class provides:
 - Per-row batches (``per_row_adapters``, the serve pool): ``row_batched`` (an additive adapter, or one giving a
   per-output factor ``row_scale(layer)``, as DoRA) is stacked with the others; ``row_wise = True`` says that row
   ``i``'s output depends on row ``i`` only, so the adapter's own ``layer_output`` runs on its rows of the batch
-  (trainable tokens). An adapter that says neither is refused by name.
+  (trainable tokens). A layer with ``routes_rows = True`` gets the rows' adapter names instead
+  (``row_plan.names``) and runs them itself (MoE experts: ``ParamLayer.row_forward``; its adapters say
+  ``row_batched`` where it can). An adapter that says neither is refused by name.
 
 What a variant may read from the layer (never ``if isinstance`` on layer types): ``layer.base_layer``,
 ``layer.base_weight()`` / ``layer.write_base(w)`` (the base weight in its layout, detached; a quantized

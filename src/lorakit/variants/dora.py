@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, SlicedAdapter
 from ..core.tables import VARIANTS
+from .derived import Derived
 
 
 class DoraAdapter(Adapter):
@@ -40,6 +41,7 @@ class DoraAdapter(Adapter):
         cls.check_layer(layer, plain)
         dora = cls(plain.lora_A, plain.lora_B, 0.0, plain.scaling, plain.config)
         dora.dropout = plain.dropout
+        dora._norms = Derived()  # the row norms, kept for inference while W0, A and B are unchanged
         if "base_change" in plain.__dict__:
             dora.base_change = plain.base_change
         w = plain.lora_B.weight
@@ -61,7 +63,14 @@ class DoraAdapter(Adapter):
 
     def row_scale(self, layer: LoraLayer) -> Tensor:
         """``m / ||W0 + s·B·A||`` per output ``(d,)``, fp32 (the norm detached, as in :meth:`layer_output`)."""
-        return _factor(self.lora_magnitude_vector.float(), self.row_norm(layer.weight_matrix()))
+        return _factor(self.lora_magnitude_vector.float(), self.layer_norm(layer))
+
+    def layer_norm(self, layer: LoraLayer) -> Tensor:
+        """:meth:`row_norm` of the layer's base weight, fp32 ``(d,)``. Inference forwards (grad disabled:
+        ``use_adapter``, ``generate``, serving) keep it until the base weight, A or B changes
+        (:class:`~lorakit.variants.derived.Derived`); a forward with grad computes it every time."""
+        return self._norms.get((layer.weight, self.lora_A.weight, self.lora_B.weight),
+                               lambda: self.row_norm(layer.weight_matrix()))
 
     def row_norm(self, W: Tensor) -> Tensor:
         """``||W + s·B·A||`` per output row, in fp32, detached: ``(d,)``."""
@@ -74,7 +83,7 @@ class DoraAdapter(Adapter):
 
     def layer_output(self, layer: LoraLayer, out: Tensor, x: Tensor, inplace: bool) -> Tensor:
         x = x if x.dtype == self.dtype or not x.is_floating_point() else x.to(self.dtype)
-        norm = self.row_norm(layer.weight_matrix()).to(self.dtype)
+        norm = self.layer_norm(layer).to(self.dtype)
         scale = layer.feature_view(_factor(self.lora_magnitude_vector, norm))  # (d,), broadcast over the output
         bias = getattr(layer.base_layer, "bias", None)
         bias = None if bias is None else layer.feature_view(bias)

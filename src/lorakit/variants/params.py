@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraLayer, init_pair
 from ..core.tables import PARAMETER_LAYERS
+from .derived import Derived
 
 
 class ExpertLora(Adapter):
@@ -46,6 +47,7 @@ class ExpertLora(Adapter):
         super().__init__(nn.Linear(k, E * r, bias=False, **kw), nn.Linear(E * r, d, bias=False, **kw), 0.0,
                          scaling, config)
         self.num_experts, self.transposed, self.ndim = E, transposed, param.dim()
+        self._grouped = Derived()  # grouped_factors, kept for inference while A and B are unchanged
 
     @property
     def rank(self) -> int:
@@ -57,6 +59,19 @@ class ExpertLora(Adapter):
         A = self.lora_A.weight.view(E, r, -1)
         B = self.lora_B.weight.view(-1, r, E).permute(2, 0, 1)
         return A, B
+
+    def grouped_factors(self) -> tuple[Tensor, Tensor]:
+        """``A^T: (E, k, r')`` and ``B^T: (E, r', d)`` in the layout ``torch.nn.functional.grouped_mm`` takes (16-byte
+        strides: the rank zero-padded to ``r'``, which changes no value; B^T made contiguous). Inference forwards
+        reuse them until A or B changes (:class:`~lorakit.variants.derived.Derived`)."""
+        return self._grouped.get((self.lora_A.weight, self.lora_B.weight), self._grouped_layout)
+
+    def _grouped_layout(self) -> tuple[Tensor, Tensor]:
+        A, B = self.factors()  # (E, r, k), (E, d, r)
+        pad = -self.rank % max(1, 16 // A.element_size())
+        At = (F.pad(A, (0, 0, 0, pad)) if pad else A).transpose(1, 2)  # (E, k, r')
+        Bt = (F.pad(B, (0, pad)) if pad else B).transpose(1, 2).contiguous()  # (E, r', d)
+        return At, Bt
 
     def delta(self) -> Tensor:
         """``s·B[e]·A[e]`` for every expert, in the parameter's layout and dtype of the factors."""
@@ -80,16 +95,18 @@ class ExpertLora(Adapter):
 class ParamAdapter(nn.Module):
     """One adapter on the targeted parameters of one module: an :class:`ExpertLora` per parameter name.
 
-    Not a plain ``B·A·x`` update of the module's input: per-row batches and ``combine_adapters`` refuse it
-    by name (``additive = False``).
+    Not a plain ``B·A·x`` update of the module's input: ``combine_adapters`` refuses it by name
+    (``additive = False``). Per-row batches run it where its layer routes tokens itself (``row_batched``: the
+    experts of a transformers MoE block, :meth:`ParamLayer.row_forward`); on any other module they refuse it.
     """
 
     additive = False
 
-    def __init__(self, parts: dict[str, ExpertLora], config: LoraConfig):
+    def __init__(self, parts: dict[str, ExpertLora], config: LoraConfig, row_batched: bool = False):
         super().__init__()
         self.parts = nn.ModuleDict(parts)
         self.config = config
+        self.row_batched = row_batched
 
     @property
     def rank(self) -> int:
@@ -137,15 +154,44 @@ class ParamLayer(LoraLayer):
 
     def forward(self, *args, **kwargs):
         base = self.base_layer
-        if self.disabled or self.row_plan is not None or self.active is None or self.active in self.merged:
-            return base(*args, **kwargs)  # per-row plans reach this layer only when no row uses its adapters
+        if self.disabled:
+            return base(*args, **kwargs)
+        if self.row_plan is not None:  # per-row batch: lorakit.ops puts the rows' adapter names here
+            return self.row_forward(self.row_plan.names, args, kwargs)
+        if self.active is None or self.active in self.merged:
+            return base(*args, **kwargs)
         adapter = self.adapters[self.active]
         routed = _routing_args(base, self.parameter_names, args, kwargs)
         if routed is not None:
-            return routed_forward(base, *routed, parts=dict(adapter.parts))
+            return routed_forward(base, *routed, dict(adapter.parts))
         weights = {name: getattr(base, name) + part.delta().to(getattr(base, name).dtype)
                    for name, part in adapter.parts.items()}
         return torch.func.functional_call(base, weights, args, kwargs)
+
+    #: per-row batches hand this layer the rows' adapter names (``row_plan.names``): it groups the tokens itself
+    routes_rows = True
+
+    def row_forward(self, names: list[str | None], args: tuple, kwargs: dict) -> Tensor:
+        """Row ``i`` of the batch runs adapter ``names[i]`` (None, or one this layer lacks: the base experts).
+
+        transformers' MoE blocks flatten ``(b, s, H)`` to ``T = b*s`` tokens in row order, so token ``t`` is in
+        row ``t // s``; each adapter's update runs on the (token, expert) pairs of its rows
+        (:func:`routed_forward`, grouped by adapter then expert: no ``ΔW``)."""
+        used = [n for n in dict.fromkeys(names) if n is not None and n in self.adapters]
+        if not used:
+            return self.base_layer(*args, **kwargs)
+        routed = _routing_args(self.base_layer, self.parameter_names, args, kwargs)
+        if routed is None:
+            raise ValueError(f"per_row_adapters: {type(self.base_layer).__name__} was not called as transformers' "
+                             "experts (hidden_states, top_k_index, top_k_weights); run its adapters with use_adapter()")
+        hidden = routed[0]
+        if hidden.shape[0] % len(names):
+            raise ValueError(f"per_row_adapters got {len(names)} adapter names for {hidden.shape[0]} tokens at an "
+                             "experts layer (not a whole number of tokens per row)")
+        row = torch.arange(hidden.shape[0], device=hidden.device) // (hidden.shape[0] // len(names))  # (T,)
+        slot = torch.tensor([used.index(n) if n in used else -1 for n in names], device=hidden.device)[row]  # (T,)
+        tokens = [(slot == j, dict(self.adapters[n].parts)) for j, n in enumerate(used)]
+        return routed_forward(self.base_layer, *routed, {}, tokens)
 
     @property
     def weight(self) -> Tensor:
@@ -177,7 +223,7 @@ class ParamLayer(LoraLayer):
                               transposed)
             part.reset(config.init)
             parts[name] = part
-        return ParamAdapter(parts, config)
+        return ParamAdapter(parts, config, row_batched=_routes(self.base_layer, self.parameter_names))
 
     def make_adapter(self, r, scaling, config, module_name):
         raise ValueError("combine_adapters does not support parameter (expert) adapters")
@@ -213,13 +259,17 @@ class ParamLayer(LoraLayer):
 EXPERT_INTERFACE = ("num_experts", "has_gate", "has_bias", "is_transposed", "act_fn")
 
 
+def _routes(module: nn.Module, names: list[str]) -> bool:
+    """``module`` has transformers' experts interface and only its projections are targeted."""
+    return all(hasattr(module, a) for a in EXPERT_INTERFACE) and not getattr(module, "_is_expert_parallel", False) \
+        and set(names) <= {"gate_up_proj", "up_proj", "down_proj"}
+
+
 def _routing_args(module: nn.Module, names: list[str], args: tuple, kwargs: dict):
     """``(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))`` when ``module`` has transformers'
     experts interface, only its projections are targeted and it is called as transformers' MoE blocks call
     it; else None (the generic path)."""
-    if not all(hasattr(module, a) for a in EXPERT_INTERFACE) or getattr(module, "_is_expert_parallel", False):
-        return None
-    if not set(names) <= {"gate_up_proj", "up_proj", "down_proj"}:
+    if not _routes(module, names):
         return None
     keys = ("hidden_states", "top_k_index", "top_k_weights")
     if len(args) + len(kwargs) != 3 or set(kwargs) - set(keys[len(args):]):
@@ -232,23 +282,34 @@ def _routing_args(module: nn.Module, names: list[str], args: tuple, kwargs: dict
 
 
 def routed_forward(experts: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                   parts: dict[str, ExpertLora]) -> Tensor:
+                   parts: dict[str, ExpertLora], tokens: list[tuple[Tensor, dict[str, ExpertLora]]] | None = None
+                   ) -> Tensor:
     """transformers' experts computation (the semantics of its ``grouped_mm`` path) with LoRA on routed tokens.
 
     The ``S = T*k`` (token, expert) pairs are sorted by expert; expert ``e`` runs its ``n_e`` rows ``x_e``
     through ``W[e]`` plus ``s·(x_e @ A[e]^T) @ B[e]^T``: ``(n_e, r)`` then ``(n_e, d)``, so the extra memory
     and work are those of the rank-r products on the tokens the expert sees, never a ``(E, d, k)`` tensor.
     Shapes: hidden ``(T, H)``, top_k_index / top_k_weights ``(T, k)``; returns ``(T, H)``.
+
+    ``parts`` applies to every token. ``tokens`` (per-row batches): ``(mask (T,) bool, parts)`` for each
+    adapter, the tokens of its rows; the pairs of those tokens are a subsequence of the expert-sorted pairs, so
+    they are grouped by (adapter, expert) and each adapter's update is the same two grouped matmuls on them.
     """
     T, k = top_k_index.shape
     ids = top_k_index.reshape(-1)
     order = torch.argsort(ids, stable=True)  # (S,) pairs grouped by expert
     groups = _Groups(ids[order], experts.num_experts)
+    updates = [(None, groups, parts)] if parts else []
+    for mask, adapter_parts in tokens or []:  # the sorted pairs of this adapter's tokens, still grouped by expert
+        sel = mask[order // k].nonzero().squeeze(1)  # (S_a,)
+        if sel.numel():
+            updates.append((sel, _Groups(groups.ids[sel], experts.num_experts), adapter_parts))
     x = hidden[order // k]  # (S, H)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
-    h = _expert_linear(experts, up, x, groups, parts.get(up))  # (S, 2I) or (S, I)
+    h = _expert_linear(experts, up, x, groups, [(sel, g, p[up]) for sel, g, p in updates if up in p])  # (S, 2I)
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    h = _expert_linear(experts, "down_proj", h, groups, parts.get("down_proj"))  # (S, H)
+    h = _expert_linear(experts, "down_proj", h, groups,
+                       [(sel, g, p["down_proj"]) for sel, g, p in updates if "down_proj" in p])  # (S, H)
     if getattr(experts, "has_post_expert_norm", False):
         h = experts.post_expert_norm(h)
     h = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
@@ -268,47 +329,41 @@ class _Groups:
         return self.counts.tolist()  # a host sync: the loop path only
 
 
-def _expert_linear(experts: nn.Module, name: str, x: Tensor, groups: _Groups, part: ExpertLora | None) -> Tensor:
-    """Rows of ``x`` ``(S, k)`` (sorted by expert) through ``W[e]`` (+ bias, + the LoRA update): ``(S, d)``.
+def _expert_linear(experts: nn.Module, name: str, x: Tensor, groups: _Groups,
+                   updates: list[tuple[Tensor | None, _Groups, ExpertLora]]) -> Tensor:
+    """Rows of ``x`` ``(S, k)`` (sorted by expert) through ``W[e]`` (+ bias, + the LoRA updates): ``(S, d)``.
 
-    One grouped matmul for the base and two for the update (``(S, r)``, then ``(S, d)``) where
-    ``torch.nn.functional.grouped_mm`` takes the operands (16-byte strides; the rank is zero-padded to a
-    multiple of 16 bytes, which changes no value); else a loop over the experts."""
+    One grouped matmul for the base and two per update (``(S, r)``, then ``(S, d)``), each update on its rows
+    ``sel`` of ``x`` (None: all) grouped by ``its groups``."""
     W = getattr(experts, name)
     Wt = W if experts.is_transposed else W.transpose(1, 2)  # (E, k, d)
     x = x.to(W.dtype)
-    At = Bt = None
-    if part is not None:
-        A, B = part.factors()  # (E, r, k), (E, d, r)
-        pad = -part.rank % max(1, 16 // A.element_size())
-        At = F.pad(A, (0, 0, 0, pad)).transpose(1, 2)  # (E, k, r')
-        Bt = F.pad(B, (0, pad)).transpose(1, 2).contiguous()  # (E, r', d)
-    if _grouped_ok(x, Wt, At, Bt):
-        y = F.grouped_mm(x, Wt, offs=groups.offsets)
-        if part is not None:
-            a = F.grouped_mm(x.to(At.dtype), At, offs=groups.offsets)  # (S, r')
-            y = torch.add(y, F.grouped_mm(a, Bt, offs=groups.offsets).to(y.dtype), alpha=part.scaling)
-    else:
-        y = _loop_linear(x, Wt, At, Bt, groups.sizes(), part.scaling if part is not None else 0.0)
+    y = _grouped_matmul(x, Wt, groups)
+    for sel, g, part in updates:
+        update = _lora_update(x if sel is None else x[sel], g, part).to(y.dtype)
+        y = torch.add(y, update, alpha=part.scaling) if sel is None else y.index_add(0, sel, update, alpha=part.scaling)
     if experts.has_bias:
         y = y + getattr(experts, f"{name}_bias")[groups.ids]
     return y
 
 
-def _loop_linear(x: Tensor, Wt: Tensor, At: Tensor | None, Bt: Tensor | None, sizes: list[int], s: float) -> Tensor:
+def _lora_update(x: Tensor, groups: _Groups, part: ExpertLora) -> Tensor:
+    """``x_e @ A[e]^T @ B[e]^T`` per expert group (no scaling): ``(S, d)``."""
+    At, Bt = part.grouped_factors()  # (E, k, r'), (E, r', d)
+    return _grouped_matmul(_grouped_matmul(x.to(At.dtype), At, groups), Bt, groups)  # (S, r') -> (S, d)
+
+
+def _grouped_matmul(x: Tensor, Wt: Tensor, groups: _Groups) -> Tensor:
+    """``x[rows of e] @ Wt[e]`` for each expert's group of rows: ``(S, k) -> (S, d)``. One
+    ``torch.nn.functional.grouped_mm`` where it takes the operands, else a loop over the experts."""
+    if _grouped_ok(x, Wt):
+        return F.grouped_mm(x, Wt, offs=groups.offsets)
     pieces, start = [], 0
-    for e, n in enumerate(sizes):
-        if n == 0:
-            continue
-        xe = x[start:start + n]
-        start += n
-        y = xe @ Wt[e]  # (n, d)
-        if At is not None:
-            y = torch.add(y, ((xe.to(At.dtype) @ At[e]) @ Bt[e]).to(y.dtype), alpha=s)  # (n, r') -> (n, d)
-        pieces.append(y)
-    if not pieces:  # no tokens at all
-        return x.new_zeros(0, Wt.shape[-1])
-    return torch.cat(pieces)
+    for e, n in enumerate(groups.sizes()):
+        if n:
+            pieces.append(x[start:start + n] @ Wt[e])  # (n, d)
+            start += n
+    return torch.cat(pieces) if pieces else x.new_zeros(0, Wt.shape[-1])
 
 
 def _grouped_ok(*operands: Tensor | None) -> bool:
