@@ -6,12 +6,19 @@
 A random-init LLaMA (hidden 256, 4 layers, vocab 1,000, no end-of-sequence token: every request runs to
 ``max_tokens``) and ``--adapters`` random adapters (r=8 on q,k,v,o) are saved to a temporary folder; the
 server runs in a subprocess (``lorakit serve``, ``--max-batch-size`` = clients) with one torch thread, and
-``--clients`` concurrent clients (httpx, asyncio, in this process) each send one ``/v1/completions`` request:
-a 16-word text prompt, ``max_tokens`` 32, greedy, ``ignore_eos`` (as vLLM's benchmark clients send it). Variants, in rotating order each round:
+``--clients`` concurrent clients (aiohttp, asyncio, in this process) each send one ``/v1/completions`` request:
+a 16-word text prompt, ``max_tokens`` 32, greedy, ``ignore_eos`` (as vLLM's benchmark clients send it).
+The clients share one connection pool kept open across rounds, as vLLM's benchmark client (aiohttp) and the
+``openai`` client do (the warm-up opens the connections; the server runs with ``--timeout-keep-alive 60``).
+aiohttp, not httpx: httpx 0.29's pool took 2-3 s to send 64 concurrent requests on reused connections to a
+bare FastAPI route (0.4 s on new connections); aiohttp took 0.12 s.
+Variants, in rotating order each round:
 
 - ``generate``: ``model.generate()`` of transformers on the same base weights, all prompts in one batch
   (left-padded), one thread, greedy, ``max_new_tokens`` 32: the throughput a batched offline run reaches;
 - ``base``: every request names the base model;
+- ``base_new_connections``: the same, but each request opens a new connection (a fresh client per burst):
+  what the connection setup costs;
 - ``single``: every request names the same adapter;
 - ``mixed``: request ``i`` names adapter ``i % adapters``.
 
@@ -79,7 +86,8 @@ def start_server(base: Path, adapters: Path, port: int, batch: int, n_adapters: 
     launcher = ["-m", "lorakit.cli.main"] if not os.environ.get("BENCH_SERVER_LAUNCHER") else \
         [os.environ["BENCH_SERVER_LAUNCHER"]]  # e.g. a script that profiles the server
     cmd = [sys.executable, *launcher, "serve", "--model", str(base), "--adapters-dir", str(adapters),
-           "--port", str(port), "--max-batch-size", str(batch), "--max-loaded-adapters", str(n_adapters)]
+           "--port", str(port), "--max-batch-size", str(batch), "--max-loaded-adapters", str(n_adapters),
+           "--timeout-keep-alive", "60"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -99,22 +107,29 @@ async def wait_ready(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError("the server did not start in 120 s")
 
 
-async def burst(url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
-    """All requests at once, each client on its own new connection; generated tokens per second from the
-    first send to the last answer."""
-    import httpx
+def pool(clients: int):
+    """An aiohttp session with ``clients`` connections kept alive (idle ones expire before the server's 60 s)."""
+    import aiohttp
 
-    limits = httpx.Limits(max_connections=len(models), max_keepalive_connections=len(models))
-    async with httpx.AsyncClient(limits=limits, timeout=600) as client:
-        return await _timed(client, url, models, texts, max_tokens)
+    connector = aiohttp.TCPConnector(limit=clients, keepalive_timeout=30)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
 
 
-async def _timed(client, url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
+async def burst(url: str, models: list[str], texts: list[str], max_tokens: int, session=None) -> float:
+    """All requests at once, on ``session``'s pooled connections (None: a new session, new connections);
+    generated tokens per second from the first send to the last answer."""
+    if session is not None:
+        return await _timed(session, url, models, texts, max_tokens)
+    async with pool(len(models)) as fresh:
+        return await _timed(fresh, url, models, texts, max_tokens)
+
+
+async def _timed(session, url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
     async def one(model, text):
-        r = await client.post(url + "/v1/completions", json={"model": model, "prompt": text, "max_tokens": max_tokens,
-                                                             "temperature": 0, "ignore_eos": True})
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
+        body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        async with session.post(url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            return (await r.json())["usage"]["completion_tokens"]
 
     t0 = time.perf_counter()
     tokens = await asyncio.gather(*(one(m, t) for m, t in zip(models, texts, strict=True)))
@@ -141,14 +156,21 @@ async def rounds(args, url: str, offline, ids: list[list[int]], names: list[str]
     models = {"base": ["base"] * args.clients, "single": [names[0]] * args.clients,
               "mixed": [names[i % len(names)] for i in range(args.clients)]}
 
-    async def variant(k):
+    async def variant(k, session):
         if k == "generate":
             return generate_throughput(offline, ids, args.tokens)
-        return await burst(url, models[k], texts, args.tokens)
+        if k == "base_new_connections":
+            return await burst(url, models["base"], texts, args.tokens)
+        return await burst(url, models[k], texts, args.tokens, session)
 
-    keys = ["generate", *models]
-    for k in keys:  # warm-up: loads every adapter, first-call costs
-        await variant(k)
+    keys = ["generate", "base", "base_new_connections", "single", "mixed"]
+    async with pool(args.clients) as session:
+        for k in keys:  # warm-up: loads every adapter, opens the pool's connections, first-call costs
+            await variant(k, session)
+        return await _rounds(args, keys, lambda k: variant(k, session))
+
+
+async def _rounds(args, keys: list[str], variant) -> dict[str, list[float]]:
     res: dict[str, list[float]] = {k: [] for k in keys}
     for rep in range(args.reps):
         for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
@@ -183,6 +205,9 @@ def run(args) -> dict:
     return {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()},
             "base / generate": round(best["base"] / best["generate"], 3),
             "base / generate by round": [round(b / g, 3) for b, g in zip(res["base"], res["generate"], strict=True)],
+            "base_new_connections / generate": round(best["base_new_connections"] / best["generate"], 3),
+            "base_new_connections / generate by round":
+                [round(b / g, 3) for b, g in zip(res["base_new_connections"], res["generate"], strict=True)],
             "mixed / single": round(best["mixed"] / best["single"], 3),
             "mixed / single by round": [round(m / s, 3) for m, s in zip(res["mixed"], res["single"], strict=True)],
             "config": vars(args)}
