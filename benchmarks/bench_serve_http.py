@@ -16,6 +16,8 @@ Variants, in rotating order each round:
 
 - ``generate``: ``model.generate()`` of transformers on the same base weights, all prompts in one batch
   (left-padded), one thread, greedy, ``max_new_tokens`` 32: the throughput a batched offline run reaches;
+- ``engine``: the server's engine in this process, no HTTP: the same 64 requests (token ids) queued at once
+  (``bench_serve.burst``); ``base / engine`` is what HTTP and the event loop cost;
 - ``base``: every request names the base model;
 - ``base_new_connections``: the same, but each request opens a new connection (a fresh client per burst):
   what the connection setup costs;
@@ -44,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_serve  # noqa: E402
 from bench_serve import add_adapters, llama  # noqa: E402
 
 PROMPT_WORDS = 16
@@ -150,7 +153,7 @@ def generate_throughput(model, ids: list[list[int]], max_tokens: int) -> float:
     return len(ids) * max_tokens / wall
 
 
-async def rounds(args, url: str, offline, ids: list[list[int]], names: list[str]) -> dict[str, list[float]]:
+async def rounds(args, url: str, offline, engine, ids: list[list[int]], names: list[str]) -> dict[str, list[float]]:
     """Warm-up, then ``args.reps`` rounds of every variant in rotating order; tok/s per variant per round."""
     texts = [" ".join(f"w{i}" for i in row) for row in ids]
     models = {"base": ["base"] * args.clients, "single": [names[0]] * args.clients,
@@ -159,11 +162,13 @@ async def rounds(args, url: str, offline, ids: list[list[int]], names: list[str]
     async def variant(k, session):
         if k == "generate":
             return generate_throughput(offline, ids, args.tokens)
+        if k == "engine":
+            return bench_serve.burst(engine, [None] * args.clients, PROMPT_WORDS, args.tokens)["tok/s"]
         if k == "base_new_connections":
             return await burst(url, models["base"], texts, args.tokens)
         return await burst(url, models[k], texts, args.tokens, session)
 
-    keys = ["generate", "base", "base_new_connections", "single", "mixed"]
+    keys = ["generate", "engine", "base", "base_new_connections", "single", "mixed"]
     async with pool(args.clients) as session:
         for k in keys:  # warm-up: loads every adapter, opens the pool's connections, first-call costs
             await variant(k, session)
@@ -179,6 +184,10 @@ async def _rounds(args, keys: list[str], variant) -> dict[str, list[float]]:
     return res
 
 
+RATIOS = [("base", "generate"), ("engine", "generate"), ("base", "engine"), ("base_new_connections", "generate"),
+          ("mixed", "single")]
+
+
 def run(args) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -186,31 +195,30 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters_dir, names = save_setup(Path(tmp), args.adapters)
         offline = LlamaForCausalLM.from_pretrained(base).eval()
+        engine = bench_serve.engine_with(LlamaForCausalLM.from_pretrained(base).eval(), [], args.clients)
         ids = prompts(args.clients, offline.config.vocab_size)
         url = f"http://127.0.0.1:{args.port}"
         log = open(Path(tmp) / "server.log", "w+b")  # noqa: SIM115 -- read back on failure
         proc = start_server(base, adapters_dir, args.port, args.clients, args.adapters, log)
+        engine.start()
         try:
             asyncio.run(wait_ready(url, proc))
-            res = asyncio.run(rounds(args, url, offline, ids, names))
+            res = asyncio.run(rounds(args, url, offline, engine, ids, names))
         except BaseException:
             log.seek(0)
             print(log.read().decode(errors="replace")[-3000:], file=sys.stderr)
             raise
         finally:
+            engine.stop(30)
             proc.terminate()
             proc.wait(30)
             log.close()
     best = {k: round(max(v), 1) for k, v in res.items()}
-    return {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()},
-            "base / generate": round(best["base"] / best["generate"], 3),
-            "base / generate by round": [round(b / g, 3) for b, g in zip(res["base"], res["generate"], strict=True)],
-            "base_new_connections / generate": round(best["base_new_connections"] / best["generate"], 3),
-            "base_new_connections / generate by round":
-                [round(b / g, 3) for b, g in zip(res["base_new_connections"], res["generate"], strict=True)],
-            "mixed / single": round(best["mixed"] / best["single"], 3),
-            "mixed / single by round": [round(m / s, 3) for m, s in zip(res["mixed"], res["single"], strict=True)],
-            "config": vars(args)}
+    out = {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()}}
+    for a, b in RATIOS:
+        out[f"{a} / {b}"] = round(best[a] / best[b], 3)
+        out[f"{a} / {b} by round"] = [round(x / y, 3) for x, y in zip(res[a], res[b], strict=True)]
+    return {**out, "load average": os.getloadavg(), "config": vars(args)}
 
 
 def main(argv=None) -> int:
