@@ -6,12 +6,21 @@
 A random-init LLaMA (hidden 256, 4 layers, vocab 1,000, no end-of-sequence token: every request runs to
 ``max_tokens``) and ``--adapters`` random adapters (r=8 on q,k,v,o) are saved to a temporary folder; the
 server runs in a subprocess (``lorakit serve``, ``--max-batch-size`` = clients) with one torch thread, and
-``--clients`` concurrent clients (httpx, asyncio, in this process) each send one ``/v1/completions`` request:
-a 16-word text prompt, ``max_tokens`` 32, greedy, ``ignore_eos`` (as vLLM's benchmark clients send it). Variants, in rotating order each round:
+``--clients`` concurrent clients (aiohttp, asyncio, in this process) each send one ``/v1/completions`` request:
+a 16-word text prompt, ``max_tokens`` 32, greedy, ``ignore_eos`` (as vLLM's benchmark clients send it).
+The clients share one connection pool kept open across rounds, as vLLM's benchmark client (aiohttp) and the
+``openai`` client do (the warm-up opens the connections; the server runs with ``--timeout-keep-alive 60``).
+aiohttp, not httpx: httpx 0.29's pool took 2-3 s to send 64 concurrent requests on reused connections to a
+bare FastAPI route (0.4 s on new connections); aiohttp took 0.12 s.
+Variants, in rotating order each round:
 
 - ``generate``: ``model.generate()`` of transformers on the same base weights, all prompts in one batch
   (left-padded), one thread, greedy, ``max_new_tokens`` 32: the throughput a batched offline run reaches;
+- ``engine``: the server's engine in this process, no HTTP: the same 64 requests (token ids) queued at once
+  (``bench_serve.burst``); ``base / engine`` is what HTTP and the event loop cost;
 - ``base``: every request names the base model;
+- ``base_new_connections``: the same, but each request opens a new connection (a fresh client per burst):
+  what the connection setup costs;
 - ``single``: every request names the same adapter;
 - ``mixed``: request ``i`` names adapter ``i % adapters``.
 
@@ -37,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_serve  # noqa: E402
 from bench_serve import add_adapters, llama  # noqa: E402
 
 PROMPT_WORDS = 16
@@ -79,7 +89,8 @@ def start_server(base: Path, adapters: Path, port: int, batch: int, n_adapters: 
     launcher = ["-m", "lorakit.cli.main"] if not os.environ.get("BENCH_SERVER_LAUNCHER") else \
         [os.environ["BENCH_SERVER_LAUNCHER"]]  # e.g. a script that profiles the server
     cmd = [sys.executable, *launcher, "serve", "--model", str(base), "--adapters-dir", str(adapters),
-           "--port", str(port), "--max-batch-size", str(batch), "--max-loaded-adapters", str(n_adapters)]
+           "--port", str(port), "--max-batch-size", str(batch), "--max-loaded-adapters", str(n_adapters),
+           "--timeout-keep-alive", "60"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -99,22 +110,29 @@ async def wait_ready(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError("the server did not start in 120 s")
 
 
-async def burst(url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
-    """All requests at once, each client on its own new connection; generated tokens per second from the
-    first send to the last answer."""
-    import httpx
+def pool(clients: int):
+    """An aiohttp session with ``clients`` connections kept alive (idle ones expire before the server's 60 s)."""
+    import aiohttp
 
-    limits = httpx.Limits(max_connections=len(models), max_keepalive_connections=len(models))
-    async with httpx.AsyncClient(limits=limits, timeout=600) as client:
-        return await _timed(client, url, models, texts, max_tokens)
+    connector = aiohttp.TCPConnector(limit=clients, keepalive_timeout=30)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
 
 
-async def _timed(client, url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
+async def burst(url: str, models: list[str], texts: list[str], max_tokens: int, session=None) -> float:
+    """All requests at once, on ``session``'s pooled connections (None: a new session, new connections);
+    generated tokens per second from the first send to the last answer."""
+    if session is not None:
+        return await _timed(session, url, models, texts, max_tokens)
+    async with pool(len(models)) as fresh:
+        return await _timed(fresh, url, models, texts, max_tokens)
+
+
+async def _timed(session, url: str, models: list[str], texts: list[str], max_tokens: int) -> float:
     async def one(model, text):
-        r = await client.post(url + "/v1/completions", json={"model": model, "prompt": text, "max_tokens": max_tokens,
-                                                             "temperature": 0, "ignore_eos": True})
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
+        body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        async with session.post(url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            return (await r.json())["usage"]["completion_tokens"]
 
     t0 = time.perf_counter()
     tokens = await asyncio.gather(*(one(m, t) for m, t in zip(models, texts, strict=True)))
@@ -135,26 +153,39 @@ def generate_throughput(model, ids: list[list[int]], max_tokens: int) -> float:
     return len(ids) * max_tokens / wall
 
 
-async def rounds(args, url: str, offline, ids: list[list[int]], names: list[str]) -> dict[str, list[float]]:
+async def rounds(args, url: str, offline, engine, ids: list[list[int]], names: list[str]) -> dict[str, list[float]]:
     """Warm-up, then ``args.reps`` rounds of every variant in rotating order; tok/s per variant per round."""
     texts = [" ".join(f"w{i}" for i in row) for row in ids]
     models = {"base": ["base"] * args.clients, "single": [names[0]] * args.clients,
               "mixed": [names[i % len(names)] for i in range(args.clients)]}
 
-    async def variant(k):
+    async def variant(k, session):
         if k == "generate":
             return generate_throughput(offline, ids, args.tokens)
-        return await burst(url, models[k], texts, args.tokens)
+        if k == "engine":
+            return bench_serve.burst(engine, [None] * args.clients, PROMPT_WORDS, args.tokens)["tok/s"]
+        if k == "base_new_connections":
+            return await burst(url, models["base"], texts, args.tokens)
+        return await burst(url, models[k], texts, args.tokens, session)
 
-    keys = ["generate", *models]
-    for k in keys:  # warm-up: loads every adapter, first-call costs
-        await variant(k)
+    keys = ["generate", "engine", "base", "base_new_connections", "single", "mixed"]
+    async with pool(args.clients) as session:
+        for k in keys:  # warm-up: loads every adapter, opens the pool's connections, first-call costs
+            await variant(k, session)
+        return await _rounds(args, keys, lambda k: variant(k, session))
+
+
+async def _rounds(args, keys: list[str], variant) -> dict[str, list[float]]:
     res: dict[str, list[float]] = {k: [] for k in keys}
     for rep in range(args.reps):
         for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
             res[k].append(await variant(k))
         print(rep, {k: round(v[-1], 1) for k, v in res.items()}, flush=True)
     return res
+
+
+RATIOS = [("base", "generate"), ("engine", "generate"), ("base", "engine"), ("base_new_connections", "generate"),
+          ("mixed", "single")]
 
 
 def run(args) -> dict:
@@ -164,28 +195,30 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters_dir, names = save_setup(Path(tmp), args.adapters)
         offline = LlamaForCausalLM.from_pretrained(base).eval()
+        engine = bench_serve.engine_with(LlamaForCausalLM.from_pretrained(base).eval(), [], args.clients)
         ids = prompts(args.clients, offline.config.vocab_size)
         url = f"http://127.0.0.1:{args.port}"
         log = open(Path(tmp) / "server.log", "w+b")  # noqa: SIM115 -- read back on failure
         proc = start_server(base, adapters_dir, args.port, args.clients, args.adapters, log)
+        engine.start()
         try:
             asyncio.run(wait_ready(url, proc))
-            res = asyncio.run(rounds(args, url, offline, ids, names))
+            res = asyncio.run(rounds(args, url, offline, engine, ids, names))
         except BaseException:
             log.seek(0)
             print(log.read().decode(errors="replace")[-3000:], file=sys.stderr)
             raise
         finally:
+            engine.stop(30)
             proc.terminate()
             proc.wait(30)
             log.close()
     best = {k: round(max(v), 1) for k, v in res.items()}
-    return {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()},
-            "base / generate": round(best["base"] / best["generate"], 3),
-            "base / generate by round": [round(b / g, 3) for b, g in zip(res["base"], res["generate"], strict=True)],
-            "mixed / single": round(best["mixed"] / best["single"], 3),
-            "mixed / single by round": [round(m / s, 3) for m, s in zip(res["mixed"], res["single"], strict=True)],
-            "config": vars(args)}
+    out = {"tok/s best": best, "tok/s by round": {k: [round(x, 1) for x in v] for k, v in res.items()}}
+    for a, b in RATIOS:
+        out[f"{a} / {b}"] = round(best[a] / best[b], 3)
+        out[f"{a} / {b} by round"] = [round(x / y, 3) for x, y in zip(res[a], res[b], strict=True)]
+    return {**out, "load average": os.getloadavg(), "config": vars(args)}
 
 
 def main(argv=None) -> int:

@@ -74,6 +74,8 @@ def test_serve_prints_url_binds_loopback_and_drains_on_ctrl_c(tmp_path):
     (["--max-loaded-adapters", "-1"], "--max-loaded-adapters must be >= 1"),
     (["--adapter", "noequals"], "expected NAME=DIR"),
     (["--api-key", " "], "--api-key is empty"),
+    (["--timeout-keep-alive", "0"], "--timeout-keep-alive must be a positive number of seconds, got 0.0"),
+    (["--timeout-keep-alive", "nan"], "--timeout-keep-alive must be a positive number of seconds, got nan"),
     (["--adapters-dir", "/nonexistent/dir"], "is not a directory"),
 ])
 def test_bad_flags(argv, message, capsys):

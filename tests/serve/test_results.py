@@ -47,3 +47,24 @@ def test_without_hold_every_step_wakes_the_reader():
     wakeups, seen = _wakeups_and_events(hold=False)
     assert [getattr(e, "token", None) for e in seen] == [5, 6, 7, None]
     assert wakeups == 4
+
+
+def test_hold_set_midway_keeps_the_order_and_later_tokens_skip_the_loop():
+    async def main():
+        results = AsyncResults()
+        results.put(Sampled(5))
+        Outbox.flush_all()
+        await asyncio.sleep(0.01)  # delivered before the reader held: in the queue
+        results.put(Sampled(6))
+        Outbox.flush_all()  # handed over, delivered after hold is set: held on the loop
+        results.hold = True
+        await asyncio.sleep(0.01)
+        results.put(Sampled(7))  # the engine thread sees hold: kept there, nothing for the loop
+        assert not results.outbox.pending
+        results.put(Finished("length"))
+        Outbox.flush_all()
+        await asyncio.sleep(0.01)
+        return [results.queue.get_nowait() for _ in range(results.queue.qsize())]
+
+    seen = asyncio.run(main())
+    assert [getattr(e, "token", None) for e in seen] == [5, 6, 7, None] and isinstance(seen[-1], Finished)

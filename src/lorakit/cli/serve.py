@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loaded-adapters", type=int, default=8,
                    help="adapters kept in memory; the least recently used is evicted and reloaded on demand")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="close a client's idle connection after SECONDS (default 5, as uvicorn); clients that "
+                        "keep a pool of connections open between bursts want it above their own idle expiry")
     add_base_quantize(p, default="the one the first adapter was trained on")
 
 
@@ -62,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_batch_size", "max_loaded_adapters"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.timeout_keep_alive < float("inf"):
+        raise ValueError(f"--timeout-keep-alive must be a positive number of seconds, got {args.timeout_keep_alive}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
     adapters = _adapters(args.adapter)
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"lorakit serve: {front.store.base_name} ({front.task}) with {len(front.store.known)} adapter(s) "
           f"at http://{shown}:{port}  (playground: http://{shown}:{port}/)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None,
+                                            timeout_keep_alive=args.timeout_keep_alive))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn drained the requests in flight, then re-raised the signal

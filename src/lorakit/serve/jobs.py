@@ -112,9 +112,10 @@ def _deliver(batch: list) -> None:
         if results.hold and not isinstance(event, FINAL):
             results.held.append(event)  # nobody waits for it before the end: no wake-up per token
             continue
-        for early in results.held:
+        for early in [*results.held, *results.kept]:  # held here came before kept on the engine thread
             results.queue.put_nowait(early)
         results.held.clear()
+        results.kept.clear()
         results.queue.put_nowait(event)
 
 
@@ -125,6 +126,8 @@ class AsyncResults:
     If the loop is gone (the app stopped) ``on_lost`` is called on the engine thread (the job cancels itself).
     With ``hold`` set (a reader that needs nothing before the end: a whole answer without stop strings), the
     events before the final one reach the queue together with it: one wake-up of the reader, not one a token.
+    Once the engine thread sees ``hold``, it keeps those events itself (``kept``) and does not wake the loop
+    for them at all; those it sent before are ``held`` on the loop, and go first.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
@@ -132,11 +135,15 @@ class AsyncResults:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.outbox = Outbox.of(self.loop)
         self.on_lost = None
-        self.hold = False
-        self.held: list[Event] = []
+        self.hold = False  # set on the loop, never unset
+        self.held: list[Event] = []  # appended on the loop
+        self.kept: list[Event] = []  # appended on the engine thread, read on the loop after the final event
 
     def put(self, event: Event) -> None:
-        self.outbox.put(self, event)
+        if self.hold and not isinstance(event, FINAL):
+            self.kept.append(event)
+        else:
+            self.outbox.put(self, event)
 
     def __aiter__(self):
         return self._events()

@@ -12,7 +12,9 @@ from ..frontend import Frontend
 from ..protocol import ErrorResponse
 
 
-def _front(request: Request) -> Frontend:
+async def _front(request: Request) -> Frontend:
+    """The app's front object. ``async``: FastAPI runs a plain ``def`` dependency on a worker thread, one
+    thread hop per request that waits for the GIL behind the engine thread."""
     return request.app.state.front
 
 

@@ -1,0 +1,54 @@
+"""The engine's scheduling (``serve/engine.py``), driven directly with token ids: no HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorakit.serve.adapters import AdapterStore
+from lorakit.serve.engine import Engine
+from lorakit.serve.jobs import FINAL, Failed, GenJob
+
+
+class _Done:
+    """A job's results: counts its final event."""
+
+    def __init__(self, finished: threading.Semaphore):
+        self.finished, self.error = finished, None
+
+    def put(self, event) -> None:
+        if isinstance(event, Failed):
+            self.error = event.error
+        if isinstance(event, FINAL):
+            self.finished.release()
+
+
+def _count(engine: Engine, phase: str) -> float:
+    return engine.metrics.registry.get_sample_value("lorakit_batch_size_count", {"phase": phase}) or 0
+
+
+def test_an_idle_engine_gathers_requests_that_keep_coming_into_one_prefill():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    # a long gather window, so that a loaded machine's scheduling cannot split the burst: 6 requests 10 ms
+    # apart all arrive within it of each other
+    engine = Engine(AdapterStore(model, "base", {}, max_loaded=1), "sft", max_batch_size=8, gather_s=1.0)
+    engine.start()
+    finished = threading.Semaphore(0)
+    sinks = [_Done(finished) for _ in range(6)]
+    try:
+        for i, sink in enumerate(sinks):
+            engine.submit(GenJob(None, [1 + i, 2, 3], 4, sink))
+            time.sleep(0.01)
+        for _ in sinks:
+            assert finished.acquire(timeout=60)
+    finally:
+        engine.stop(30)
+    assert [s.error for s in sinks] == [None] * 6
+    assert _count(engine, "prefill") == 1  # without gathering, the first request is prefilled alone
+    assert _count(engine, "decode") == 3  # 4 tokens: one from the prefill, three decode steps for all 6 rows
