@@ -6,8 +6,10 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`INITIALIZERS`: ``LoraConfig.init`` names -> :class:`Init` (PiSSA, OLoRA, LoftQ).
 - :data:`VARIANTS`: adapter classes tried in order; the first whose ``wanted(config)`` is true wraps the
   plain adapter the layer type built: ``wrap(layer, plain) -> Adapter`` (DoRA, AdaLoRA's SVD form).
+- :data:`PAIR_TYPES`: ``fn(layer, r, scaling, config, module_name) -> Adapter | None``, asked before the layer
+  type's own ``make_adapter``: an A/B pair of another shape (fused slices).
 - :data:`LAYER_TYPES`: ``fn(module) -> LoraLayer subclass | None``, asked before the built-in layer table
-  (bitsandbytes' quantized linear layers).
+  (embeddings, convolutions, bitsandbytes' quantized linear layers).
 - :data:`ON_ATTACH`: ``fn(model)`` run after an adapter is attached (a quantized base keeps a trainable layout).
 - :data:`PEFT_TYPES`: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)`` giving the exactly
   equivalent ``LORA`` checkpoint (AdaLoRA).
@@ -73,6 +75,7 @@ INITIALIZERS: dict[str, Init] = {
 #: PEFT ``init_lora_weights`` values lorakit knows but cannot honour (refused by name).
 UNSUPPORTED_INITS = ("eva", "corda", "orthogonal")
 VARIANTS: list[type] = []
+PAIR_TYPES: list[Callable[..., Any]] = []
 LAYER_TYPES: list[Callable[[Any], type | None]] = []
 ON_ATTACH: list[Callable[[Any], None]] = []
 PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}

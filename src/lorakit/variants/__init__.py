@@ -1,5 +1,6 @@
 """The successors of plain LoRA, each a plug-in that joins core's tables (:mod:`lorakit.core.tables`).
 
+- :mod:`.slices`: fused slices, LoRA on chosen output slices of a fused projection (GPT-2's ``c_attn``).
 - :mod:`.dora`: DoRA, a magnitude per output feature times a normalised direction.
 - :mod:`.adalora`: AdaLoRA's SVD-form adapters and rank allocator.
 - :mod:`.inits`: PiSSA, OLoRA and LoftQ, initialisers that read (and replace) the base weight.
@@ -14,7 +15,7 @@ The seam (the contract variants build on)
 -----------------------------------------
 
 **Adapter variants** change what an adapter computes. A variant is a subclass of
-:class:`~lorakit.core.layers.Adapter` (as :class:`~lorakit.core.layers.SlicedAdapter` is) registered in
+:class:`~lorakit.core.layers.Adapter` (as :class:`~lorakit.variants.slices.SlicedAdapter` is) registered in
 :data:`~lorakit.core.tables.VARIANTS`; ``LoraLayer``, checkpoints and the per-row path never ask which one
 they hold. A variant class provides:
 
@@ -44,7 +45,7 @@ with argument 16) to an :class:`~lorakit.core.tables.Init`; see :mod:`.inits` fo
 
 from __future__ import annotations
 
-from . import adalora, dora, inits, params, quantized, tokens
+from . import adalora, dora, inits, params, quantized, slices, tokens
 from .adalora import AdaLoraAllocator, AdaLoraConfig
 from .loraplus import loraplus_param_groups
 from .quantized import merge_errors, quantize
@@ -52,6 +53,7 @@ from .quantized import merge_errors, quantize
 
 def register() -> None:
     """Put every variant into core's tables; calling it again changes nothing."""
+    slices.register()
     dora.register()
     adalora.register()
     inits.register()

@@ -6,8 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import LoraConfig
-from ..core.layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, SlicedAdapter
+from ..core.layers import Adapter, LoraLayer, LoraLinear
 from ..core.tables import VARIANTS
+from ..layers import LoraConv, LoraEmbedding
+from .slices import SlicedAdapter
 
 
 class DoraAdapter(Adapter):

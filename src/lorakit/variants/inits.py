@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import short_repr
-from ..core.layers import Adapter, LoraLayer, LoraLinear, SlicedAdapter
+from ..core.layers import Adapter, LoraLayer, LoraLinear
 from ..core.tables import INITIALIZERS, BaseChange, Init
 from .quantized import LOFTQ_PRESET, LoraQuantLinear, dequantize, quantized_linear, set_quantized_weight
+from .slices import SlicedAdapter
 
 
 def _pissa_init(layer: LoraLayer, adapter: Adapter, niter: int | None) -> BaseChange:
