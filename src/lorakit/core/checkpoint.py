@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import secrets
 import warnings
@@ -27,11 +26,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import LORAKIT_KEY, LoraConfig, short_repr
-from .layers import LoraLayer, changed_base, plain_lora_pair
+from .layers import LoraLayer
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
-from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
-from .targets import find_parameter_targets, find_targets
+from .tables import CONVERSIONS, LOAD_CHECKS, METADATA, PEFT_TARGETS, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS
+from .targets import find_targets
 from .tensor_file import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -44,26 +43,18 @@ class CheckpointError(ValueError):
 
 
 # ----- state dict -------------------------------------------------------------------------------------
-def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
-    extra = {f"{path}.{k}": v for k, v in adapter.extra_tensors().items()}
-    if convert and changed_base(adapter):  # the equivalent plain LoRA (rank 2r) for the original base
-        A, B = plain_lora_pair(adapter)
-        return {f"{path}.lora_A.weight": A.reshape(-1, *adapter.lora_A.weight.shape[1:]),
-                f"{path}.lora_B.weight": B.reshape(B.shape[0], -1, *adapter.lora_B.weight.shape[2:]), **extra}
-    return {f"{path}.{k}": v for k, v in layer.file_tensors(adapter).items()}  # the layer and adapter say how
-
-
 def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora: bool = False) -> dict[str, Tensor]:
     """The tensors of adapter ``adapter`` under PEFT's checkpoint keys (detached, in model dtype).
 
     ``convert_to_lora``: layers whose base weight an initialiser replaced (PiSSA, OLoRA...) get the exactly
-    equivalent plain LoRA for the original base instead (rank 2r, :func:`~lorakit.core.variants.plain_lora_pair`).
+    equivalent plain LoRA for the original base instead (rank 2r; :data:`~lorakit.core.tables.CONVERSIONS`).
     """
     config = adapter_config(model, adapter)
     out: dict[str, Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.adapters:
-            out.update(_adapter_tensors(module, module.adapters[adapter], path, convert_to_lora))
+            tensors = module.file_tensors(module.adapters[adapter])  # the layer and the adapter say what
+            out.update({f"{path}.{k}": v for k, v in tensors.items()})
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 out[f"{path}.base_layer.bias"] = bias
@@ -73,7 +64,10 @@ def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora:
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".adapters." not in name and not _in_saved(model, name):
                 out[name] = p
-    return {PREFIX + k: v.detach() for k, v in out.items()}
+    out = {PREFIX + k: v.detach() for k, v in out.items()}
+    for convert in CONVERSIONS if convert_to_lora else []:
+        out, _, _ = convert(model, adapter, out, None, None)
+    return out
 
 
 def _in_saved(model: nn.Module, param_name: str) -> bool:
@@ -96,10 +90,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     """
     config = adapter_config(model, adapter)
     out_dir = Path(path) if adapter == "default" else Path(path) / adapter
-    tensors = {k: v.contiguous().cpu().clone() for k, v in lora_state_dict(model, adapter, convert_to_lora).items()}
+    tensors = lora_state_dict(model, adapter)
     peft, meta = _peft_config(model, config, adapter)
-    if convert_to_lora:
-        peft, meta = converted_config(model, adapter, peft, meta)
+    for convert in CONVERSIONS if convert_to_lora else []:
+        tensors, peft, meta = convert(model, adapter, tensors, peft, meta)
+    tensors = {k: v.contiguous().cpu().clone() for k, v in tensors.items()}
     for write_as in PEFT_WRITERS:  # another PEFT format where it applies (trainable tokens alone)
         if (converted := write_as(peft, tensors)) is not None:
             peft, tensors = converted
@@ -117,13 +112,12 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
     held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
-    paths = [p for p, m in held if m.lora_target]
-    hashed = list(paths)  # what a load fingerprints: the LoRA targets, parameter layers included
+    hashed = _fingerprinted(model, adapter)  # what a load fingerprints
     d = config.to_peft_dict()
-    owned = {p: m.parameter_names for p, m in held if hasattr(m, "parameter_names")}
-    if owned:
-        d["target_parameters"] = _parameter_names(model, config, owned)
-    paths = [p for p in paths if p not in owned]  # modules (target_modules)
+    named = set()  # layers another field names (target_parameters)
+    for write_targets in PEFT_TARGETS:
+        named |= write_targets(model, config, held, d)
+    paths = [p for p in hashed if p not in named]  # modules (target_modules)
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
     d["fan_in_fan_out"] = any(
@@ -147,40 +141,6 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
         meta.update(getattr(m.adapters[adapter], "export_metadata", dict)())
     return d, meta
-
-
-def _parameter_names(model: nn.Module, config: LoraConfig, owned: dict[str, list[str]]) -> list[str]:
-    """PEFT's ``target_parameters`` for the adapted parameters: ``<module leaf>.<parameter>`` names when they
-    select exactly those (``"experts.gate_up_proj"``), else full paths (``"all-experts"`` is lorakit's)."""
-    keys = [f"{p}.{n}" for p, names in owned.items() for n in names]
-    leaves = sorted({".".join(k.split(".")[-2:]) for k in keys})
-    try:
-        same = find_parameter_targets(model, config.replace(target_parameters=leaves)) == owned
-    except ValueError:
-        same = False
-    return leaves if same else keys
-
-
-def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
-    """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
-    scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
-    dropped (it was taken on the replaced base)."""
-    held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
-    changed = [changed_base(a) for a in held]
-    init = held[0].config.init
-    if not any(changed) and INITIALIZERS[parse_init(init)[0]].changes_base:  # changed for good (kept no A0, B0)
-        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by {init!r}, whose base is not the "
-                         "original minus a low-rank part (LoftQ's is the quantized weight): no plain LoRA for the "
-                         "original base equals it")
-    if not any(changed):
-        return peft, meta
-    if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
-        raise ValueError(f"convert_to_lora: adapter {adapter!r} replaced the base of only some of its layers")
-    f = math.sqrt(2) if peft.get("use_rslora") else 2  # alpha' / g(2r) == alpha / g(r)
-    return ({**peft, "init_lora_weights": True, "r": 2 * peft["r"], "lora_alpha": f * peft["lora_alpha"],
-             "rank_pattern": {k: 2 * v for k, v in peft["rank_pattern"].items()},
-             "alpha_pattern": {k: f * v for k, v in peft["alpha_pattern"].items()}},
-            {**meta, "base_fingerprint": None})
 
 
 def class_names(model: nn.Module) -> list[str] | None:
@@ -215,6 +175,11 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
 def temp_name(target: Path) -> str:
     """A fresh hidden name beside ``target`` for its temp file or directory."""
     return str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
+
+
+def _fingerprinted(model: nn.Module, adapter: str) -> list[str]:
+    """The paths a base fingerprint hashes, in model order: the LoRA targets of ``adapter`` (parameters too)."""
+    return [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters and m.lora_target]
 
 
 def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
@@ -380,7 +345,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
         _check_ranks(config, tensors, find_targets(model, config) if config.target_modules != [] else [], weights_file)
-        _check_parameter_ranks(model, config, tensors, weights_file)
+        for check in LOAD_CHECKS:  # a variant's tensors before anything is allocated (targeted parameters)
+            check(model, config, tensors, weights_file)
         planned, copies = plan_adapter(model, config, name)
     except CheckpointError:
         raise
@@ -420,7 +386,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             dest.copy_(t)
     commit_adapter(model, name, planned, copies)
     if expected_fp:
-        found_fp = base_fingerprint(model, [p.path for p in planned if p.layer.lora_target])
+        found_fp = base_fingerprint(model, _fingerprinted(model, name))
         if found_fp is not None and found_fp != expected_fp:
             warnings.warn(
                 f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
@@ -459,23 +425,6 @@ def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str
         if not any(k in tensors for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A")):
             raise CheckpointError(f"{weights_file}: no lora_A tensor for target {path} "
                                   f"(expected key {PREFIX}{path}.lora_A.weight)")
-
-
-def _check_parameter_ranks(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path):
-    """:func:`_check_ranks` for ``target_parameters``: the A of a parameter with ``E`` experts has ``E*r`` rows
-    (PEFT's nesting: the module's last targeted parameter at its path, each earlier one a ``.base_layer`` deeper)."""
-    for path, names in find_parameter_targets(model, config).items():
-        owner = model.get_submodule(path)
-        owner = getattr(owner, "base_layer", owner)
-        for i, name in enumerate(names):
-            key = f"{PREFIX}{path}{'.base_layer' * (len(names) - 1 - i)}.lora_A.weight"
-            param = getattr(owner, name)
-            rows = config.rank_for(f"{path}.{name}") * (param.shape[0] if param.dim() == 3 else 1)
-            if key not in tensors:
-                raise CheckpointError(f"{weights_file}: no lora_A tensor for parameter {path}.{name} (expected key {key})")
-            if tensors[key].dim() != 2 or tensors[key].shape[0] != rows:
-                raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(tensors[key].shape)}, but "
-                                      f"{CONFIG_NAME} gives {rows} rows (rank x experts) for {path}.{name}")
 
 
 def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, bool]]:

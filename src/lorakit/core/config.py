@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from .tables import INITIALIZERS, parse_init
+from .tables import CONFIG_CHECKS, INITIALIZERS, parse_init
 
 Bias = Literal["none", "all", "lora_only"]
 
@@ -67,7 +67,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
-ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -182,7 +181,6 @@ class LoraConfig:
                     isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
                     f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
                 )
-        self._validate_target_parameters()
         if self.layers is not None:
             _check(
                 isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
@@ -216,20 +214,8 @@ class LoraConfig:
                 f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
             )
         check_scaling(self)  # float32 here; add_lora / load_adapter check again in each layer's dtype
-
-    def _validate_target_parameters(self) -> None:
-        value = self.target_parameters
-        if value is None:
-            return
-        _check(value == ALL_EXPERTS or (isinstance(value, list) and value
-                                          and all(isinstance(s, str) and s for s in value)),
-               f"target_parameters must be a non-empty list of parameter names or {ALL_EXPERTS!r}, got "
-               f"{short_repr(value)}")
-        _check(self.dropout == 0, f"dropout={self.dropout} cannot be used with target_parameters (an update of "
-               "the weight itself has no input to drop; PEFT refuses it too); use dropout=0")
-        _check(not self.use_dora, "use_dora cannot be used with target_parameters (as in PEFT)")
-        _check(self.init in ("kaiming", "gaussian"),
-               f"init {self.init!r} cannot be used with target_parameters; use 'kaiming' or 'gaussian'")
+        for check in CONFIG_CHECKS:  # fields a variant owns (target_parameters)
+            check(self)
 
     # ----- per-module values ---------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:

@@ -367,17 +367,3 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
 def changed_base(adapter: Adapter) -> bool:
     """Whether ``adapter``'s initialiser replaced its layer's base weight (it holds ``init_A``/``init_B``)."""
     return "init_A" in adapter._buffers  # not hasattr: a miss goes through nn.Module.__getattr__ (slow)
-
-
-def plain_lora_pair(adapter: Adapter) -> tuple[Tensor, Tensor]:
-    """The plain LoRA pair, for the **original** base, equivalent to ``adapter`` on its layer's base.
-
-    Unchanged base: ``plain_pair()``. Changed base (``original = new + s·B0·A0``):
-    ``new + s·B·A = original + s·(B·A - B0·A0) = original + s·[B, -B0]·[A; A0]`` (rank 2r, same scaling).
-    """
-    if not adapter.additive:
-        raise ValueError(f"a {type(adapter).__name__} is not a plain LoRA update and cannot be converted")
-    A, B = adapter.plain_pair()
-    if not changed_base(adapter):
-        return A, B
-    return torch.cat([A, adapter.init_A.to(A.dtype)]), torch.cat([B, -adapter.init_B.to(B.dtype)], dim=1)

@@ -19,8 +19,8 @@ from .config import LoraConfig, check_scaling, module_matches
 from .layers import Adapter, LoraLayer, changed_base, lora_layer_type
 from .save_guard import guard_save_pretrained
 from .saved import SavedModule
-from .tables import EXTRA_LAYERS, INITIALIZERS, ON_ATTACH, PARAMETER_LAYERS, parse_init
-from .targets import find_modules_to_save, find_parameter_targets, find_targets, outside_adapters
+from .tables import EXTRA_LAYERS, INITIALIZERS, ON_ATTACH, parse_init
+from .targets import find_modules_to_save, find_targets, outside_adapters
 
 
 # ----- injection -----------------------------------------------------------------------------------------
@@ -48,13 +48,8 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         adapter = layer.new_adapter(config, path)
         check_scaling(config, adapter.dtype, path)  # a scaling over fp16's max overflows in every forward
         planned.append(Planned(path, layer, adapter, new_layer))
-    params = _plan_parameters(model, config, {p.path for p in planned})
-    if params:  # every planned layer in model order (what the base fingerprint hashes)
-        order = {path: i for i, (path, _) in enumerate(outside_adapters(model))}
-        planned = sorted(planned + params, key=lambda p: order[p.path])
-    lora_paths = [p.path for p in planned]
-    for extra in EXTRA_LAYERS:  # layers besides the LoRA targets (trainable tokens)
-        planned += [Planned(*entry) for entry in extra(model, config, name, lora_paths)]
+    for extra in EXTRA_LAYERS:  # layers besides the target_modules (parameters, trainable tokens)
+        planned += [Planned(*entry) for entry in extra(model, config, name, [p.path for p in planned])]
     if not planned:
         raise ValueError("the config adapts nothing: target_modules=[] needs trainable_token_indices or "
                          "target_parameters")
@@ -82,26 +77,6 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
             original = module.original if isinstance(module, SavedModule) else module
             copies[path] = SavedModule(original).add_copy(name)
     return planned, copies
-
-
-def _plan_parameters(model: nn.Module, config: LoraConfig, module_paths: set[str]) -> list[Planned]:
-    """The parameter layers of ``config.target_parameters`` (a variant's layer type, from core's table)."""
-    targets = find_parameter_targets(model, config)
-    if targets and "default" not in PARAMETER_LAYERS:
-        raise ValueError("target_parameters needs a parameter layer type; call lorakit.variants.register()")
-    planned = []
-    for path, names in targets.items():
-        if path in module_paths:
-            raise ValueError(f"{path} is selected by both target_modules and target_parameters; pick one")
-        module = model.get_submodule(path)
-        new_layer = not isinstance(module, LoraLayer)
-        layer = PARAMETER_LAYERS["default"](module, names) if new_layer else module
-        if sorted(layer.parameter_names) != sorted(names):
-            raise ValueError(f"target_parameters selects {sorted(names)} of {path}, whose other adapters adapt "
-                             f"{sorted(layer.parameter_names)}; every adapter must target the same parameters of a "
-                             "module (as in PEFT)")
-        planned.append(Planned(path, layer, layer.new_adapter(config, path), new_layer))
-    return planned
 
 
 def check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:

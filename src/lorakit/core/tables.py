@@ -16,10 +16,19 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`QUANTIZATIONS`: the base quantizations a checkpoint's ``"quantization"`` metadata may name.
 - :data:`PARAMETER_LAYERS`: ``"default"`` -> the layer type that adapts parameters (``target_parameters``):
   ``cls(module, parameter_names)`` (LoRA on MoE experts).
-- :data:`EXTRA_LAYERS`: ``fn(model, config, name, lora_paths) -> [(path, layer, adapter, new_layer)]``: layers an
-  adapter places besides its LoRA targets, built without touching the model (trainable tokens).
+- :data:`EXTRA_LAYERS`: ``fn(model, config, name, planned_paths) -> [(path, layer, adapter, new_layer)]``: layers an
+  adapter places besides its ``target_modules``, built without touching the model (parameters, trainable tokens).
+- :data:`CONFIG_CHECKS`: ``fn(config)`` raising ValueError: checks of a config field a variant owns
+  (``target_parameters``).
+- :data:`LOAD_CHECKS`: ``fn(model, config, tensors, weights_file)`` raising ``CheckpointError``: a checkpoint's
+  tensors against the model, before anything is allocated (the rows of targeted parameters).
+- :data:`PEFT_TARGETS`: ``fn(model, config, held, peft) -> paths``: writes the ``adapter_config.json`` field that
+  names some of the held ``(path, layer)`` (``target_parameters``); those paths are left out of ``target_modules``.
 - :data:`PEFT_WRITERS`: ``fn(peft, tensors) -> (peft, tensors) | None``: a checkpoint written in another PEFT
   format when that applies (trainable tokens alone: ``TRAINABLE_TOKENS``).
+- :data:`CONVERSIONS`: ``fn(model, adapter, tensors, peft, meta) -> (tensors, peft, meta)``: what
+  ``convert_to_lora=True`` writes instead (an adapter whose initialiser replaced the base, as the exactly
+  equivalent plain LoRA for the original base); ``peft`` and ``meta`` are None for ``lora_state_dict``.
 - :data:`METADATA`: more keys of lorakit's checkpoint metadata -> check of the value (trainable tokens:
   ``vocab_size``, ``added_tokens``).
 """
@@ -82,8 +91,12 @@ PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
 QUANTIZATIONS: set[str] = set()
 PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
 EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
+CONFIG_CHECKS: list[Callable[[Any], None]] = []
+LOAD_CHECKS: list[Callable[..., None]] = []
+PEFT_TARGETS: list[Callable[..., set[str]]] = []
 PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
 METADATA: dict[str, Callable[[Any], bool]] = {}
+CONVERSIONS: list[Callable[..., tuple]] = []
 
 
 def parse_init(init: str) -> tuple[str, int | None]:

@@ -6,7 +6,8 @@
 - :mod:`.inits`: PiSSA, OLoRA and LoftQ, initialisers that read (and replace) the base weight.
 - :mod:`.quantized`: QLoRA, LoRA on bitsandbytes' 4-bit and 8-bit base layers.
 - :mod:`.loraplus`: LoRA+ optimizer parameter groups.
-- :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``).
+- :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``); :mod:`.param_targets`
+  finds the parameters and plugs the field into core.
 - :mod:`.tokens`: trainable tokens (``trainable_token_indices``), chosen embedding rows trained.
 
 Importing a module here registers nothing: :func:`register` (called once by ``import lorakit``) does.
@@ -45,7 +46,7 @@ with argument 16) to an :class:`~lorakit.core.tables.Init`; see :mod:`.inits` fo
 
 from __future__ import annotations
 
-from . import adalora, dora, inits, params, quantized, slices, tokens
+from . import adalora, dora, inits, param_targets, params, quantized, slices, tokens
 from .adalora import AdaLoraAllocator, AdaLoraConfig
 from .loraplus import loraplus_param_groups
 from .quantized import merge_errors, quantize
@@ -59,6 +60,7 @@ def register() -> None:
     inits.register()
     quantized.register()
     params.register()
+    param_targets.register()  # before tokens: trainable tokens see the parameter layers
     tokens.register()
 
 

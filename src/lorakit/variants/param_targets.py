@@ -1,0 +1,162 @@
+"""Which parameters ``LoraConfig.target_parameters`` adapts, and how that field joins core.
+
+The parameter layers themselves (PEFT's ``ParamWrapper`` layout, expert stacks) are in :mod:`.params`; this
+module finds their targets and plugs the field into core's tables (:func:`register`):
+
+- :data:`~lorakit.core.tables.CONFIG_CHECKS`: the field's own checks (no dropout, no DoRA, plain inits).
+- :data:`~lorakit.core.tables.EXTRA_LAYERS`: the parameter layers an adapter places (planned, model untouched).
+- :data:`~lorakit.core.tables.LOAD_CHECKS`: each targeted parameter's rows in a checkpoint, checked before
+  anything is allocated.
+- :data:`~lorakit.core.tables.PEFT_TARGETS`: the names written to ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..core.checkpoint import CONFIG_NAME, PREFIX, CheckpointError
+from ..core.config import LoraConfig, short_repr
+from ..core.layers import LoraLayer, lora_layer_type
+from ..core.saved import SavedModule
+from ..core.tables import CONFIG_CHECKS, EXTRA_LAYERS, LOAD_CHECKS, PARAMETER_LAYERS, PEFT_TARGETS
+from ..core.targets import block_index, selected
+
+ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
+
+
+def check_config(config: LoraConfig) -> None:
+    """``target_parameters``: None, ``"all-experts"`` or a non-empty list of names; as in PEFT, no dropout, no
+    DoRA and no initialiser that reads the base. A one-line ValueError naming the field otherwise."""
+    value = config.target_parameters
+    if value is None:
+        return
+    if not (value == ALL_EXPERTS or (isinstance(value, list) and value and all(isinstance(s, str) and s for s in value))):
+        raise ValueError(f"target_parameters must be a non-empty list of parameter names or {ALL_EXPERTS!r}, got "
+                         f"{short_repr(value)}")
+    if config.dropout != 0:
+        raise ValueError(f"dropout={config.dropout} cannot be used with target_parameters (an update of the weight "
+                         "itself has no input to drop; PEFT refuses it too); use dropout=0")
+    if config.use_dora:
+        raise ValueError("use_dora cannot be used with target_parameters (as in PEFT)")
+    if config.init not in ("kaiming", "gaussian"):
+        raise ValueError(f"init {config.init!r} cannot be used with target_parameters; use 'kaiming' or 'gaussian'")
+
+
+def _parameter_owners(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(path, owner) for every module that may own targeted parameters; at ``path`` sits the owner or the
+    parameter layer that already wraps it."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, LoraLayer):
+            if isinstance(child, tuple(PARAMETER_LAYERS.values())):
+                yield path, child.base_layer
+            continue  # a wrapped layer's own weight is adapted as a module
+        if isinstance(child, SavedModule) or lora_layer_type(child) is not None:
+            continue  # modules_to_save copies; layers adapted as modules
+        yield path, child
+        yield from _parameter_owners(child, path)
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
+    """Module path -> names of its parameters ``config.target_parameters`` adapts, in model order.
+
+    A listed name matches ``<module path>.<parameter>`` exactly or as a suffix at a ``.`` boundary (as PEFT);
+    ``"all-experts"`` takes every 3-D floating parameter. ``layers`` and ``exclude_modules`` apply to the
+    module path. Raises ValueError naming the problem when nothing matches or a match is not 2-D/3-D.
+    """
+    spec = config.target_parameters
+    if spec is None:
+        return {}
+    found: dict[str, list[str]] = {}
+    for path, owner in _parameter_owners(model):
+        if config.exclude_modules is not None and selected(path, config.exclude_modules):
+            continue
+        if config.layers is not None and block_index(path, config.layers_pattern) not in config.layers:
+            continue
+        names = []
+        for name, p in owner.named_parameters(recurse=False):
+            key = f"{path}.{name}"
+            if spec == ALL_EXPERTS:
+                hit = p.dim() == 3 and p.is_floating_point()
+            else:
+                hit = selected(key, spec)
+                if hit and p.dim() not in (2, 3):
+                    raise ValueError(f"target_parameters matches {key} of shape {tuple(p.shape)}; only 2-D and "
+                                     "3-D parameters can be adapted")
+            if hit:
+                names.append(name)
+        if names:
+            found[path] = names
+    if not found:
+        sample = [f"{p}.{n}" for p, o in _parameter_owners(model) for n, t in o.named_parameters(recurse=False)
+                  if t.dim() == 3][:4]
+        raise ValueError(f"no parameter matches target_parameters={spec!r}"
+                         + (f" with layers={config.layers}" if config.layers is not None else "")
+                         + f"; 3-D parameters of this model: {sample or '(none)'}")
+    return found
+
+
+def plan_parameters(model: nn.Module, config: LoraConfig, name: str, module_paths: list[str]) -> list[tuple]:
+    """Core's ``EXTRA_LAYERS`` entry: ``(path, layer, adapter, new_layer)`` for every module whose parameters
+    ``config`` adapts (the parameter layer type of :data:`~lorakit.core.tables.PARAMETER_LAYERS`); the model
+    is not touched."""
+    planned = []
+    for path, names in find_parameter_targets(model, config).items():
+        if path in module_paths:
+            raise ValueError(f"{path} is selected by both target_modules and target_parameters; pick one")
+        module = model.get_submodule(path)
+        new_layer = not isinstance(module, LoraLayer)
+        layer = PARAMETER_LAYERS["default"](module, names) if new_layer else module
+        if sorted(layer.parameter_names) != sorted(names):
+            raise ValueError(f"target_parameters selects {sorted(names)} of {path}, whose other adapters adapt "
+                             f"{sorted(layer.parameter_names)}; every adapter must target the same parameters of a "
+                             "module (as in PEFT)")
+        planned.append((path, layer, layer.new_adapter(config, path), new_layer))
+    return planned
+
+
+def check_ranks(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
+    """Core's ``LOAD_CHECKS`` entry: the A of a parameter with ``E`` experts has ``E*r`` rows (PEFT's nesting:
+    the module's last targeted parameter at its path, each earlier one a ``.base_layer`` deeper), checked before
+    any adapter is allocated."""
+    for path, names in find_parameter_targets(model, config).items():
+        owner = model.get_submodule(path)
+        owner = getattr(owner, "base_layer", owner)
+        for i, name in enumerate(names):
+            key = f"{PREFIX}{path}{'.base_layer' * (len(names) - 1 - i)}.lora_A.weight"
+            param = getattr(owner, name)
+            rows = config.rank_for(f"{path}.{name}") * (param.shape[0] if param.dim() == 3 else 1)
+            if key not in tensors:
+                raise CheckpointError(f"{weights_file}: no lora_A tensor for parameter {path}.{name} (expected key {key})")
+            if tensors[key].dim() != 2 or tensors[key].shape[0] != rows:
+                raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(tensors[key].shape)}, but "
+                                      f"{CONFIG_NAME} gives {rows} rows (rank x experts) for {path}.{name}")
+
+
+def peft_names(model: nn.Module, config: LoraConfig, held: list[tuple[str, LoraLayer]], peft: dict) -> set[str]:
+    """Core's ``PEFT_TARGETS`` entry: PEFT's ``target_parameters`` for the adapted parameters, written into
+    ``peft``: ``<module leaf>.<parameter>`` names when they select exactly those (``"experts.gate_up_proj"``),
+    else full paths (``"all-experts"`` is lorakit's). Returns the paths of the parameter layers."""
+    owned = {p: m.parameter_names for p, m in held if isinstance(m, tuple(PARAMETER_LAYERS.values()))}
+    if not owned:
+        return set()
+    keys = [f"{p}.{n}" for p, names in owned.items() for n in names]
+    leaves = sorted({".".join(k.split(".")[-2:]) for k in keys})
+    try:
+        same = find_parameter_targets(model, config.replace(target_parameters=leaves)) == owned
+    except ValueError:
+        same = False
+    peft["target_parameters"] = leaves if same else keys
+    return set(owned)
+
+
+def register() -> None:
+    """Plug ``target_parameters`` into core's tables (before trainable tokens, which see its layers); calling it
+    again changes nothing."""
+    for table, entry in ((CONFIG_CHECKS, check_config), (EXTRA_LAYERS, plan_parameters), (LOAD_CHECKS, check_ranks),
+                         (PEFT_TARGETS, peft_names)):
+        if entry not in table:
+            table.append(entry)
