@@ -6,8 +6,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ..core.checkpoint import temp_name
 from ..core.model import unload
+from ..files import temp_name
 from ..models import load_with_adapter
 from .options import check_output_dir
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,13 +23,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..files import atomic_write, save_tensors
 from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraLayer
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
-from .tables import CONVERSIONS, LOAD_CHECKS, METADATA, PEFT_TARGETS, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS
+from .tables import (
+    CONVERSIONS,
+    LOAD_CHECKS,
+    METADATA,
+    PEFT_TARGETS,
+    PEFT_TYPES,
+    PEFT_WRITERS,
+    QUANTIZATIONS,
+    TENSOR_CHECKS,
+)
 from .targets import find_targets
-from .tensor_file import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -154,29 +161,6 @@ def class_names(model: nn.Module) -> list[str] | None:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write ``target`` by ``write(tmp)`` on a temp file beside it, fsync and rename: a reader (or a kill) sees
-    the old file or the new one, never a truncated one. The file gets the permissions any new file gets
-    (0666 less the umask), not a private temp file's 0600."""
-    tmp = temp_name(target)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, read without changing the process's umask
-        write(tmp)
-        os.chmod(tmp, mode)  # ``write`` may have replaced the file (safetensors does, with 0600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def temp_name(target: Path) -> str:
-    """A fresh hidden name beside ``target`` for its temp file or directory."""
-    return str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
-
-
 def _fingerprinted(model: nn.Module, adapter: str) -> list[str]:
     """The paths a base fingerprint hashes, in model order: the LoRA targets of ``adapter`` (parameters too)."""
     return [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters and m.lora_target]
@@ -264,21 +248,17 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     return config, {**raw, LORAKIT_KEY: meta}, tensors
 
 
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-feature magnitude, under PEFT's key
-
-
 def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
     """What an adapter's tensors must satisfy whatever model they go into (``read_adapter`` runs it, so every
     reader, ``load_adapter`` and ``lorakit inspect`` alike, refuses the same files): each ``lora_A`` has its
-    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module, and a DoRA adapter holds
-    the magnitude of each pair (a plain one none). A :class:`CheckpointError` naming the key otherwise."""
+    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module, and every check of
+    :data:`~lorakit.core.tables.TENSOR_CHECKS` holds (DoRA's magnitudes). A :class:`CheckpointError` naming the
+    key otherwise."""
     for key in tensors:
         if key.endswith(("lora_B.weight", "lora_embedding_B")):
             a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
             if a_key not in tensors:
                 raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
-        elif key.endswith(MAGNITUDE) and not config.use_dora:
-            raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
     for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
         stem = key.rsplit(".lora_", 1)[0]
         b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
@@ -294,9 +274,8 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
         if A.shape[0] != r and not stack:
             raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(A.shape)}, but {CONFIG_NAME} gives "
                                   f"rank {r} for {module}")
-        if config.use_dora and f"{stem}.{MAGNITUDE}" not in tensors:
-            raise CheckpointError(f"{weights_file}: {CONFIG_NAME} has use_dora true, but {stem}.{MAGNITUDE} (the DoRA "
-                                  f"magnitude of {module}) is missing")
+    for check in TENSOR_CHECKS:
+        check(config, tensors, weights_file)
 
 
 # lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add

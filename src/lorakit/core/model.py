@@ -17,7 +17,6 @@ from torch import nn
 
 from .config import LoraConfig, check_scaling, module_matches
 from .layers import Adapter, LoraLayer, changed_base, lora_layer_type
-from .save_guard import guard_save_pretrained
 from .saved import SavedModule
 from .tables import EXTRA_LAYERS, INITIALIZERS, ON_ATTACH, parse_init
 from .targets import find_modules_to_save, find_targets, outside_adapters
@@ -124,8 +123,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[Planned], copies: 
         holder.copies[name] = module.train(holder.original.training)
     if activate:
         set_adapter(model, name)
-    guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
-    for hook in ON_ATTACH:  # e.g. 4-bit layers repacked for CPU inference get a layout with a backward
+    for hook in ON_ATTACH:  # save_pretrained refused (lorakit.save_guard); 4-bit layers get a layout with a backward
         hook(model)
 
 

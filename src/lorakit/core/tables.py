@@ -20,6 +20,8 @@ registers nothing. Each table is one way a new kind joins:
   adapter places besides its ``target_modules``, built without touching the model (parameters, trainable tokens).
 - :data:`CONFIG_CHECKS`: ``fn(config)`` raising ValueError: checks of a config field a variant owns
   (``target_parameters``).
+- :data:`TENSOR_CHECKS`: ``fn(config, tensors, weights_file)`` raising ``CheckpointError``: what a variant's
+  tensors must satisfy in any checkpoint, whatever model it goes into (DoRA: a magnitude for each pair).
 - :data:`LOAD_CHECKS`: ``fn(model, config, tensors, weights_file)`` raising ``CheckpointError``: a checkpoint's
   tensors against the model, before anything is allocated (the rows of targeted parameters).
 - :data:`PEFT_TARGETS`: ``fn(model, config, held, peft) -> paths``: writes the ``adapter_config.json`` field that
@@ -93,6 +95,7 @@ PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
 EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
 CONFIG_CHECKS: list[Callable[[Any], None]] = []
 LOAD_CHECKS: list[Callable[..., None]] = []
+TENSOR_CHECKS: list[Callable[..., None]] = []
 PEFT_TARGETS: list[Callable[..., set[str]]] = []
 PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
 METADATA: dict[str, Callable[[Any], bool]] = {}
