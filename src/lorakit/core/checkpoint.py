@@ -30,12 +30,13 @@ from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
 from .tables import (
     CONVERSIONS,
+    EXPORT_METADATA,
+    FIT_NEW,
     LOAD_CHECKS,
     METADATA,
     PEFT_TARGETS,
     PEFT_TYPES,
     PEFT_WRITERS,
-    QUANTIZATIONS,
     TENSOR_CHECKS,
 )
 from .targets import find_targets
@@ -140,25 +141,11 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, hashed), "slices": config.slices}
-    quantized = {q for p in paths if (q := model.get_submodule(p).quantization()) is not None}
-    if len(quantized) == 1 and quantized <= QUANTIZATIONS:
-        meta["quantization"] = quantized.pop()  # the 4/8-bit base it was trained on (QLoRA)
-    if names := class_names(model):
-        meta["id2label"] = {str(i): name for i, name in enumerate(names)}
+    for export in EXPORT_METADATA:  # what the model says besides (class names, a QLoRA base's quantization)
+        meta.update(export(model, held))
     for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
         meta.update(getattr(m.adapters[adapter], "export_metadata", dict)())
     return d, meta
-
-
-def class_names(model: nn.Module) -> list[str] | None:
-    """A classifier's class names in class order (``config.id2label``); None for transformers' ``LABEL_<i>``.
-
-    They travel with the adapter: a head's row ``i`` means nothing without the name of class ``i``.
-    """
-    id2label = getattr(getattr(model, "config", None), "id2label", None)
-    if not id2label or all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
-        return None
-    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def _fingerprinted(model: nn.Module, adapter: str) -> list[str]:
@@ -283,9 +270,6 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
 _METADATA = {
     "base_fingerprint": lambda v: v is None or isinstance(v, str),
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
-    "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
-                                                       for k, x in v.items()),
-    "quantization": lambda v: isinstance(v, str) and v in QUANTIZATIONS,  # a QLoRA adapter's base (core.tables)
 }
 
 
@@ -331,7 +315,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    _fit_heads(model, copies, tensors)
+    for fit in FIT_NEW:  # new modules shaped to the file first (a head with its own number of classes)
+        fit(model, planned, copies, tensors)
     targets = _load_targets(model, config, planned, copies)
     optional = {k for k in targets if k.endswith(".base_layer.weight")}
     missing = sorted(set(targets) - set(tensors) - optional)
@@ -374,26 +359,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
                 stacklevel=2,
             )
     return name
-
-
-def _fit_heads(model: nn.Module, copies: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
-    """An adapter's own classification head may have its own number of classes: in its ``modules_to_save``
-    copies (new, not attached yet), a ``Linear`` with the model's ``num_labels`` outputs takes the number of
-    rows the file gives it (same inputs), so adapters of 2 and 3 classes and a regression head (1) share a base.
-    Any other shape difference is left for the shape check to refuse."""
-    classes = getattr(getattr(model, "config", None), "num_labels", None)
-    for path, copy in copies.items():
-        for sub_name, sub in copy.named_modules():
-            if not isinstance(sub, nn.Linear) or sub.out_features != classes:
-                continue
-            found = tensors.get(f"{PREFIX}{path}{'.' if sub_name else ''}{sub_name}.weight")
-            if found is None or found.dim() != 2 or found.shape[1] != sub.in_features or found.shape[0] == classes:
-                continue
-            rows = found.shape[0]
-            sub.weight = nn.Parameter(sub.weight.new_empty(rows, sub.in_features), sub.weight.requires_grad)
-            if sub.bias is not None:
-                sub.bias = nn.Parameter(sub.bias.new_empty(rows), sub.bias.requires_grad)
-            sub.out_features = rows
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:

@@ -213,10 +213,6 @@ class LoraLayer(nn.Module):
         """A per-output-feature vector ``(d,)`` shaped to broadcast against the layer's output."""
         return v
 
-    def quantization(self) -> str | None:
-        """The name of the base's quantization (a QLoRA base), None for a full-precision one."""
-        return None
-
     # ----- checkpoint layout (PEFT's keys after the module path) -------------------------------------------
     def file_tensors(self, adapter: Adapter) -> dict[str, Tensor]:
         """Key suffix -> tensor written for ``adapter`` (the adapter says what it exports)."""

@@ -13,7 +13,6 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`ON_ATTACH`: ``fn(model)`` run after an adapter is attached (a quantized base keeps a trainable layout).
 - :data:`PEFT_TYPES`: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)`` giving the exactly
   equivalent ``LORA`` checkpoint (AdaLoRA).
-- :data:`QUANTIZATIONS`: the base quantizations a checkpoint's ``"quantization"`` metadata may name.
 - :data:`PARAMETER_LAYERS`: ``"default"`` -> the layer type that adapts parameters (``target_parameters``):
   ``cls(module, parameter_names)`` (LoRA on MoE experts).
 - :data:`EXTRA_LAYERS`: ``fn(model, config, name, planned_paths) -> [(path, layer, adapter, new_layer)]``: layers an
@@ -31,6 +30,10 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`CONVERSIONS`: ``fn(model, adapter, tensors, peft, meta) -> (tensors, peft, meta)``: what
   ``convert_to_lora=True`` writes instead (an adapter whose initialiser replaced the base, as the exactly
   equivalent plain LoRA for the original base); ``peft`` and ``meta`` are None for ``lora_state_dict``.
+- :data:`EXPORT_METADATA`: ``fn(model, held) -> dict``: more of lorakit's checkpoint metadata, from the model and
+  the ``(path, layer)`` pairs holding the adapter (a classifier's class names, a QLoRA base's quantization).
+- :data:`FIT_NEW`: ``fn(model, planned, copies, tensors)``: shapes a load's new layers and ``modules_to_save``
+  copies (not attached yet) to the checkpoint before its shapes are checked (a head with its own classes).
 - :data:`METADATA`: more keys of lorakit's checkpoint metadata -> check of the value (trainable tokens:
   ``vocab_size``, ``added_tokens``).
 """
@@ -90,7 +93,6 @@ PAIR_TYPES: list[Callable[..., Any]] = []
 LAYER_TYPES: list[Callable[[Any], type | None]] = []
 ON_ATTACH: list[Callable[[Any], None]] = []
 PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
-QUANTIZATIONS: set[str] = set()
 PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
 EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
 CONFIG_CHECKS: list[Callable[[Any], None]] = []
@@ -100,6 +102,8 @@ PEFT_TARGETS: list[Callable[..., set[str]]] = []
 PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
 METADATA: dict[str, Callable[[Any], bool]] = {}
 CONVERSIONS: list[Callable[..., tuple]] = []
+EXPORT_METADATA: list[Callable[..., dict]] = []
+FIT_NEW: list[Callable[..., None]] = []
 
 
 def parse_init(init: str) -> tuple[str, int | None]:

@@ -1,6 +1,7 @@
 """The successors of plain LoRA, each a plug-in that joins core's tables (:mod:`lorakit.core.tables`).
 
 - :mod:`.slices`: fused slices, LoRA on chosen output slices of a fused projection (GPT-2's ``c_attn``).
+- :mod:`.heads`: an adapter's own classification head: class names recorded, the number of classes read.
 - :mod:`.dora`: DoRA, a magnitude per output feature times a normalised direction.
 - :mod:`.adalora`: AdaLoRA's SVD-form adapters and rank allocator.
 - :mod:`.inits`: PiSSA, OLoRA and LoftQ, initialisers that read (and replace) the base weight.
@@ -46,7 +47,7 @@ with argument 16) to an :class:`~lorakit.core.tables.Init`; see :mod:`.inits` fo
 
 from __future__ import annotations
 
-from . import adalora, dora, inits, param_targets, params, quantized, slices, tokens
+from . import adalora, dora, heads, inits, param_targets, params, quantized, slices, tokens
 from .adalora import AdaLoraAllocator, AdaLoraConfig
 from .loraplus import loraplus_param_groups
 from .quantized import merge_errors, quantize
@@ -55,6 +56,7 @@ from .quantized import merge_errors, quantize
 def register() -> None:
     """Put every variant into core's tables; calling it again changes nothing."""
     slices.register()
+    heads.register()
     dora.register()
     adalora.register()
     inits.register()
