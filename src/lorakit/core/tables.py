@@ -34,6 +34,8 @@ registers nothing. Each table is one way a new kind joins:
   the ``(path, layer)`` pairs holding the adapter (a classifier's class names, a QLoRA base's quantization).
 - :data:`FIT_NEW`: ``fn(model, planned, copies, tensors)``: shapes a load's new layers and ``modules_to_save``
   copies (not attached yet) to the checkpoint before its shapes are checked (a head with its own classes).
+- :data:`SAVED_ROWS`: ``[fn(module, x, *args, **kwargs)]``: a ``modules_to_save`` holder's output while its
+  ``row_names`` say which copy each batch row runs (``lorakit.ops.saved_rows``).
 - :data:`METADATA`: more keys of lorakit's checkpoint metadata -> check of the value (trainable tokens:
   ``vocab_size``, ``added_tokens``).
 """
@@ -104,6 +106,7 @@ METADATA: dict[str, Callable[[Any], bool]] = {}
 CONVERSIONS: list[Callable[..., tuple]] = []
 EXPORT_METADATA: list[Callable[..., dict]] = []
 FIT_NEW: list[Callable[..., None]] = []
+SAVED_ROWS: list[Callable[..., Any]] = []
 
 
 def parse_init(init: str) -> tuple[str, int | None]:
