@@ -157,46 +157,14 @@ class LoraConfig:
         not a number (``r=True`` is refused) and only ``True``/``False`` are booleans (not ``"false"``, not 1)."""
         _check(_is_int(self.r) and self.r > 0, f"r must be a positive integer, got {short_repr(self.r)}")
         _check(_is_pos(self.alpha), f"alpha must be a positive finite number, got {short_repr(self.alpha)}")
-        _check(
-            _is_num(self.dropout) and 0.0 <= self.dropout < 1.0,
-            f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
-        )
+        _check(_is_num(self.dropout) and 0.0 <= self.dropout < 1.0,
+               f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
         parse_init(self.init)  # a name in core.tables.INITIALIZERS, or <name>_<K> for a counted one
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
         _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
         _check_token_indices(self.trainable_token_indices)
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if name == "target_modules" and value == [] and self.trainable_token_indices:
-                continue  # trainable tokens alone
-            if isinstance(value, str):
-                if value != "all-linear":
-                    try:
-                        re.compile(value)
-                    except re.error as e:
-                        raise ValueError(f"{name} regex {short_repr(value)} is invalid: {e}") from None
-            elif value is not None:
-                _check(
-                    isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
-                    f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
-                )
-        if self.layers is not None:
-            _check(
-                isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
-                f"layers must be a list of non-negative block indices, got {short_repr(self.layers)}",
-            )
-        _check(
-            self.layers_pattern is None or (isinstance(self.layers_pattern, str) and self.layers_pattern)
-            or (isinstance(self.layers_pattern, list) and self.layers_pattern
-                and all(isinstance(s, str) and s for s in self.layers_pattern)),
-            f"layers_pattern must be a module name or a list of them, got {short_repr(self.layers_pattern)}",
-        )
-        _check(
-            self.modules_to_save is None or (isinstance(self.modules_to_save, list)
-                                             and all(isinstance(s, str) and s for s in self.modules_to_save)),
-            f"modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}",
-        )
+        self._validate_selection()
         for name in ("task_type", "base_model_name_or_path"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, str), f"{name} must be a string, got {short_repr(value)}")
@@ -208,14 +176,33 @@ class LoraConfig:
             _check(_is_int(rank) and rank > 0, f"rank_pattern[{short_repr(key)}] must be a positive int, got {short_repr(rank)}")
         for key, a in self.alpha_pattern.items():
             _check(_is_pos(a), f"alpha_pattern[{short_repr(key)}] must be a positive finite number, got {short_repr(a)}")
-        for key, mask in self.slices.items():
-            _check(
-                isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask),
-                f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
-            )
         check_scaling(self)  # float32 here; add_lora / load_adapter check again in each layer's dtype
-        for check in CONFIG_CHECKS:  # fields a variant owns (target_parameters)
+        for check in CONFIG_CHECKS:  # fields a variant owns (target_parameters, slices)
             check(self)
+
+    def _validate_selection(self) -> None:
+        """The fields that select modules: ``target_modules``, ``exclude_modules``, ``layers``, ``layers_pattern``,
+        ``modules_to_save``."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if name == "target_modules" and value == [] and self.trainable_token_indices:
+                continue  # trainable tokens alone
+            if isinstance(value, str):
+                if value != "all-linear":
+                    try:
+                        re.compile(value)
+                    except re.error as e:
+                        raise ValueError(f"{name} regex {short_repr(value)} is invalid: {e}") from None
+            elif value is not None:
+                _check(_names(value), f"{name} must be a non-empty list of module names, a regex string or "
+                                      f"'all-linear', got {short_repr(value)}")
+        _check(self.layers is None or (isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers)),
+               f"layers must be a list of non-negative block indices, got {short_repr(self.layers)}")
+        pattern = self.layers_pattern
+        _check(pattern is None or (isinstance(pattern, str) and pattern) or _names(pattern),
+               f"layers_pattern must be a module name or a list of them, got {short_repr(pattern)}")
+        _check(self.modules_to_save in (None, []) or _names(self.modules_to_save),
+               f"modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}")
 
     # ----- per-module values ---------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -342,6 +329,11 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
         if module_matches(name, key):
             return value
     return default
+
+
+def _names(x: Any) -> bool:
+    """A non-empty list of non-empty strings."""
+    return isinstance(x, list) and bool(x) and all(isinstance(s, str) and s for s in x)
 
 
 def _is_int(x: Any) -> bool:

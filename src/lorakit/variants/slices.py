@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..core.config import LoraConfig
+from ..core.config import LoraConfig, short_repr
 from ..core.layers import Adapter, LoraLayer, LoraLinear, factory_kwargs
-from ..core.tables import PAIR_TYPES
+from ..core.tables import CONFIG_CHECKS, PAIR_TYPES
 
 
 class SlicedAdapter(Adapter):
@@ -74,7 +74,16 @@ def sliced_pair(layer: LoraLayer, r: int, scaling: float, config: LoraConfig, mo
     return SlicedAdapter(layer.in_features, layer.out_features, mask, r, config.dropout, scaling, config, **kw)
 
 
+def check_config(config: LoraConfig) -> None:
+    """Core's ``CONFIG_CHECKS`` entry: each mask of ``config.slices`` is a list of >= 2 booleans, one True at least."""
+    for key, mask in config.slices.items():
+        if not (isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask)):
+            raise ValueError(f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got "
+                             f"{short_repr(mask)}")
+
+
 def register() -> None:
     """Make ``LoraConfig.slices`` build sliced pairs on linear layers; calling it again changes nothing."""
-    if sliced_pair not in PAIR_TYPES:
-        PAIR_TYPES.append(sliced_pair)
+    for table, entry in ((PAIR_TYPES, sliced_pair), (CONFIG_CHECKS, check_config)):
+        if entry not in table:
+            table.append(entry)
