@@ -128,9 +128,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     paths = [p for p in hashed if p not in named]  # modules (target_modules)
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
-    d["fan_in_fan_out"] = any(
-        getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
-    )
+    d["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in held)
     d["target_modules"] = leaves if paths and find_targets(model, config.replace(target_modules=leaves)) == paths \
         else paths
     for p in paths:  # an adapter exported as another pair (fused slices, AdaLoRA) names its rank and alpha

@@ -90,11 +90,9 @@ class LoraConfig:
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
             paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
-            ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"`` (QLoRA, see
-            :func:`lorakit.variants.inits.loftq_init`): A and B from the base weight, which is replaced by the
-            residual (see :mod:`lorakit.variants.inits`; ``save_adapter(..., convert_to_lora=True)`` writes
-            the equivalent plain LoRA for the original base). ``from_peft_dict`` maps PEFT's
-            ``init_lora_weights`` values (``True`` is ``"kaiming"``).
+            ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"``: A and B from the base weight, which
+            is replaced by the residual (:mod:`lorakit.variants.inits`). PEFT's ``init_lora_weights: true`` is
+            ``"kaiming"``.
         use_dora: DoRA (arXiv 2402.09353): a learned magnitude per output feature times the normalised
             direction of ``W0 + s·B·A`` (PEFT's ``use_dora``).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv 2312.03732).
@@ -108,15 +106,11 @@ class LoraConfig:
             tied output embedding follows the input one. Alone, with ``target_modules=[]``, or beside LoRA
             (see :mod:`lorakit.variants.tokens`).
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
-        target_parameters: parameters to adapt directly (PEFT's ``target_parameters``), for weights that are
-            not in an ``nn.Linear``: above all the fused expert stacks of MoE models. A list names parameters
-            by path or suffix (``"experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``);
-            ``"all-experts"`` takes every 3-D parameter (every expert of every MoE layer) and is saved as the
-            names it matched. A 3-D parameter gets one rank-``r`` pair per expert. ``rank_pattern`` /
-            ``alpha_pattern`` keys match the parameter's path. With ``target_modules=None`` no module is
-            adapted; ``target_modules="all-linear", target_parameters="all-experts"`` adapts every linear
-            layer and every expert. As in PEFT: no dropout, no DoRA, and every adapter of a model targets the
-            same parameters of a module (see :mod:`lorakit.variants.params`).
+        target_parameters: parameters to adapt directly (PEFT's ``target_parameters``), above all the fused
+            expert stacks of MoE models: names by path or suffix (``"experts.gate_up_proj"``), or
+            ``"all-experts"`` (every 3-D parameter); one rank-``r`` pair per expert. With
+            ``target_modules=None`` no module is adapted. As in PEFT: no dropout, no DoRA
+            (:mod:`lorakit.variants.param_targets`, :mod:`lorakit.variants.params`).
 
     Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
     or ``use_rslora=1`` (booleans are strict; a bool is not a number) raise ``ValueError`` naming the field.

@@ -210,7 +210,6 @@ def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
     return (m for _, m in outside_adapters(model) if isinstance(m, LoraLayer))
 
 
-
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters in ``model``, in the order they were added."""
     names: dict[str, None] = {}

@@ -1,7 +1,8 @@
 """The tables the successors of plain LoRA register into; core reads them and names none of them.
 
-``lorakit.variants.register()`` (called once by ``import lorakit``) fills them; importing a variant's module
-registers nothing. Each table is one way a new kind joins:
+``import lorakit`` fills them once, through the ``register()`` of :mod:`lorakit.layers`, :mod:`lorakit.variants`,
+:mod:`lorakit.ops.saved_rows` and :mod:`lorakit.save_guard`; importing a module registers nothing. Each table is
+one way a new kind joins:
 
 - :data:`INITIALIZERS`: ``LoraConfig.init`` names -> :class:`Init` (PiSSA, OLoRA, LoftQ).
 - :data:`VARIANTS`: adapter classes tried in order; the first whose ``wanted(config)`` is true wraps the
@@ -13,8 +14,6 @@ registers nothing. Each table is one way a new kind joins:
 - :data:`ON_ATTACH`: ``fn(model)`` run after an adapter is attached (a quantized base keeps a trainable layout).
 - :data:`PEFT_TYPES`: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)`` giving the exactly
   equivalent ``LORA`` checkpoint (AdaLoRA).
-- :data:`PARAMETER_LAYERS`: ``"default"`` -> the layer type that adapts parameters (``target_parameters``):
-  ``cls(module, parameter_names)`` (LoRA on MoE experts).
 - :data:`EXTRA_LAYERS`: ``fn(model, config, name, planned_paths) -> [(path, layer, adapter, new_layer)]``: layers an
   adapter places besides its ``target_modules``, built without touching the model (parameters, trainable tokens).
 - :data:`CONFIG_CHECKS`: ``fn(config)`` raising ValueError: checks of a config field a variant owns
@@ -95,7 +94,6 @@ PAIR_TYPES: list[Callable[..., Any]] = []
 LAYER_TYPES: list[Callable[[Any], type | None]] = []
 ON_ATTACH: list[Callable[[Any], None]] = []
 PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
-PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
 EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
 CONFIG_CHECKS: list[Callable[[Any], None]] = []
 LOAD_CHECKS: list[Callable[..., None]] = []

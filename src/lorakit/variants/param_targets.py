@@ -12,7 +12,7 @@ module finds their targets and plugs the field into core's tables (:func:`regist
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -21,10 +21,12 @@ from ..core.checkpoint import CONFIG_NAME, PREFIX, CheckpointError
 from ..core.config import LoraConfig, short_repr
 from ..core.layers import LoraLayer, lora_layer_type
 from ..core.saved import SavedModule
-from ..core.tables import CONFIG_CHECKS, EXTRA_LAYERS, LOAD_CHECKS, PARAMETER_LAYERS, PEFT_TARGETS
+from ..core.tables import CONFIG_CHECKS, EXTRA_LAYERS, LOAD_CHECKS, PEFT_TARGETS
 from ..core.targets import block_index, selected
 
 ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
+#: ``"default"`` -> the layer type that adapts parameters: ``cls(module, parameter_names)`` (:mod:`.params` fills it)
+PARAMETER_LAYERS: dict[str, Callable[[nn.Module, list[str]], LoraLayer]] = {}
 
 
 def check_config(config: LoraConfig) -> None:
@@ -101,8 +103,7 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, li
 
 def plan_parameters(model: nn.Module, config: LoraConfig, name: str, module_paths: list[str]) -> list[tuple]:
     """Core's ``EXTRA_LAYERS`` entry: ``(path, layer, adapter, new_layer)`` for every module whose parameters
-    ``config`` adapts (the parameter layer type of :data:`~lorakit.core.tables.PARAMETER_LAYERS`); the model
-    is not touched."""
+    ``config`` adapts (the parameter layer type of :data:`PARAMETER_LAYERS`); the model is not touched."""
     planned = []
     for path, names in find_parameter_targets(model, config).items():
         if path in module_paths:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraLayer, init_pair
-from ..core.tables import PARAMETER_LAYERS
+from .param_targets import PARAMETER_LAYERS
 
 
 class ExpertLora(Adapter):
