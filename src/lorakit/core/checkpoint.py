@@ -315,7 +315,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise CheckpointError(f"{path}: {e}") from None
     for fit in FIT_NEW:  # new modules shaped to the file first (a head with its own number of classes)
         fit(model, planned, copies, tensors)
-    targets = _load_targets(model, config, planned, copies)
+    staged = _stage(_load_targets(model, config, planned, copies), tensors, weights_file)
+    expected_fp = raw[LORAKIT_KEY].get("base_fingerprint")
+    # ---- validated: from here on the model changes ----
+    with torch.no_grad():
+        for dest, t in staged:
+            dest.copy_(t)
+    commit_adapter(model, name, planned, copies)
+    if expected_fp:
+        found_fp = base_fingerprint(model, _fingerprinted(model, name))
+        if found_fp is not None and found_fp != expected_fp:
+            warnings.warn(
+                f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
+                f"{found_fp}); outputs will not match the ones it was trained for",
+                UserWarning,
+                stacklevel=2,
+            )
+    return name
+
+
+def _stage(targets: dict[str, tuple[Tensor, bool]], tensors: dict[str, Tensor], weights_file: Path) -> list:
+    """``(destination, tensor)`` for every key of the file, each checked against its destination: the keys match
+    (suffixes ``.base_layer.weight`` are optional), and each tensor has the destination's shape (transposed
+    where the file stores it so), a floating dtype and finite values once cast to the destination's dtype."""
     optional = {k for k in targets if k.endswith(".base_layer.weight")}
     missing = sorted(set(targets) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(targets))
@@ -341,22 +363,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{weights_file}: tensor {key} has non-finite values (nan/inf) in {dest.dtype}")
         staged.append((dest, t))
-    expected_fp = raw[LORAKIT_KEY].get("base_fingerprint")
-    # ---- validated: from here on the model changes ----
-    with torch.no_grad():
-        for dest, t in staged:
-            dest.copy_(t)
-    commit_adapter(model, name, planned, copies)
-    if expected_fp:
-        found_fp = base_fingerprint(model, _fingerprinted(model, name))
-        if found_fp is not None and found_fp != expected_fp:
-            warnings.warn(
-                f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
-                f"{found_fp}); outputs will not match the ones it was trained for",
-                UserWarning,
-                stacklevel=2,
-            )
-    return name
+    return staged
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:
