@@ -4,6 +4,7 @@ generate and serve."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -160,23 +161,115 @@ def add_vocabulary(model: nn.Module, tokenizer, tokens: list[str]) -> dict[str, 
     return {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
 
 
-def rebuild_vocabulary(model: nn.Module, tokenizer, metadata: list[dict]) -> None:
-    """Before adapters with trainable tokens load: add the tokens they record (checked to get the same ids) and
-    grow the embeddings to the recorded vocabulary size. ``metadata``: each adapter's lorakit metadata."""
-    wanted: dict[str, int] = {}
-    for meta in metadata:
-        for token, i in (meta.get("added_tokens") or {}).items():
-            if wanted.setdefault(token, i) != i:
-                raise ModelError(f"the adapters record token {token!r} with ids {wanted[token]} and {i}")
-    if wanted:
-        tokenizer.add_tokens(sorted(wanted, key=wanted.get), special_tokens=True)
-        for token, i in wanted.items():
-            if (found := tokenizer.convert_tokens_to_ids(token)) != i:
-                raise ModelError(f"the adapter was trained with token {token!r} as id {i}, this base tokenizer gives it "
-                                 f"id {found}: not the tokenizer it was trained with (pass its base with --model)")
-    size = max([meta.get("vocab_size") or 0 for meta in metadata] + [len(tokenizer) if wanted else 0])
+@dataclass
+class Vocabulary:
+    """What adapters need of one tokenizer and embedding table: the tokens they added (token -> id, each new to
+    the base tokenizer), the rows they were trained with, and the adapters refused (name -> why)."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+    refused: dict[str, str] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # token -> the first adapter that added it
+
+
+def plan_vocabulary(tokenizer, metadata: dict[str, dict]) -> Vocabulary:
+    """The union of the tokens the adapters added (``metadata``: adapter name -> its lorakit metadata, with
+    ``added_tokens`` and ``vocab_size``), taken adapter by adapter in order; nothing is changed.
+
+    An adapter is refused (and adds nothing) when a token it added has another id in the base tokenizer or in an
+    adapter taken before it, when it gives an id another token holds, or when its new ids leave a gap after the
+    base vocabulary and the tokens taken (it was trained on another tokenizer).
+    """
+    refused: dict[str, str] = {}
+    while True:
+        plan = _union(tokenizer, metadata, refused)
+        late = _past_gap(plan, len(tokenizer), metadata)
+        if not late:
+            break
+        refused.update(late)  # and again without them: they may have held ids others rely on
+    plan.rows = max([meta.get("vocab_size") or 0 for name, meta in metadata.items() if name not in refused],
+                    default=0)
+    return plan
+
+
+def _union(tokenizer, metadata: dict[str, dict], refused: dict[str, str]) -> Vocabulary:
+    """The tokens of the adapters not in ``refused``, in order; one that conflicts is added to ``refused``."""
+    base = tokenizer.get_vocab()
+    plan = Vocabulary(refused=refused)
+    for name, meta in metadata.items():
+        added = meta.get("added_tokens") or {}
+        if name in refused:
+            continue
+        why = _token_conflict(plan, base, tokenizer, name, added)
+        if why:
+            refused[name] = why
+            continue
+        for token, i in added.items():
+            if token not in base:
+                plan.tokens.setdefault(token, i)
+                plan.owner.setdefault(token, name)
+    return plan
+
+
+def _past_gap(plan: Vocabulary, n: int, metadata: dict[str, dict]) -> dict[str, str]:
+    """The adapters holding ids past a gap in ``n, n+1, ...`` (trained on a longer base vocabulary) -> why."""
+    ids = sorted(plan.tokens.values())
+    k = next((k for k, i in enumerate(ids) if i != n + k), None)
+    if k is None:
+        return {}
+    out = {}
+    for name in {o for t, o in plan.owner.items() if plan.tokens[t] >= ids[k]}:
+        token = min((t for t, i in metadata[name]["added_tokens"].items() if i >= ids[k]), key=plan.tokens.get)
+        out[name] = (f"adapter {name!r} was trained with token {token!r} as id {plan.tokens[token]}, but this base "
+                     f"tokenizer and the tokens of the other adapters end at id {n + k - 1}: not the tokenizer it "
+                     "was trained with (serve it with its own base)")
+    return out
+
+
+def _token_conflict(plan: Vocabulary, base: dict[str, int], tokenizer, name: str, added: dict[str, int]) -> str:
+    """Why ``name``'s added tokens cannot join ``plan`` ("" when they can)."""
+    held = {i: t for t, i in plan.tokens.items()}
+    for token, i in sorted(added.items(), key=lambda kv: kv[1]):
+        if token in base and base[token] != i or token not in base and i < len(tokenizer):
+            has = f"gives it id {base[token]}" if token in base else \
+                f"has id {i} as {tokenizer.convert_ids_to_tokens(i)!r}"
+            return (f"adapter {name!r} was trained with token {token!r} as id {i}; this base tokenizer {has}: "
+                    "not the tokenizer it was trained with (serve it with its own base)")
+        if token in plan.tokens and plan.tokens[token] != i:
+            return (f"adapters {plan.owner[token]!r} and {name!r} add token {token!r} as ids {plan.tokens[token]} "
+                    f"and {i}; one tokenizer cannot hold both: serve them from separate servers")
+        if i in held and held[i] != token:
+            return (f"adapters {plan.owner[held[i]]!r} and {name!r} both add id {i}, as {held[i]!r} and {token!r}; "
+                    "one tokenizer cannot hold both: serve them from separate servers")
+    return ""
+
+
+def apply_vocabulary(model: nn.Module, tokenizer, vocabulary: Vocabulary) -> None:
+    """Add ``vocabulary``'s tokens to ``tokenizer`` (special tokens, kept whole) and grow ``model``'s embeddings
+    (and an untied head) to the rows the tokens and the adapters need. The new rows are transformers' mean
+    resizing drawn from a fixed seed: loading the same base twice (on CPU) gives the same rows."""
+    import torch
+
+    if vocabulary.tokens:
+        tokenizer.add_tokens(sorted(vocabulary.tokens, key=vocabulary.tokens.get), special_tokens=True)
+        wrong = {t: i for t, i in vocabulary.tokens.items() if tokenizer.convert_tokens_to_ids(t) != i}
+        if wrong:  # plan_vocabulary checked this: a tokenizer that numbers added tokens its own way
+            raise ModelError(f"the tokenizer gave the added tokens {sorted(wrong)} other ids than the adapters record")
+    size = max(vocabulary.rows, len(tokenizer) if vocabulary.tokens else 0)
     if size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(size)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, restored after (no CUDA state touched)
+            torch.default_generator.manual_seed(0)
+            model.resize_token_embeddings(size)
+
+
+def rebuild_vocabulary(model: nn.Module, tokenizer, metadata: dict[str, dict]) -> None:
+    """Before adapters with trainable tokens load: add the tokens they record (checked to get the same ids) and
+    grow the embeddings to the recorded vocabulary size. ``metadata``: adapter name -> its lorakit metadata.
+    Raises :class:`ModelError` naming the first adapter that cannot join (see :func:`plan_vocabulary`)."""
+    vocabulary = plan_vocabulary(tokenizer, metadata)
+    if vocabulary.refused:
+        raise ModelError(next(iter(vocabulary.refused.values())))
+    apply_vocabulary(model, tokenizer, vocabulary)
 
 
 def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None, quantize: str | None = "auto"):
@@ -201,7 +294,7 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, dtype=None,
     tokenizer = load_tokenizer(base)
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
-    rebuild_vocabulary(net, tokenizer, [raw[LORAKIT_KEY]])  # tokens the adapter added (lorakit train --add-tokens)
+    rebuild_vocabulary(net, tokenizer, {str(adapter): raw[LORAKIT_KEY]})  # tokens the adapter added (lorakit train --add-tokens)
     load_adapter(net, adapter)
     quantize_base(net, quantization)
     return net.eval(), tokenizer, task

@@ -146,10 +146,7 @@ def test_several_adapters_switch_and_delete():
 def test_refused_by_name():
     model = lorakit.add_lora(llama(), lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS), "a")
     lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["q_proj"]), "b")
-    with pytest.raises(ValueError, match="'a' is a TokenAdapter, which per-row batching does not support"):
-        with lorakit.per_row_adapters(model, ["a", "b"]):
-            pass
-    with lorakit.per_row_adapters(model, ["b", None]):  # other adapters still run per row beside token layers
+    with lorakit.per_row_adapters(model, ["b", None]):  # per-row batches with token rows: tests/ops/test_token_rows.py
         model(tokens_in_input())
     with pytest.raises(ValueError, match="adapter 'a' is a TokenAdapter, not a plain"):
         lorakit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "ab")

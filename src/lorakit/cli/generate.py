@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = load_model(base, "sft").eval()
     tokenizer = load_tokenizer(base)
-    rebuild_vocabulary(model, tokenizer, [read_adapter(path)[1][LORAKIT_KEY] for _, path in adapters])
+    rebuild_vocabulary(model, tokenizer, {name: read_adapter(path)[1][LORAKIT_KEY] for name, path in adapters})
     for name, path in adapters:
         load_adapter(model, path, adapter=name)
     quantize_base(model, quantization)

@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)  # before loading: a port in use fails at once
     front = build_frontend(model, adapters, adapters_dir, args.max_batch_size, args.max_loaded_adapters,
                            quantize=args.quantize or "auto")
+    for info in front.store.known.values():  # unreadable, or tokens that conflict with another adapter's
+        if info.error:
+            print(f"lorakit serve: adapter {info.name!r} fails its requests: {info.error}", file=sys.stderr)
     app = create_app(front, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

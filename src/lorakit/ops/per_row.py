@@ -12,7 +12,8 @@ Cost is that of a single adapter of rank r_max, whatever the number of distinct 
 :class:`RowPlan` (what ``LoraLayer.row_plan`` holds) runs :func:`bgmv` on weights from one of two
 sources: :class:`StackedWeights`, stacked per context from the adapters (here), or the resident stacks
 of :class:`lorakit.ops.pool.AdapterPool`. :func:`loop_update` runs each adapter on its own rows: the
-reference (test oracle) and the path for convolutions.
+reference (test oracle) and the path for convolutions and for adapters that are not a stackable update
+but act on their rows alone (``row_wise``: trainable tokens, whose rows replace embedding rows and logits).
 
 DoRA rows. A DoRA adapter's output is ``f ⊙ (W0·x + s·B·A·x) + bias`` with ``f = m / ||W0 + s·B·A||`` per
 output feature; the base is frozen, so ``f`` is fixed for the adapter and stacked beside A and B as
@@ -176,6 +177,8 @@ def loop_update(layer: LoraLayer, x: Tensor, names: list[str | None]) -> Tensor:
 def loop_output(layer: LoraLayer, out: Tensor, x: Tensor, names: list[str | None]) -> Tensor:
     """Reference for any adapter kind: each adapter's own ``layer_output`` on its rows; base rows keep ``out``."""
     for rows, adapter, xs in _row_groups(layer, x, names):
+        if len(rows) == len(names):  # every row runs this adapter (rows in order): no gather, no copy back
+            return adapter.layer_output(layer, out, xs, False).to(out.dtype)
         out = out.index_copy(0, rows, adapter.layer_output(layer, out[rows], xs, False).to(out.dtype))
     return out
 
@@ -215,10 +218,11 @@ def check_rows_match(names, x: Tensor) -> None:
 
 
 def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | LoopUpdate:
-    """The per-row update for ``layer``: gathered for linear-like and embedding layers, loop for convs."""
-    if isinstance(layer, LoraConv) or not any(n in layer.adapters for n in names if n is not None):
-        return LoopUpdate(layer, names)
+    """The per-row update for ``layer``: gathered for linear-like and embedding layers whose adapters stack
+    (``row_batched``), loop for convolutions and for adapters that run on their rows alone (``row_wise``)."""
     used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
+    if isinstance(layer, LoraConv) or not used or not all(row_batched(layer.adapters[n]) for n in used):
+        return LoopUpdate(layer, names)
     slot = {n: j for j, n in enumerate(used)}  # base rows get the zero slot len(used)
     slots = [slot.get(n, len(used)) for n in names]
     index = torch.tensor(slots, device=layer.weight.device)
@@ -229,22 +233,30 @@ def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | Loop
 
 
 def row_batched(adapter: nn.Module) -> bool:
-    """Whether the per-row path can run ``adapter`` (``Adapter.row_batched``); an adapter module that does not
-    say (trainable tokens, parameter adapters) is refused by name."""
+    """Whether the per-row path can stack ``adapter`` (``Adapter.row_batched``: its ``B·A``, and a per-output
+    factor of it)."""
     return bool(getattr(adapter, "row_batched", False))
+
+
+def row_wise(adapter: nn.Module) -> bool:
+    """Whether the per-row path may run ``adapter``'s own ``layer_output`` on its rows alone (``row_wise``: row
+    ``i``'s output depends on row ``i`` only; trainable tokens). An adapter module that says neither this nor
+    ``row_batched`` (parameter adapters) is refused by name."""
+    return bool(getattr(adapter, "row_wise", False))
 
 
 def check_rows(model: nn.Module, layers: list[LoraLayer], names: list[str | None]) -> None:
     """Refuse base rows or other adapters beside a base-replacing adapter, and adapters the per-row path
-    cannot compute (``row_batched`` false: neither the stacked ``B·A`` nor a per-output factor of it)."""
+    cannot compute (neither ``row_batched`` nor ``row_wise``)."""
     owner = base_owner(layers)
     if owner is not None and any(n != owner for n in names):
         check_base_kept(model, "per_row_adapters with rows of other adapters or of the base model")
     used = set(names)
     for layer in layers:
         for name in used & set(layer.adapters):
-            if not row_batched(layer.adapters[name]):
-                raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(layer.adapters[name]).__name__}"
+            adapter = layer.adapters[name]
+            if not row_batched(adapter) and not row_wise(adapter):
+                raise ValueError(f"per_row_adapters: adapter {name!r} is a {type(adapter).__name__}"
                                  ", which per-row batching does not support; run it with use_adapter()")
 
 
@@ -254,7 +266,8 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
 
     Linear-like and embedding layers use stacked adapter weights gathered per row (one batched matmul
     pair per layer whatever the number of adapters); DoRA rows add one per-output factor each (see the
-    module docstring); dropout is not applied. Inside
+    module docstring); trainable-token rows (``row_wise``) run each adapter on its own rows; dropout is not
+    applied. Inside
     :func:`~lorakit.core.model.disabled` every row runs the base model. ``modules_to_save`` copies run on
     their rows along the batch's first dimension, so they must return one tensor with the batch first:
     recurrent modules are refused.

@@ -25,7 +25,9 @@ DoRA rows applies it per row (:func:`lorakit.ops.per_row.scaled_output`), a batc
 
 The pool is a snapshot for inference: if an adapter's weights change after :meth:`AdapterPool.add`,
 call :meth:`AdapterPool.add` again (it rewrites the slot). Linear-like and embedding layers are pooled;
-convolutions run :func:`lorakit.ops.per_row.loop_update` (the reference).
+convolutions, and adapters that act on their rows alone without a ``B·A`` to stack (``row_wise``: trainable
+tokens), run :func:`lorakit.ops.per_row.loop_output` on the rows of each adapter (reading the adapter itself,
+not a snapshot).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 from ..core.layers import LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
 from ..layers import LoraConv, LoraEmbedding
-from .per_row import LoopUpdate, RowPlan, ZeroUpdate, row_batched
+from .per_row import LoopUpdate, RowPlan, ZeroUpdate, row_batched, row_wise
 
 
 class _LayerStack:
@@ -144,11 +146,12 @@ class AdapterPool:
         layers = [layer for layer in self._pooled_layers() if name in layer.adapters]
         for layer in layers:  # the stacks hold B·A and a per-output factor: anything else would run wrong
             adapter = layer.adapters[name]
-            if not row_batched(adapter) or changed_base(adapter):
-                why = f"is a {type(adapter).__name__}" if not row_batched(adapter) else "replaced its base weights (its init)"
+            if not (row_batched(adapter) and not changed_base(adapter) or row_wise(adapter)):
+                why = "replaced its base weights (its init)" if row_batched(adapter) else f"is a {type(adapter).__name__}"
                 raise ValueError(f"AdapterPool: adapter {name!r} {why}, which mixed-adapter batching cannot run "
                                  "beside other adapters; serve it alone or convert it to plain LoRA")
-        pairs = {layer: layer.adapters[name].plain_pair() for layer in layers}
+        # row_wise adapters (trainable tokens) are not stacked: rows() runs them on their rows by loop
+        pairs = {layer: layer.adapters[name].plain_pair() for layer in layers if row_batched(layer.adapters[name])}
         rank = max([self.rank] + [A.shape[0] for A, _ in pairs.values()])
         slot = self.slot_of.get(name)
         if slot is None:
@@ -193,13 +196,15 @@ class AdapterPool:
         names = list(names)
         index = self.index(names)
         slots = set(index.tolist())
+        used = set(names) - {None}
         layers, saved = self._wrappers()
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
         for layer in layers:
             stack = self.stacks.get(layer)
-            if stack is None:  # convolutions, and layers no pooled adapter touches
-                layer.row_plan = LoopUpdate(layer, names) if isinstance(layer, LoraConv) else ZeroUpdate(names)
+            if stack is None:  # convolutions and row_wise adapters run on their rows; untouched layers: nothing
+                held = not used.isdisjoint(layer.adapters)
+                layer.row_plan = LoopUpdate(layer, names) if held else ZeroUpdate(names)
                 continue
             on_layer = slots & stack.present
             shared = next(iter(slots)) if len(slots) == 1 and on_layer else None

@@ -22,10 +22,12 @@ from torch import nn
 from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ..core.config import LORAKIT_KEY
 from ..core.model import delete_adapter
+from ..core.tables import METADATA
 from ..ops.pool import AdapterPool
 from .errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidRequest, PathRefused
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+VOCAB_KEYS = ("added_tokens", "vocab_size")  # lorakit metadata of adapters with trainable tokens
 
 
 @dataclass
@@ -37,6 +39,7 @@ class AdapterInfo:
     size_bytes: int | None = None
     labels: list[str] | None = None
     num_classes: int | None = None  # outputs of the adapter's own classification head (1: regression); None: none
+    vocab: dict = field(default_factory=dict)  # the tokens it added and its vocabulary size (trainable tokens)
     error: str | None = None
     stats: dict = field(default_factory=dict)
 
@@ -55,6 +58,7 @@ def describe(name: str, path: Path) -> AdapterInfo:
         info.target_modules = [targets] if isinstance(targets, str) else list(targets or [])
         info.size_bytes = (path / WEIGHTS_NAME).stat().st_size
         meta, info.num_classes = _header(path, raw)
+        info.vocab = _vocabulary(meta)
         id2label = meta.get("id2label") or {}
         info.labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -79,6 +83,31 @@ def _header(path: Path, raw: dict) -> tuple[dict, int | None]:
         raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file: {e}") from None
     meta = json.loads(header[LORAKIT_KEY]) if LORAKIT_KEY in header else raw.get(LORAKIT_KEY)
     return (meta if isinstance(meta, dict) else {}), classes
+
+
+def _vocabulary(meta: dict) -> dict:
+    """``added_tokens`` and ``vocab_size`` of lorakit's metadata, checked as a load checks them."""
+    vocab = {k: meta[k] for k in VOCAB_KEYS if k in meta}
+    bad = next((k for k, v in vocab.items() if not METADATA[k](v)), None)
+    if bad:
+        raise ValueError(f"lorakit metadata {bad!r} is not valid: {str(vocab[bad])[:80]}")
+    return vocab
+
+
+def vocabulary_refusal(info: AdapterInfo, tokenizer, rows: int) -> str:
+    """Why ``info``'s adapter cannot join a running server's vocabulary ("" when it can): the tokens it added
+    must be there with the same ids, its vocabulary no larger than the ``rows`` of the embeddings. The
+    vocabulary is fixed when the server starts (the embeddings cannot grow under running requests)."""
+    have = tokenizer.get_vocab()
+    restart = "the vocabulary is fixed at start: put the adapter in --adapters-dir and restart the server"
+    for token, i in sorted((info.vocab.get("added_tokens") or {}).items(), key=lambda kv: kv[1]):
+        if have.get(token) != i:
+            now = f"has it as id {have[token]}" if token in have else "does not hold it"
+            return f"adapter {info.name!r} was trained with token {token!r} as id {i}; this server {now} ({restart})"
+    if (info.vocab.get("vocab_size") or 0) > rows:
+        return (f"adapter {info.name!r} was trained with {info.vocab['vocab_size']} embedding rows; this server has "
+                f"{rows} ({restart})")
+    return ""
 
 
 def check_name(name: str) -> str:
@@ -143,10 +172,11 @@ class AdapterStore:
     """Known and loaded adapters of one base ``model`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, base_name: str, known: dict[str, AdapterInfo],
-                 adapters_dir: Path | None = None, max_loaded: int = 8):
+                 adapters_dir: Path | None = None, max_loaded: int = 8, tokenizer=None):
         if max_loaded < 1:
             raise ValueError(f"--max-loaded-adapters must be >= 1, got {max_loaded}")
         self.model, self.base_name, self.max_loaded = model, base_name, max_loaded
+        self.tokenizer = tokenizer  # checks the tokens of adapters added while running (None: not checked)
         self.adapters_dir = Path(adapters_dir) if adapters_dir else None
         self.known = dict(known)
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
@@ -212,6 +242,10 @@ class AdapterStore:
         if name == self.base_name or name in self.known:
             raise InvalidRequest(f"adapter {name!r} already exists; unload it first", "lora_name")
         info = describe(name, resolve_inside(self.adapters_dir, rel_path))
+        why = vocabulary_refusal(info, self.tokenizer, self.model.get_input_embeddings().weight.shape[0]) \
+            if self.tokenizer is not None and not info.error else ""
+        if why:
+            raise InvalidRequest(why, "lora_path")
         self.known[name] = info
         return info
 

@@ -39,17 +39,31 @@ def build_frontend(model: str, adapters: dict[str, Path] | None = None, adapters
     quantization = base_quantization_for(recorded, quantize)  # checked before the model loads
     task = task or task_of_model(model)
     net = load_model(model, task, num_labels=num_labels, label_names=labels).eval()
-    quantize_base(net, quantization)  # before any adapter: each then wraps its 4/8-bit layer
     tokenizer = load_tokenizer(model)
+    grow_vocabulary(net, tokenizer, known)  # the tokens adapters added (lorakit train --add-tokens)
+    quantize_base(net, quantization)  # before any adapter: each then wraps its 4/8-bit layer
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     metrics = metrics or ServeMetrics()
-    store = AdapterStore(net, base_name, known, adapters_dir, max_loaded)
+    store = AdapterStore(net, base_name, known, adapters_dir, max_loaded, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     engine = Engine(store, task, pad_id=pad, eos_ids={tokenizer.eos_token_id} - {None},
                     max_batch_size=max_batch_size, metrics=metrics)
     trained = task != "classification" or head_in_checkpoint(model, net.config.num_labels)
     return Frontend(engine, tokenizer, metrics, base_head_trained=trained)
+
+
+def grow_vocabulary(net, tokenizer, known: dict) -> None:
+    """Add the union of the tokens the known adapters added to ``tokenizer`` and grow ``net``'s embeddings to fit
+    (:func:`lorakit.models.plan_vocabulary`: adapters taken in the order they are listed). An adapter whose
+    tokens conflict is marked with the reason, naming the adapter it conflicts with: its requests fail with it,
+    the others are served."""
+    from ..models import apply_vocabulary, plan_vocabulary
+
+    vocabulary = plan_vocabulary(tokenizer, {n: info.vocab for n, info in known.items() if not info.error})
+    for name, why in vocabulary.refused.items():
+        known[name].error = why
+    apply_vocabulary(net, tokenizer, vocabulary)
 
 
 def head_in_checkpoint(model: str, num_labels: int) -> bool:

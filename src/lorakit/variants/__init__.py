@@ -32,7 +32,11 @@ they hold. A variant class provides:
   ``export_tensors()`` / ``export_pattern(alpha)``: what a checkpoint holds when it is not the adapter's own
   ``lora_A``/``lora_B`` (the equivalent plain pair, its rank and alpha).
 - ``additive = False`` unless the output is exactly ``base + B·A·x·scaling`` with ``plain_pair()``:
-  per-row batching, ``combine_adapters`` and plain-LoRA conversion refuse non-additive adapters.
+  ``combine_adapters`` and plain-LoRA conversion refuse non-additive adapters.
+- Per-row batches (``per_row_adapters``, the serve pool): ``row_batched`` (an additive adapter, or one giving a
+  per-output factor ``row_scale(layer)``, as DoRA) is stacked with the others; ``row_wise = True`` says that row
+  ``i``'s output depends on row ``i`` only, so the adapter's own ``layer_output`` runs on its rows of the batch
+  (trainable tokens). An adapter that says neither is refused by name.
 
 What a variant may read from the layer (never ``if isinstance`` on layer types): ``layer.base_layer``,
 ``layer.base_weight()`` / ``layer.write_base(w)`` (the base weight in its layout, detached; a quantized

@@ -45,7 +45,9 @@ LORA_KEY = f"token_adapter.{DELTA}"  # beside LoRA: <module path>.token_adapter.
 class TokenAdapter(nn.Module):
     """One adapter's trained rows on one layer: ``trainable_tokens_delta`` (n, dim) for ids ``token_indices``."""
 
-    additive = False  # not a B·A update: per-row batching and combine_adapters refuse it by name
+    additive = False  # not a B·A update: combine_adapters refuses it by name
+    row_batched = False  # nothing to stack for the per-row path's batched matmuls ...
+    row_wise = True  # ... but row i's output depends on row i alone: per-row batches run it on its rows
 
     def __init__(self, indices: Tensor, rows: Tensor, config: LoraConfig, num_rows: int):
         super().__init__()
