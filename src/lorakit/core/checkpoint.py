@@ -236,14 +236,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
 def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
     """What an adapter's tensors must satisfy whatever model they go into (``read_adapter`` runs it, so every
     reader, ``load_adapter`` and ``lorakit inspect`` alike, refuses the same files): each ``lora_A`` has its
-    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module, and every check of
-    :data:`~lorakit.core.tables.TENSOR_CHECKS` holds (DoRA's magnitudes). A :class:`CheckpointError` naming the
-    key otherwise."""
+    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module (unless a check of
+    :data:`~lorakit.core.tables.TENSOR_CHECKS` vouches for it: expert stacks), and every such check holds
+    (DoRA's magnitudes). A :class:`CheckpointError` naming the key otherwise."""
     for key in tensors:
         if key.endswith(("lora_B.weight", "lora_embedding_B")):
             a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
             if a_key not in tensors:
                 raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
+    vouched = set().union(*(check(config, tensors, weights_file) for check in TENSOR_CHECKS))
     for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
         stem = key.rsplit(".lora_", 1)[0]
         b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
@@ -255,12 +256,9 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
                                   "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
         module = stem.removeprefix(PREFIX)
         r = config.rank_for(module)
-        stack = config.target_parameters is not None and A.shape[0] % r == 0  # E experts x r (checked at load)
-        if A.shape[0] != r and not stack:
+        if A.shape[0] != r and key not in vouched:
             raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(A.shape)}, but {CONFIG_NAME} gives "
                                   f"rank {r} for {module}")
-    for check in TENSOR_CHECKS:
-        check(config, tensors, weights_file)
 
 
 # lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add

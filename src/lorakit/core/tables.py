@@ -100,9 +100,10 @@ CONVERSIONS: list[Callable[..., tuple]] = []
 EXPORT_METADATA: list[Callable[..., dict]] = []
 #: more keys of lorakit's metadata -> check of the value (an allow-list: an unknown key is refused).
 METADATA: dict[str, Callable[[Any], bool]] = {}
-#: ``fn(config, tensors, weights_file)`` raising ``CheckpointError``: what a variant's tensors must satisfy in any
-#: checkpoint, whatever model it goes into (DoRA: a magnitude for each pair).
-TENSOR_CHECKS: list[Callable[..., None]] = []
+#: ``fn(config, tensors, weights_file) -> keys`` raising ``CheckpointError``: what a variant's tensors must satisfy
+#: in any checkpoint, whatever model it goes into (DoRA: a magnitude for each pair); returns the ``lora_A`` keys
+#: whose rows it vouches for instead of the config's rank (expert stacks: experts x rank).
+TENSOR_CHECKS: list[Callable[..., set[str]]] = []
 #: ``fn(model, config, tensors, weights_file)`` raising ``CheckpointError``: a checkpoint's tensors against the
 #: model, before anything is allocated (the rows of targeted parameters).
 LOAD_CHECKS: list[Callable[..., None]] = []

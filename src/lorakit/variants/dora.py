@@ -121,9 +121,10 @@ def _factor(magnitude: Tensor, norm: Tensor) -> Tensor:
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-feature magnitude, under PEFT's key
 
 
-def check_magnitudes(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
+def check_magnitudes(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> set[str]:
     """Core's ``TENSOR_CHECKS`` entry: a DoRA checkpoint (``use_dora: true``) holds the magnitude of each
-    ``lora_A``/``lora_B`` pair, a plain one none; a :class:`CheckpointError` naming the key otherwise."""
+    ``lora_A``/``lora_B`` pair, a plain one none; a :class:`CheckpointError` naming the key otherwise. Vouches
+    for no rank."""
     for key in sorted(tensors):
         if key.endswith(MAGNITUDE) and not config.use_dora:
             raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
@@ -132,6 +133,7 @@ def check_magnitudes(config: LoraConfig, tensors: dict[str, Tensor], weights_fil
             if f"{stem}.{MAGNITUDE}" not in tensors:
                 raise CheckpointError(f"{weights_file}: {CONFIG_NAME} has use_dora true, but {stem}.{MAGNITUDE} (the "
                                       f"DoRA magnitude of {stem.removeprefix(PREFIX)}) is missing")
+    return set()
 
 
 def register() -> None:

@@ -5,6 +5,8 @@ module finds their targets and plugs the field into core's tables (:func:`regist
 
 - :data:`~lorakit.core.tables.CONFIG_CHECKS`: the field's own checks (no dropout, no DoRA, plain inits).
 - :data:`~lorakit.core.tables.EXTRA_LAYERS`: the parameter layers an adapter places (planned, model untouched).
+- :data:`~lorakit.core.tables.TENSOR_CHECKS`: a checkpoint's expert stacks (``E*r`` rows) exempt from the rank
+  check against the config, whatever model the checkpoint goes into.
 - :data:`~lorakit.core.tables.LOAD_CHECKS`: each targeted parameter's rows in a checkpoint, checked before
   anything is allocated.
 - :data:`~lorakit.core.tables.PEFT_TARGETS`: the names written to ``adapter_config.json``.
@@ -21,7 +23,7 @@ from ..core.checkpoint import CONFIG_NAME, PREFIX, CheckpointError
 from ..core.config import LoraConfig, short_repr
 from ..core.layers import LoraLayer, lora_layer_type
 from ..core.saved import SavedModule
-from ..core.tables import CONFIG_CHECKS, EXTRA_LAYERS, LOAD_CHECKS, PEFT_TARGETS
+from ..core.tables import CONFIG_CHECKS, EXTRA_LAYERS, LOAD_CHECKS, PEFT_TARGETS, TENSOR_CHECKS
 from ..core.targets import block_index, selected
 
 ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
@@ -137,6 +139,16 @@ def check_ranks(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]
                                       f"{CONFIG_NAME} gives {rows} rows (rank x experts) for {path}.{name}")
 
 
+def stacked_ranks(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> set[str]:
+    """Core's ``TENSOR_CHECKS`` entry: with ``target_parameters``, a ``lora_A`` whose rows are a multiple of the
+    config's rank is an expert stack (``E*r`` rows); its rows are checked against the model at load
+    (:func:`check_ranks`). Returns those keys."""
+    if config.target_parameters is None:
+        return set()
+    a_keys = [k for k in tensors if k.endswith(".lora_A.weight") and tensors[k].dim() >= 1]
+    return {k for k in a_keys if tensors[k].shape[0] % config.rank_for(k.rsplit(".lora_", 1)[0].removeprefix(PREFIX)) == 0}
+
+
 def peft_names(model: nn.Module, config: LoraConfig, held: list[tuple[str, LoraLayer]], peft: dict) -> set[str]:
     """Core's ``PEFT_TARGETS`` entry: PEFT's ``target_parameters`` for the adapted parameters, written into
     ``peft``: ``<module leaf>.<parameter>`` names when they select exactly those (``"experts.gate_up_proj"``),
@@ -158,6 +170,6 @@ def register() -> None:
     """Plug ``target_parameters`` into core's tables (before trainable tokens, which see its layers); calling it
     again changes nothing."""
     for table, entry in ((CONFIG_CHECKS, check_config), (EXTRA_LAYERS, plan_parameters), (LOAD_CHECKS, check_ranks),
-                         (PEFT_TARGETS, peft_names)):
+                         (TENSOR_CHECKS, stacked_ranks), (PEFT_TARGETS, peft_names)):
         if entry not in table:
             table.append(entry)
