@@ -335,8 +335,9 @@ def conv1d_type() -> type | None:
 
 
 def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
-    """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable). Registered layer
-    types (:data:`~lorakit.core.tables.LAYER_TYPES`: quantized bases, which subclass ``nn.Linear``) first."""
+    """Which LoRA wrapper fits ``module`` (None: not adaptable): the registered layer types first
+    (:data:`~lorakit.core.tables.LAYER_TYPES`: embeddings, convolutions, quantized bases, which subclass
+    ``nn.Linear``), then the base case, ``nn.Linear`` and GPT-2's ``Conv1D``."""
     if isinstance(module, LoraLayer):
         return None
     for fits in LAYER_TYPES:
