@@ -1,7 +1,7 @@
 """The tables the successors of plain LoRA register into; core reads them and names none of them.
 
 ``import lorakit`` fills them once, through the ``register()`` of :mod:`lorakit.layers`, :mod:`lorakit.variants`,
-:mod:`lorakit.ops.saved_rows` and :mod:`lorakit.save_guard`; importing a module registers nothing. Each table is
+:mod:`lorakit.ops` and :mod:`lorakit.save_guard`; importing a module registers nothing. Each table is
 one way a new kind joins; below they are grouped by the step that reads them.
 """
 
