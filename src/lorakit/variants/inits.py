@@ -159,13 +159,13 @@ def to_plain_lora(model: nn.Module, adapter: str, tensors: dict[str, Tensor], pe
     doubled with the scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``) and ``init_lora_weights: true``,
     the metadata no fingerprint (it was taken on the replaced base). Other adapters are returned as they are."""
     held = [(p, m.adapters[adapter]) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    changed = [changed_base(a) for _, a in held]
     tensors = dict(tensors)
-    for path, a in held:
-        if changed_base(a):  # A' = [A; A0] (r', k...), B' = [B, -B0] (d, r', ...) in the layer's own shapes
+    for (path, a), replaced in zip(held, changed, strict=True):
+        if replaced:  # A' = [A; A0] (r', k...), B' = [B, -B0] (d, r', ...) in the layer's own shapes
             A, B = plain_lora_pair(a)
             tensors[f"{PREFIX}{path}.lora_A.weight"] = A.reshape(-1, *a.lora_A.weight.shape[1:]).detach()
             tensors[f"{PREFIX}{path}.lora_B.weight"] = B.reshape(B.shape[0], -1, *a.lora_B.weight.shape[2:]).detach()
-    changed = [changed_base(a) for _, a in held]
     if peft is None or not held:
         return tensors, peft, meta
     init = held[0][1].config.init
