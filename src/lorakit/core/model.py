@@ -327,16 +327,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def use_adapter(model: nn.Module, name: str | None):
     """Run with adapter ``name`` active; the previous choice (and what trains) is restored on exit."""
     layers, saved = wrappers(model)
-    before = [(obj, obj.active) for obj in layers + saved]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    set_adapter(model, name)
-    try:
+    with _restoring("active", layers + saved, list(model.parameters())):
+        set_adapter(model, name)
         yield model
-    finally:
-        for obj, active in before:
-            obj.active = active
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -357,17 +350,24 @@ def disabled(model: nn.Module):
             warnings.warn(f"adapter {a!r} trained the base biases (bias={bias!r}); disabled() keeps them, so the "
                           "output is not the original base model's", UserWarning, stacklevel=3)
     params = [p for obj in layers for p in obj.adapters.parameters()] + [p for m in saved for p in m.copies.parameters()]
-    flags = [(p, p.requires_grad) for p in params]
-    before = [(obj, obj.disabled) for obj in layers + saved]  # nested contexts restore the outer state
-    for obj in layers + saved:
-        obj.disabled = True
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with _restoring("disabled", layers + saved, params):  # nested contexts restore the outer state
+        for obj in layers + saved:
+            obj.disabled = True
+        for p in params:
+            p.requires_grad_(False)
         yield model
+
+
+@contextmanager
+def _restoring(attr: str, objs: list[nn.Module], params: list[nn.Parameter]):
+    """On exit, ``attr`` of each of ``objs`` and ``requires_grad`` of each of ``params`` are as on entry."""
+    before = [(obj, getattr(obj, attr)) for obj in objs]
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        yield
     finally:
-        for obj, state in before:
-            obj.disabled = state
+        for obj, value in before:
+            setattr(obj, attr, value)
         for p, flag in flags:
             p.requires_grad_(flag)
 
