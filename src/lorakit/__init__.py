@@ -7,7 +7,7 @@
     lorakit.merge(model)                              # zero added latency
 """
 
-from . import variants
+from . import layers, ops, save_guard, variants
 from .core.checkpoint import load_adapter, lora_state_dict, save_adapter
 from .core.config import LoraConfig
 from .core.model import (
@@ -29,6 +29,9 @@ from .ops.combine import combine_adapters
 from .ops.per_row import per_row_adapters
 from .variants import AdaLoraAllocator, AdaLoraConfig, loraplus_param_groups, merge_errors, quantize
 
+layers.register()  # Embedding and Conv layers join core's layer table (idempotent)
+ops.register()  # modules_to_save copies under per-row adapters
+save_guard.register()  # model.save_pretrained refuses while lorakit layers are in the model
 variants.register()  # DoRA, AdaLoRA, PiSSA/OLoRA/LoftQ, quantized bases join core's tables (idempotent)
 
 __version__ = "0.1.0"

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checkpoint import PREFIX, read_adapter
-from ..core.layers import LoraConv, LoraEmbedding, LoraLinear, lora_layer_type
+from ..core.layers import LoraLinear, lora_layer_type
+from ..layers import LoraConv, LoraEmbedding
 from . import measures as M
 
 
@@ -69,7 +70,7 @@ def _natural(key: str) -> list:
 
 def base_matrix(module: nn.Module) -> Tensor:
     """The base weight of ``module`` in ΔW's ``(out, in)`` layout (GPT-2 ``Conv1D`` and embeddings transposed,
-    conv kernels flattened), as the layer table of :mod:`lorakit.core.layers` defines them."""
+    conv kernels flattened), as the layer types (:mod:`lorakit.core.layers`, :mod:`lorakit.layers`) define them."""
     kind = lora_layer_type(module)
     w = module.weight.detach()
     if kind is LoraLinear:

@@ -30,12 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.checkpoint import class_names
     from ..models import TASK_TYPES, load_with_adapter
     from ..train.data import resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.state import write_text_atomic
     from ..train.tasks import load_task_data
+    from ..variants.heads import class_names
     from .train import read_run_args
 
     if args.output:

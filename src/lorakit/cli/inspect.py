@@ -11,7 +11,7 @@ import torch
 
 from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from ..core.config import LORAKIT_KEY
-from ..core.targets import Stack, parameter_stacks
+from ..variants.param_targets import Stack, parameter_stacks
 
 HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
 
@@ -53,7 +53,7 @@ def describe(path: str | Path) -> dict:
 def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config, stack: Stack | None) -> dict:
     """One pair's row. An expert stack (``target_parameters``: A ``(E*r, in)``, B ``(out, r*E)``, PEFT's
     layout) gets its parameter, expert count, rank and the norm of each expert's update ``s·B[e]·A[e]``;
-    ``stack``: from :func:`~lorakit.core.targets.parameter_stacks`, which reads
+    ``stack``: from :func:`~lorakit.variants.param_targets.parameter_stacks`, which reads
     ``rank_pattern`` / ``alpha_pattern`` by parameter path (as PEFT keys them)."""
     row = {"module": module, "rank": A.shape[0], "scaling": config.scaling(module), "params": A.numel() + B.numel()}
     if stack is None and config.target_parameters and A.shape[0] % config.r == 0:  # "all-experts": the config's r

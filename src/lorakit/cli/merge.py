@@ -6,8 +6,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ..core.checkpoint import read_adapter, temp_name
+from ..core.checkpoint import read_adapter
 from ..core.model import unload
+from ..files import temp_name
 from ..models import load_with_adapter
 from .options import check_output_dir
 

@@ -13,11 +13,12 @@ import types
 import typing
 from pathlib import Path
 
-from ..core.config import ALL_EXPERTS, LoraConfig
+from ..core.config import LoraConfig
 from ..models import TASK_TYPES, head_module_names
 from ..train.config import TrainConfig
 from ..train.state import write_text_atomic
 from ..variants.adalora import AdaLoraConfig
+from ..variants.param_targets import ALL_EXPERTS
 from ..variants.quantized import PRESETS
 from .options import (
     UsageError,

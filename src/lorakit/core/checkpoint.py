@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import secrets
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,13 +23,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..files import atomic_write, save_tensors
 from .config import LORAKIT_KEY, LoraConfig, short_repr
-from .layers import LoraLayer, changed_base, plain_lora_pair
+from .layers import LoraLayer
 from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
 from .saved import SavedModule
-from .tables import INITIALIZERS, METADATA, PEFT_TYPES, PEFT_WRITERS, QUANTIZATIONS, parse_init
-from .targets import find_parameter_targets, find_targets, parameter_stacks
-from .tensor_file import save_tensors
+from .tables import (
+    CONVERSIONS,
+    EXPORT_METADATA,
+    FIT_NEW,
+    LOAD_CHECKS,
+    METADATA,
+    PEFT_TARGETS,
+    PEFT_TYPES,
+    PEFT_WRITERS,
+    TENSOR_CHECKS,
+)
+from .targets import find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,26 +51,18 @@ class CheckpointError(ValueError):
 
 
 # ----- state dict -------------------------------------------------------------------------------------
-def _adapter_tensors(layer: LoraLayer, adapter, path: str, convert: bool = False) -> dict[str, Tensor]:
-    extra = {f"{path}.{k}": v for k, v in adapter.extra_tensors().items()}
-    if convert and changed_base(adapter):  # the equivalent plain LoRA (rank 2r) for the original base
-        A, B = plain_lora_pair(adapter)
-        return {f"{path}.lora_A.weight": A.reshape(-1, *adapter.lora_A.weight.shape[1:]),
-                f"{path}.lora_B.weight": B.reshape(B.shape[0], -1, *adapter.lora_B.weight.shape[2:]), **extra}
-    return {f"{path}.{k}": v for k, v in layer.file_tensors(adapter).items()}  # the layer and adapter say how
-
-
 def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora: bool = False) -> dict[str, Tensor]:
     """The tensors of adapter ``adapter`` under PEFT's checkpoint keys (detached, in model dtype).
 
     ``convert_to_lora``: layers whose base weight an initialiser replaced (PiSSA, OLoRA...) get the exactly
-    equivalent plain LoRA for the original base instead (rank 2r, :func:`~lorakit.core.variants.plain_lora_pair`).
+    equivalent plain LoRA for the original base instead (rank 2r; :data:`~lorakit.core.tables.CONVERSIONS`).
     """
     config = adapter_config(model, adapter)
     out: dict[str, Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.adapters:
-            out.update(_adapter_tensors(module, module.adapters[adapter], path, convert_to_lora))
+            tensors = module.file_tensors(module.adapters[adapter])  # the layer and the adapter say what
+            out.update({f"{path}.{k}": v for k, v in tensors.items()})
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 out[f"{path}.base_layer.bias"] = bias
@@ -73,7 +72,10 @@ def lora_state_dict(model: nn.Module, adapter: str = "default", convert_to_lora:
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".adapters." not in name and not _in_saved(model, name):
                 out[name] = p
-    return {PREFIX + k: v.detach() for k, v in out.items()}
+    out = {PREFIX + k: v.detach() for k, v in out.items()}
+    for convert in CONVERSIONS if convert_to_lora else []:
+        out, _, _ = convert(model, adapter, out, None, None)
+    return out
 
 
 def _in_saved(model: nn.Module, param_name: str) -> bool:
@@ -96,10 +98,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     """
     config = adapter_config(model, adapter)
     out_dir = Path(path) if adapter == "default" else Path(path) / adapter
-    tensors = {k: v.contiguous().cpu().clone() for k, v in lora_state_dict(model, adapter, convert_to_lora).items()}
+    tensors = lora_state_dict(model, adapter)
     peft, meta = _peft_config(model, config, adapter)
-    if convert_to_lora:
-        peft, meta = converted_config(model, adapter, peft, meta)
+    for convert in CONVERSIONS if convert_to_lora else []:
+        tensors, peft, meta = convert(model, adapter, tensors, peft, meta)
+    tensors = {k: v.contiguous().cpu().clone() for k, v in tensors.items()}
     for write_as in PEFT_WRITERS:  # another PEFT format where it applies (trainable tokens alone)
         if (converted := write_as(peft, tensors)) is not None:
             peft, tensors = converted
@@ -117,18 +120,15 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
     held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
-    paths = [p for p, m in held if m.lora_target]
-    hashed = list(paths)  # what a load fingerprints: the LoRA targets, parameter layers included
+    hashed = _fingerprinted(model, adapter)  # what a load fingerprints
     d = config.to_peft_dict()
-    owned = {p: m.parameter_names for p, m in held if hasattr(m, "parameter_names")}
-    if owned:
-        d["target_parameters"] = _parameter_names(model, config, owned)
-    paths = [p for p in paths if p not in owned]  # modules (target_modules)
+    named = set()  # layers another field names (target_parameters)
+    for write_targets in PEFT_TARGETS:
+        named |= write_targets(model, config, held, d)
+    paths = [p for p in hashed if p not in named]  # modules (target_modules)
     # Name targets by their last component when that selects exactly the adapted modules (vLLM reads these).
     leaves = sorted({p.split(".")[-1] for p in paths})
-    d["fan_in_fan_out"] = any(
-        getattr(m, "fan_in_fan_out", False) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters
-    )
+    d["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in held)
     d["target_modules"] = leaves if paths and find_targets(model, config.replace(target_modules=leaves)) == paths \
         else paths
     for p in paths:  # an adapter exported as another pair (fused slices, AdaLoRA) names its rank and alpha
@@ -139,82 +139,16 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     meta = {"base_fingerprint": base_fingerprint(model, hashed), "slices": config.slices}
-    quantized = {q for p in paths if (q := model.get_submodule(p).quantization()) is not None}
-    if len(quantized) == 1 and quantized <= QUANTIZATIONS:
-        meta["quantization"] = quantized.pop()  # the 4/8-bit base it was trained on (QLoRA)
-    if names := class_names(model):
-        meta["id2label"] = {str(i): name for i, name in enumerate(names)}
+    for export in EXPORT_METADATA:  # what the model says besides (class names, a QLoRA base's quantization)
+        meta.update(export(model, held))
     for _, m in held:  # what an adapter needs recorded besides its tensors (trainable tokens: the vocabulary)
         meta.update(getattr(m.adapters[adapter], "export_metadata", dict)())
     return d, meta
 
 
-def _parameter_names(model: nn.Module, config: LoraConfig, owned: dict[str, list[str]]) -> list[str]:
-    """PEFT's ``target_parameters`` for the adapted parameters: ``<module leaf>.<parameter>`` names when they
-    select exactly those (``"experts.gate_up_proj"``), else full paths (``"all-experts"`` is lorakit's)."""
-    keys = [f"{p}.{n}" for p, names in owned.items() for n in names]
-    leaves = sorted({".".join(k.split(".")[-2:]) for k in keys})
-    try:
-        same = find_parameter_targets(model, config.replace(target_parameters=leaves)) == owned
-    except ValueError:
-        same = False
-    return leaves if same else keys
-
-
-def converted_config(model: nn.Module, adapter: str, peft: dict, meta: dict) -> tuple[dict, dict]:
-    """``adapter_config.json`` and lorakit metadata of the plain-LoRA conversion: every rank doubled with the
-    scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``), ``init_lora_weights: true``; the fingerprint is
-    dropped (it was taken on the replaced base)."""
-    held = [m.adapters[adapter] for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
-    changed = [changed_base(a) for a in held]
-    init = held[0].config.init
-    if not any(changed) and INITIALIZERS[parse_init(init)[0]].changes_base:  # changed for good (kept no A0, B0)
-        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by {init!r}, whose base is not the "
-                         "original minus a low-rank part (LoftQ's is the quantized weight): no plain LoRA for the "
-                         "original base equals it")
-    if not any(changed):
-        return peft, meta
-    if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
-        raise ValueError(f"convert_to_lora: adapter {adapter!r} replaced the base of only some of its layers")
-    f = math.sqrt(2) if peft.get("use_rslora") else 2  # alpha' / g(2r) == alpha / g(r)
-    return ({**peft, "init_lora_weights": True, "r": 2 * peft["r"], "lora_alpha": f * peft["lora_alpha"],
-             "rank_pattern": {k: 2 * v for k, v in peft["rank_pattern"].items()},
-             "alpha_pattern": {k: f * v for k, v in peft["alpha_pattern"].items()}},
-            {**meta, "base_fingerprint": None})
-
-
-def class_names(model: nn.Module) -> list[str] | None:
-    """A classifier's class names in class order (``config.id2label``); None for transformers' ``LABEL_<i>``.
-
-    They travel with the adapter: a head's row ``i`` means nothing without the name of class ``i``.
-    """
-    id2label = getattr(getattr(model, "config", None), "id2label", None)
-    if not id2label or all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
-        return None
-    return [str(id2label[k]) for k in sorted(id2label, key=int)]
-
-
-def atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write ``target`` by ``write(tmp)`` on a temp file beside it, fsync and rename: a reader (or a kill) sees
-    the old file or the new one, never a truncated one. The file gets the permissions any new file gets
-    (0666 less the umask), not a private temp file's 0600."""
-    tmp = temp_name(target)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, read without changing the process's umask
-        write(tmp)
-        os.chmod(tmp, mode)  # ``write`` may have replaced the file (safetensors does, with 0600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def temp_name(target: Path) -> str:
-    """A fresh hidden name beside ``target`` for its temp file or directory."""
-    return str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
+def _fingerprinted(model: nn.Module, adapter: str) -> list[str]:
+    """The paths a base fingerprint hashes, in model order: the LoRA targets of ``adapter`` (parameters too)."""
+    return [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters and m.lora_target]
 
 
 def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:
@@ -299,25 +233,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict, dict[str, T
     return config, {**raw, LORAKIT_KEY: meta}, tensors
 
 
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-feature magnitude, under PEFT's key
-
-
 def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> None:
     """What an adapter's tensors must satisfy whatever model they go into (``read_adapter`` runs it, so every
     reader, ``load_adapter`` and ``lorakit inspect`` alike, refuses the same files): each ``lora_A`` has its
-    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module, and a DoRA adapter holds
-    the magnitude of each pair (a plain one none). A :class:`CheckpointError` naming the key otherwise."""
+    ``lora_B`` and the pair has the rank ``adapter_config.json`` gives that module (unless a check of
+    :data:`~lorakit.core.tables.TENSOR_CHECKS` vouches for it: expert stacks), and every such check holds
+    (DoRA's magnitudes). A :class:`CheckpointError` naming the key otherwise."""
     for key in tensors:
         if key.endswith(("lora_B.weight", "lora_embedding_B")):
             a_key = key.removesuffix("B.weight") + "A.weight" if key.endswith(".weight") else key[:-1] + "A"
             if a_key not in tensors:
                 raise CheckpointError(f"{weights_file}: {key} has no matching {a_key}")
-        elif key.endswith(MAGNITUDE) and not config.use_dora:
-            raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
-    a_keys = sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A")))
-    stacks = parameter_stacks(config, {k.rsplit(".lora_", 1)[0].removeprefix(PREFIX): tensors[k].shape[0]
-                                       for k in a_keys if tensors[k].dim() >= 1})
-    for key in a_keys:
+    vouched = set().union(*(check(config, tensors, weights_file) for check in TENSOR_CHECKS))
+    for key in sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_embedding_A"))):
         stem = key.rsplit(".lora_", 1)[0]
         b_key = f"{stem}.lora_embedding_B" if key.endswith("lora_embedding_A") else f"{stem}.lora_B.weight"
         if b_key not in tensors:
@@ -328,15 +256,9 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
                                   "rank-r pair (A: (r, in, ...), B: (out, r, ...))")
         module = stem.removeprefix(PREFIX)
         r = config.rank_for(module)
-        # E experts x r: the parameter's r (rank_pattern by parameter path) where the file tells, else a multiple
-        # of the module's; load_adapter checks each against the model (_check_parameter_ranks)
-        stack = module in stacks or config.target_parameters is not None and A.shape[0] % r == 0
-        if A.shape[0] != r and not stack:
+        if A.shape[0] != r and key not in vouched:
             raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(A.shape)}, but {CONFIG_NAME} gives "
                                   f"rank {r} for {module}")
-        if config.use_dora and f"{stem}.{MAGNITUDE}" not in tensors:
-            raise CheckpointError(f"{weights_file}: {CONFIG_NAME} has use_dora true, but {stem}.{MAGNITUDE} (the DoRA "
-                                  f"magnitude of {module}) is missing")
 
 
 # lorakit's metadata: key -> check of its value (an allow-list, like PEFT_KEYS for the config; variants add
@@ -344,9 +266,6 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, Tensor], weight
 _METADATA = {
     "base_fingerprint": lambda v: v is None or isinstance(v, str),
     "slices": lambda v: isinstance(v, dict),  # informational: fused slices are saved as the equivalent plain LoRA
-    "id2label": lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(x, str)
-                                                       for k, x in v.items()),
-    "quantization": lambda v: isinstance(v, str) and v in QUANTIZATIONS,  # a QLoRA adapter's base (core.tables)
 }
 
 
@@ -385,14 +304,38 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     try:
         _check_ranks(config, tensors, find_targets(model, config) if config.target_modules != [] else [], weights_file)
-        _check_parameter_ranks(model, config, tensors, weights_file)
+        for check in LOAD_CHECKS:  # a variant's tensors before anything is allocated (targeted parameters)
+            check(model, config, tensors, weights_file)
         planned, copies = plan_adapter(model, config, name)
     except CheckpointError:
         raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    _fit_heads(model, copies, tensors)
-    targets = _load_targets(model, config, planned, copies)
+    for fit in FIT_NEW:  # new modules shaped to the file first (a head with its own number of classes)
+        fit(model, planned, copies, tensors)
+    staged = _stage(_load_targets(model, config, planned, copies), tensors, weights_file)
+    expected_fp = raw[LORAKIT_KEY].get("base_fingerprint")
+    # ---- validated: from here on the model changes ----
+    with torch.no_grad():
+        for dest, t in staged:
+            dest.copy_(t)
+    commit_adapter(model, name, planned, copies)
+    if expected_fp:
+        found_fp = base_fingerprint(model, _fingerprinted(model, name))
+        if found_fp is not None and found_fp != expected_fp:
+            warnings.warn(
+                f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
+                f"{found_fp}); outputs will not match the ones it was trained for",
+                UserWarning,
+                stacklevel=2,
+            )
+    return name
+
+
+def _stage(targets: dict[str, tuple[Tensor, bool]], tensors: dict[str, Tensor], weights_file: Path) -> list:
+    """``(destination, tensor)`` for every key of the file, each checked against its destination: the keys match
+    (suffixes ``.base_layer.weight`` are optional), and each tensor has the destination's shape (transposed
+    where the file stores it so), a floating dtype and finite values once cast to the destination's dtype."""
     optional = {k for k in targets if k.endswith(".base_layer.weight")}
     missing = sorted(set(targets) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(targets))
@@ -418,42 +361,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{weights_file}: tensor {key} has non-finite values (nan/inf) in {dest.dtype}")
         staged.append((dest, t))
-    expected_fp = raw[LORAKIT_KEY].get("base_fingerprint")
-    # ---- validated: from here on the model changes ----
-    with torch.no_grad():
-        for dest, t in staged:
-            dest.copy_(t)
-    commit_adapter(model, name, planned, copies)
-    if expected_fp:
-        found_fp = base_fingerprint(model, [p.path for p in planned if p.layer.lora_target])
-        if found_fp is not None and found_fp != expected_fp:
-            warnings.warn(
-                f"adapter {path} was trained on different base weights (fingerprint {expected_fp}, this model "
-                f"{found_fp}); outputs will not match the ones it was trained for",
-                UserWarning,
-                stacklevel=2,
-            )
-    return name
-
-
-def _fit_heads(model: nn.Module, copies: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
-    """An adapter's own classification head may have its own number of classes: in its ``modules_to_save``
-    copies (new, not attached yet), a ``Linear`` with the model's ``num_labels`` outputs takes the number of
-    rows the file gives it (same inputs), so adapters of 2 and 3 classes and a regression head (1) share a base.
-    Any other shape difference is left for the shape check to refuse."""
-    classes = getattr(getattr(model, "config", None), "num_labels", None)
-    for path, copy in copies.items():
-        for sub_name, sub in copy.named_modules():
-            if not isinstance(sub, nn.Linear) or sub.out_features != classes:
-                continue
-            found = tensors.get(f"{PREFIX}{path}{'.' if sub_name else ''}{sub_name}.weight")
-            if found is None or found.dim() != 2 or found.shape[1] != sub.in_features or found.shape[0] == classes:
-                continue
-            rows = found.shape[0]
-            sub.weight = nn.Parameter(sub.weight.new_empty(rows, sub.in_features), sub.weight.requires_grad)
-            if sub.bias is not None:
-                sub.bias = nn.Parameter(sub.bias.new_empty(rows), sub.bias.requires_grad)
-            sub.out_features = rows
+    return staged
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str], weights_file: Path) -> None:
@@ -464,23 +372,6 @@ def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], paths: list[str
         if not any(k in tensors for k in (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_embedding_A")):
             raise CheckpointError(f"{weights_file}: no lora_A tensor for target {path} "
                                   f"(expected key {PREFIX}{path}.lora_A.weight)")
-
-
-def _check_parameter_ranks(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path):
-    """:func:`_check_ranks` for ``target_parameters``: the A of a parameter with ``E`` experts has ``E*r`` rows
-    (PEFT's nesting: the module's last targeted parameter at its path, each earlier one a ``.base_layer`` deeper)."""
-    for path, names in find_parameter_targets(model, config).items():
-        owner = model.get_submodule(path)
-        owner = getattr(owner, "base_layer", owner)
-        for i, name in enumerate(names):
-            key = f"{PREFIX}{path}{'.base_layer' * (len(names) - 1 - i)}.lora_A.weight"
-            param = getattr(owner, name)
-            rows = config.rank_for(f"{path}.{name}") * (param.shape[0] if param.dim() == 3 else 1)
-            if key not in tensors:
-                raise CheckpointError(f"{weights_file}: no lora_A tensor for parameter {path}.{name} (expected key {key})")
-            if tensors[key].dim() != 2 or tensors[key].shape[0] != rows:
-                raise CheckpointError(f"{weights_file}: tensor {key} has shape {tuple(tensors[key].shape)}, but "
-                                      f"{CONFIG_NAME} gives {rows} rows (rank x experts) for {path}.{name}")
 
 
 def _load_targets(model, config, planned, copies) -> dict[str, tuple[Tensor, bool]]:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from .tables import INITIALIZERS, parse_init
+from .tables import CONFIG_CHECKS, INITIALIZERS, parse_init
 
 Bias = Literal["none", "all", "lora_only"]
 
@@ -67,7 +67,6 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
-ALL_EXPERTS = "all-experts"  # target_parameters: every 3-D parameter (fused expert stacks); saved as the names
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -91,11 +90,9 @@ class LoraConfig:
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init: ``"kaiming"`` (A Kaiming-uniform, PEFT's default) or ``"gaussian"`` (A ~ N(0, 1/r), the
             paper's): B starts at zero, so a new adapter leaves the outputs unchanged. ``"pissa"``,
-            ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"`` (QLoRA, see
-            :func:`lorakit.variants.inits.loftq_init`): A and B from the base weight, which is replaced by the
-            residual (see :mod:`lorakit.variants.inits`; ``save_adapter(..., convert_to_lora=True)`` writes
-            the equivalent plain LoRA for the original base). ``from_peft_dict`` maps PEFT's
-            ``init_lora_weights`` values (``True`` is ``"kaiming"``).
+            ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"``/``"loftq_<K>"``: A and B from the base weight, which
+            is replaced by the residual (:mod:`lorakit.variants.inits`). PEFT's ``init_lora_weights: true`` is
+            ``"kaiming"``.
         use_dora: DoRA (arXiv 2402.09353): a learned magnitude per output feature times the normalised
             direction of ``W0 + s·B·A`` (PEFT's ``use_dora``).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv 2312.03732).
@@ -109,15 +106,11 @@ class LoraConfig:
             tied output embedding follows the input one. Alone, with ``target_modules=[]``, or beside LoRA
             (see :mod:`lorakit.variants.tokens`).
         task_type / base_model_name_or_path: metadata written to ``adapter_config.json``.
-        target_parameters: parameters to adapt directly (PEFT's ``target_parameters``), for weights that are
-            not in an ``nn.Linear``: above all the fused expert stacks of MoE models. A list names parameters
-            by path or suffix (``"experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``);
-            ``"all-experts"`` takes every 3-D parameter (every expert of every MoE layer) and is saved as the
-            names it matched. A 3-D parameter gets one rank-``r`` pair per expert. ``rank_pattern`` /
-            ``alpha_pattern`` keys match the parameter's path. With ``target_modules=None`` no module is
-            adapted; ``target_modules="all-linear", target_parameters="all-experts"`` adapts every linear
-            layer and every expert. As in PEFT: no dropout, no DoRA, and every adapter of a model targets the
-            same parameters of a module (see :mod:`lorakit.variants.params`).
+        target_parameters: parameters to adapt directly (PEFT's ``target_parameters``), above all the fused
+            expert stacks of MoE models: names by path or suffix (``"experts.gate_up_proj"``), or
+            ``"all-experts"`` (every 3-D parameter); one rank-``r`` pair per expert. With
+            ``target_modules=None`` no module is adapted. As in PEFT: no dropout, no DoRA
+            (:mod:`lorakit.variants.param_targets`, :mod:`lorakit.variants.params`).
 
     Every field's type is checked on construction, from code or from a file: ``r=True``, ``use_rslora="false"``
     or ``use_rslora=1`` (booleans are strict; a bool is not a number) raise ``ValueError`` naming the field.
@@ -158,47 +151,14 @@ class LoraConfig:
         not a number (``r=True`` is refused) and only ``True``/``False`` are booleans (not ``"false"``, not 1)."""
         _check(_is_int(self.r) and self.r > 0, f"r must be a positive integer, got {short_repr(self.r)}")
         _check(_is_pos(self.alpha), f"alpha must be a positive finite number, got {short_repr(self.alpha)}")
-        _check(
-            _is_num(self.dropout) and 0.0 <= self.dropout < 1.0,
-            f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}",
-        )
+        _check(_is_num(self.dropout) and 0.0 <= self.dropout < 1.0,
+               f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be none|all|lora_only, got {short_repr(self.bias)}")
         parse_init(self.init)  # a name in core.tables.INITIALIZERS, or <name>_<K> for a counted one
         _check(type(self.use_rslora) is bool, f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
         _check(type(self.use_dora) is bool, f"use_dora must be true or false, got {short_repr(self.use_dora)}")
         _check_token_indices(self.trainable_token_indices)
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if name == "target_modules" and value == [] and self.trainable_token_indices:
-                continue  # trainable tokens alone
-            if isinstance(value, str):
-                if value != "all-linear":
-                    try:
-                        re.compile(value)
-                    except re.error as e:
-                        raise ValueError(f"{name} regex {short_repr(value)} is invalid: {e}") from None
-            elif value is not None:
-                _check(
-                    isinstance(value, list) and value and all(isinstance(s, str) and s for s in value),
-                    f"{name} must be a non-empty list of module names, a regex string or 'all-linear', got {short_repr(value)}",
-                )
-        self._validate_target_parameters()
-        if self.layers is not None:
-            _check(
-                isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers),
-                f"layers must be a list of non-negative block indices, got {short_repr(self.layers)}",
-            )
-        _check(
-            self.layers_pattern is None or (isinstance(self.layers_pattern, str) and self.layers_pattern)
-            or (isinstance(self.layers_pattern, list) and self.layers_pattern
-                and all(isinstance(s, str) and s for s in self.layers_pattern)),
-            f"layers_pattern must be a module name or a list of them, got {short_repr(self.layers_pattern)}",
-        )
-        _check(
-            self.modules_to_save is None or (isinstance(self.modules_to_save, list)
-                                             and all(isinstance(s, str) and s for s in self.modules_to_save)),
-            f"modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}",
-        )
+        self._validate_selection()
         for name in ("task_type", "base_model_name_or_path"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, str), f"{name} must be a string, got {short_repr(value)}")
@@ -210,26 +170,33 @@ class LoraConfig:
             _check(_is_int(rank) and rank > 0, f"rank_pattern[{short_repr(key)}] must be a positive int, got {short_repr(rank)}")
         for key, a in self.alpha_pattern.items():
             _check(_is_pos(a), f"alpha_pattern[{short_repr(key)}] must be a positive finite number, got {short_repr(a)}")
-        for key, mask in self.slices.items():
-            _check(
-                isinstance(mask, list) and len(mask) >= 2 and all(isinstance(b, bool) for b in mask) and any(mask),
-                f"slices[{short_repr(key)}] must be a list of >= 2 booleans with at least one True, got {short_repr(mask)}",
-            )
         check_scaling(self)  # float32 here; add_lora / load_adapter check again in each layer's dtype
+        for check in CONFIG_CHECKS:  # fields a variant owns (target_parameters, slices)
+            check(self)
 
-    def _validate_target_parameters(self) -> None:
-        value = self.target_parameters
-        if value is None:
-            return
-        _check(value == ALL_EXPERTS or (isinstance(value, list) and value
-                                          and all(isinstance(s, str) and s for s in value)),
-               f"target_parameters must be a non-empty list of parameter names or {ALL_EXPERTS!r}, got "
-               f"{short_repr(value)}")
-        _check(self.dropout == 0, f"dropout={self.dropout} cannot be used with target_parameters (an update of "
-               "the weight itself has no input to drop; PEFT refuses it too); use dropout=0")
-        _check(not self.use_dora, "use_dora cannot be used with target_parameters (as in PEFT)")
-        _check(self.init in ("kaiming", "gaussian"),
-               f"init {self.init!r} cannot be used with target_parameters; use 'kaiming' or 'gaussian'")
+    def _validate_selection(self) -> None:
+        """The fields that select modules: ``target_modules``, ``exclude_modules``, ``layers``, ``layers_pattern``,
+        ``modules_to_save``."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if name == "target_modules" and value == [] and self.trainable_token_indices:
+                continue  # trainable tokens alone
+            if isinstance(value, str):
+                if value != "all-linear":
+                    try:
+                        re.compile(value)
+                    except re.error as e:
+                        raise ValueError(f"{name} regex {short_repr(value)} is invalid: {e}") from None
+            elif value is not None:
+                _check(_names(value), f"{name} must be a non-empty list of module names, a regex string or "
+                                      f"'all-linear', got {short_repr(value)}")
+        _check(self.layers is None or (isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers)),
+               f"layers must be a list of non-negative block indices, got {short_repr(self.layers)}")
+        pattern = self.layers_pattern
+        _check(pattern is None or (isinstance(pattern, str) and pattern) or _names(pattern),
+               f"layers_pattern must be a module name or a list of them, got {short_repr(pattern)}")
+        _check(self.modules_to_save in (None, []) or _names(self.modules_to_save),
+               f"modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}")
 
     # ----- per-module values ---------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -356,6 +323,11 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
         if module_matches(name, key):
             return value
     return default
+
+
+def _names(x: Any) -> bool:
+    """A non-empty list of non-empty strings."""
+    return isinstance(x, list) and bool(x) and all(isinstance(s, str) and s for s in x)
 
 
 def _is_int(x: Any) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import LoraConfig
-from .tables import INITIALIZERS, LAYER_TYPES, VARIANTS, parse_init
+from .tables import INITIALIZERS, LAYER_TYPES, PAIR_TYPES, VARIANTS, parse_init
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -152,52 +152,6 @@ class Adapter(nn.Module):
             self.lora_B.weight.copy_(B.reshape(self.lora_B.weight.shape))
 
 
-class SlicedAdapter(Adapter):
-    """LoRA on chosen equal output slices of a fused projection (loralib's ``MergedLinear``).
-
-    For GPT-2's ``c_attn`` (q, k, v fused, ``d = 3 * 768``) with ``mask = [True, False, True]``, q and v
-    each get a rank-r pair and k gets nothing. ``lora_A.weight`` is ``(n_on * r, k)``; ``lora_B.weight``
-    is ``(n_on * d_slice, r)``: block ``j`` of B maps rank block ``j`` of A to the j-th enabled slice.
-    """
-
-    def __init__(self, in_features: int, out_features: int, mask: list[bool], r: int, dropout: float,
-                 scaling: float, config: LoraConfig, *, device=None, dtype=None):
-        if out_features % len(mask):
-            raise ValueError(f"slices {mask}: output size {out_features} does not split into {len(mask)} equal parts")
-        n_on = sum(mask)
-        self.d_slice = out_features // len(mask)
-        lora_A = nn.Linear(in_features, n_on * r, bias=False, device=device, dtype=dtype)
-        lora_B = nn.Linear(r, n_on * self.d_slice, bias=False, device=device, dtype=dtype)
-        super().__init__(lora_A, lora_B, dropout, scaling, config)
-        self.mask = list(mask)
-        self.register_buffer("on_slices", torch.tensor([i for i, m in enumerate(mask) if m]), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n_on, r = len(self.on_slices), self.rank
-        a = self.lora_A(self.dropout(x)).unflatten(-1, (n_on, r))  # (..., n_on, r)
-        b = torch.einsum("...jr,jdr->...jd", a, self.lora_B.weight.view(n_on, self.d_slice, r))
-        out = a.new_zeros(*x.shape[:-1], len(self.mask), self.d_slice)
-        out = out.index_copy(-2, self.on_slices, b)  # enabled slices get their update, others stay zero
-        return out.flatten(-2) * self.scaling
-
-    def export_tensors(self) -> dict[str, Tensor]:  # the equivalent plain LoRA of rank n_on * r
-        A, B = self.plain_pair()
-        return {"lora_A.weight": A, "lora_B.weight": B, **self.extra_tensors()}
-
-    def export_pattern(self, alpha: float) -> tuple[int, float]:  # same scaling at rank n_on * r
-        n_on = len(self.on_slices)
-        return n_on * self.rank, alpha * (math.sqrt(n_on) if self.config.use_rslora else n_on)
-
-    def plain_pair(self) -> tuple[Tensor, Tensor]:
-        """A: ``(n_on*r, k)``; B: ``(d, n_on*r)`` block-structured, zero outside enabled slices."""
-        r, ds = self.rank, self.d_slice
-        B = self.lora_B.weight
-        full_B = B.new_zeros(len(self.mask) * ds, len(self.on_slices) * r)
-        for j, s in enumerate(self.on_slices.tolist()):
-            full_B[s * ds:(s + 1) * ds, j * r:(j + 1) * r] = B[j * ds:(j + 1) * ds]
-        return self.lora_A.weight, full_B
-
-
 class LoraLayer(nn.Module):
     """Wraps a base layer and holds its named adapters; subclasses say how to build and merge them."""
 
@@ -212,7 +166,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_plan = None  # set by lorakit.ops (per_row_adapters, the pool): .output(layer, out, x) per row
         # outputs of these base types are fresh tensors: the update may be added into them in place
-        self.fresh_output = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer) is conv1d_type()
+        self.fresh_output = type(base_layer) is nn.Linear or type(base_layer) is conv1d_type()
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -259,10 +213,6 @@ class LoraLayer(nn.Module):
         """A per-output-feature vector ``(d,)`` shaped to broadcast against the layer's output."""
         return v
 
-    def quantization(self) -> str | None:
-        """The name of the base's quantization (a QLoRA base), None for a full-precision one."""
-        return None
-
     # ----- checkpoint layout (PEFT's keys after the module path) -------------------------------------------
     def file_tensors(self, adapter: Adapter) -> dict[str, Tensor]:
         """Key suffix -> tensor written for ``adapter`` (the adapter says what it exports)."""
@@ -276,11 +226,16 @@ class LoraLayer(nn.Module):
 
     # ----- building adapters ------------------------------------------------------------------------------
     def new_adapter(self, config: LoraConfig, module_name: str) -> Adapter:
-        """Build one adapter for this layer without attaching it: the layer type's A/B pair
-        (:meth:`make_adapter`), initialised by ``config.init`` (an initialiser may stage a new base weight
+        """Build one adapter for this layer without attaching it: the A/B pair of the first entry of
+        :data:`~lorakit.core.tables.PAIR_TYPES` that gives one (fused slices), else the layer type's own
+        (:meth:`make_adapter`); initialised by ``config.init`` (an initialiser may stage a new base weight
         on the adapter, written by :meth:`attach`), then wrapped by the first variant in
         :data:`~lorakit.core.tables.VARIANTS` that wants the config (DoRA, ...)."""
-        adapter = self.make_adapter(config.rank_for(module_name), config.scaling(module_name), config, module_name)
+        r, scaling = config.rank_for(module_name), config.scaling(module_name)
+        adapter = next((a for build in PAIR_TYPES if (a := build(self, r, scaling, config, module_name)) is not None),
+                       None)
+        if adapter is None:
+            adapter = self.make_adapter(r, scaling, config, module_name)
         if not adapter.lora_A.weight.is_meta:
             name, arg = parse_init(config.init)
             with torch.no_grad():
@@ -361,10 +316,7 @@ class LoraLinear(LoraLayer):
         self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
 
     def make_adapter(self, r, scaling, config, module_name):
-        kw = _factory_kwargs(self.base_layer.weight)
-        mask = config.slices_for(module_name)
-        if mask is not None:
-            return SlicedAdapter(self.in_features, self.out_features, mask, r, config.dropout, scaling, config, **kw)
+        kw = factory_kwargs(self.base_layer.weight)
         A = nn.Linear(self.in_features, r, bias=False, **kw)
         B = nn.Linear(r, self.out_features, bias=False, **kw)
         return Adapter(A, B, config.dropout, scaling, config)
@@ -376,65 +328,6 @@ class LoraLinear(LoraLayer):
         return weight.T if self.fan_in_fan_out else weight
 
 
-class LoraEmbedding(LoraLayer):
-    """``nn.Embedding``: ``lora_A`` is an embedding table ``(num, r)``, ``lora_B`` maps ``r -> dim``."""
-
-    def make_adapter(self, r, scaling, config, module_name):
-        base, kw = self.base_layer, _factory_kwargs(self.base_layer.weight)
-        A = nn.Embedding(base.num_embeddings, r, padding_idx=base.padding_idx, **kw)
-        B = nn.Linear(r, base.embedding_dim, bias=False, **kw)
-        return Adapter(A, B, 0.0, scaling, config)  # no dropout on token ids
-
-    def file_tensors(self, adapter):  # PEFT's embedding keys: A stored (r, num), as plain_pair gives it
-        A, B = adapter.plain_pair()  # the adapter's exported pair (a hot-swap adapter's live rank, not its padding)
-        return {"lora_embedding_A": A, "lora_embedding_B": B, **adapter.extra_tensors()}
-
-    def file_slots(self, adapter):
-        slots = {"lora_embedding_A": (adapter.lora_A.weight.data, True),
-                 "lora_embedding_B": (adapter.lora_B.weight.data, False),
-                 # PEFT's save_embedding_layers also stores the (possibly resized) base table: optional
-                 "base_layer.weight": (self.base_layer.weight.data, False)}
-        return slots | {k: (t.data, False) for k, t in adapter.extra_tensors().items()}
-
-    def init_adapter(self, adapter, init):
-        if not adapter.lora_A.weight.is_meta:
-            with torch.no_grad():
-                nn.init.normal_(adapter.lora_A.weight, std=1.0 / adapter.rank if init == "gaussian" else 1.0)
-                nn.init.zeros_(adapter.lora_B.weight)
-
-    def to_base_layout(self, delta):
-        return delta.T  # (dim, num) -> (num, dim)
-
-    def as_matrix(self, weight):
-        return weight.T  # (num, dim) -> (dim, num)
-
-
-class LoraConv(LoraLayer):
-    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base kernel, B a 1x1 conv."""
-
-    def __init__(self, base_layer: nn.Module):
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
-        super().__init__(base_layer)
-
-    def make_adapter(self, r, scaling, config, module_name):
-        base, kw = self.base_layer, _factory_kwargs(self.base_layer.weight)
-        conv = type(base)
-        A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                 bias=False, padding_mode=base.padding_mode, **kw)
-        B = conv(r, base.out_channels, 1, bias=False, **kw)
-        return Adapter(A, B, config.dropout, scaling, config)
-
-    def to_base_layout(self, delta):
-        return delta.view(self.base_layer.weight.shape)
-
-    def as_matrix(self, weight):
-        return weight.flatten(1)  # (out, in, *kernel) -> (out, in * prod(kernel))
-
-    def feature_view(self, v):
-        return v.view(-1, *[1] * (self.base_layer.weight.dim() - 2))  # channels: dim -(spatial dims + 1)
-
-
 def conv1d_type() -> type | None:
     """transformers' GPT-2 ``Conv1D``, if transformers is already imported (never imported here)."""
     module = sys.modules.get("transformers.pytorch_utils")
@@ -442,27 +335,16 @@ def conv1d_type() -> type | None:
 
 
 def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
-    """The dispatch table: which LoRA wrapper fits ``module`` (None: not adaptable). Registered layer
-    types (:data:`~lorakit.core.tables.LAYER_TYPES`: quantized bases, which subclass ``nn.Linear``) first."""
+    """Which LoRA wrapper fits ``module`` (None: not adaptable): the registered layer types first
+    (:data:`~lorakit.core.tables.LAYER_TYPES`: embeddings, convolutions, quantized bases, which subclass
+    ``nn.Linear``), then the base case, ``nn.Linear`` and GPT-2's ``Conv1D``."""
     if isinstance(module, LoraLayer):
         return None
     for fits in LAYER_TYPES:
         if (lora_type := fits(module)) is not None:
             return lora_type
-    table: list[tuple[type, type[LoraLayer]]] = [
-        (nn.Linear, LoraLinear),
-        (nn.Embedding, LoraEmbedding),
-        (nn.Conv1d, LoraConv),
-        (nn.Conv2d, LoraConv),
-        (nn.Conv3d, LoraConv),
-    ]
     conv1d = conv1d_type()
-    if conv1d is not None:
-        table.append((conv1d, LoraLinear))
-    for base_type, lora_type in table:
-        if isinstance(module, base_type):
-            return lora_type
-    return None
+    return LoraLinear if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) else None
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -470,7 +352,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return layer_type is not None and issubclass(layer_type, LoraLinear)
 
 
-def _factory_kwargs(weight: Tensor) -> dict:
+def factory_kwargs(weight: Tensor) -> dict:
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     return {"device": weight.device, "dtype": dtype}
 
@@ -479,22 +361,6 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
-
-
 def changed_base(adapter: Adapter) -> bool:
     """Whether ``adapter``'s initialiser replaced its layer's base weight (it holds ``init_A``/``init_B``)."""
     return "init_A" in adapter._buffers  # not hasattr: a miss goes through nn.Module.__getattr__ (slow)
-
-
-def plain_lora_pair(adapter: Adapter) -> tuple[Tensor, Tensor]:
-    """The plain LoRA pair, for the **original** base, equivalent to ``adapter`` on its layer's base.
-
-    Unchanged base: ``plain_pair()``. Changed base (``original = new + s·B0·A0``):
-    ``new + s·B·A = original + s·(B·A - B0·A0) = original + s·[B, -B0]·[A; A0]`` (rank 2r, same scaling).
-    """
-    if not adapter.additive:
-        raise ValueError(f"a {type(adapter).__name__} is not a plain LoRA update and cannot be converted")
-    A, B = adapter.plain_pair()
-    if not changed_base(adapter):
-        return A, B
-    return torch.cat([A, adapter.init_A.to(A.dtype)]), torch.cat([B, -adapter.init_B.to(B.dtype)], dim=1)

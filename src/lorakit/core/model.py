@@ -17,10 +17,9 @@ from torch import nn
 
 from .config import LoraConfig, check_scaling, module_matches
 from .layers import Adapter, LoraLayer, changed_base, lora_layer_type
-from .save_guard import guard_save_pretrained
 from .saved import SavedModule
-from .tables import EXTRA_LAYERS, INITIALIZERS, ON_ATTACH, PARAMETER_LAYERS, parse_init
-from .targets import find_modules_to_save, find_parameter_targets, find_targets, outside_adapters
+from .tables import EXTRA_LAYERS, INITIALIZERS, ON_ATTACH, parse_init
+from .targets import find_modules_to_save, find_targets, outside_adapters
 
 
 # ----- injection -----------------------------------------------------------------------------------------
@@ -48,13 +47,8 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
         adapter = layer.new_adapter(config, path)
         check_scaling(config, adapter.dtype, path)  # a scaling over fp16's max overflows in every forward
         planned.append(Planned(path, layer, adapter, new_layer))
-    params = _plan_parameters(model, config, {p.path for p in planned})
-    if params:  # every planned layer in model order (what the base fingerprint hashes)
-        order = {path: i for i, (path, _) in enumerate(outside_adapters(model))}
-        planned = sorted(planned + params, key=lambda p: order[p.path])
-    lora_paths = [p.path for p in planned]
-    for extra in EXTRA_LAYERS:  # layers besides the LoRA targets (trainable tokens)
-        planned += [Planned(*entry) for entry in extra(model, config, name, lora_paths)]
+    for extra in EXTRA_LAYERS:  # layers besides the target_modules (parameters, trainable tokens)
+        planned += [Planned(*entry) for entry in extra(model, config, name, [p.path for p in planned])]
     if not planned:
         raise ValueError("the config adapts nothing: target_modules=[] needs trainable_token_indices or "
                          "target_parameters")
@@ -82,26 +76,6 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str) -> tuple[list[
             original = module.original if isinstance(module, SavedModule) else module
             copies[path] = SavedModule(original).add_copy(name)
     return planned, copies
-
-
-def _plan_parameters(model: nn.Module, config: LoraConfig, module_paths: set[str]) -> list[Planned]:
-    """The parameter layers of ``config.target_parameters`` (a variant's layer type, from core's table)."""
-    targets = find_parameter_targets(model, config)
-    if targets and "default" not in PARAMETER_LAYERS:
-        raise ValueError("target_parameters needs a parameter layer type; call lorakit.variants.register()")
-    planned = []
-    for path, names in targets.items():
-        if path in module_paths:
-            raise ValueError(f"{path} is selected by both target_modules and target_parameters; pick one")
-        module = model.get_submodule(path)
-        new_layer = not isinstance(module, LoraLayer)
-        layer = PARAMETER_LAYERS["default"](module, names) if new_layer else module
-        if sorted(layer.parameter_names) != sorted(names):
-            raise ValueError(f"target_parameters selects {sorted(names)} of {path}, whose other adapters adapt "
-                             f"{sorted(layer.parameter_names)}; every adapter must target the same parameters of a "
-                             "module (as in PEFT)")
-        planned.append(Planned(path, layer, layer.new_adapter(config, path), new_layer))
-    return planned
 
 
 def check_new_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
@@ -149,8 +123,7 @@ def commit_adapter(model: nn.Module, name: str, planned: list[Planned], copies: 
         holder.copies[name] = module.train(holder.original.training)
     if activate:
         set_adapter(model, name)
-    guard_save_pretrained(model)  # transformers' save_pretrained would write wrapped names: refuse instead
-    for hook in ON_ATTACH:  # e.g. 4-bit layers repacked for CPU inference get a layout with a backward
+    for hook in ON_ATTACH:  # save_pretrained refused (lorakit.save_guard); 4-bit layers get a layout with a backward
         hook(model)
 
 
@@ -235,7 +208,6 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 # ----- queries ---------------------------------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
     return (m for _, m in outside_adapters(model) if isinstance(m, LoraLayer))
-
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -355,16 +327,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def use_adapter(model: nn.Module, name: str | None):
     """Run with adapter ``name`` active; the previous choice (and what trains) is restored on exit."""
     layers, saved = wrappers(model)
-    before = [(obj, obj.active) for obj in layers + saved]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    set_adapter(model, name)
-    try:
+    with _restoring("active", layers + saved, list(model.parameters())):
+        set_adapter(model, name)
         yield model
-    finally:
-        for obj, active in before:
-            obj.active = active
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -385,17 +350,24 @@ def disabled(model: nn.Module):
             warnings.warn(f"adapter {a!r} trained the base biases (bias={bias!r}); disabled() keeps them, so the "
                           "output is not the original base model's", UserWarning, stacklevel=3)
     params = [p for obj in layers for p in obj.adapters.parameters()] + [p for m in saved for p in m.copies.parameters()]
-    flags = [(p, p.requires_grad) for p in params]
-    before = [(obj, obj.disabled) for obj in layers + saved]  # nested contexts restore the outer state
-    for obj in layers + saved:
-        obj.disabled = True
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with _restoring("disabled", layers + saved, params):  # nested contexts restore the outer state
+        for obj in layers + saved:
+            obj.disabled = True
+        for p in params:
+            p.requires_grad_(False)
         yield model
+
+
+@contextmanager
+def _restoring(attr: str, objs: list[nn.Module], params: list[nn.Parameter]):
+    """On exit, ``attr`` of each of ``objs`` and ``requires_grad`` of each of ``params`` are as on entry."""
+    before = [(obj, getattr(obj, attr)) for obj in objs]
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        yield
     finally:
-        for obj, state in before:
-            obj.disabled = state
+        for obj, value in before:
+            setattr(obj, attr, value)
         for p, flag in flags:
             p.requires_grad_(flag)
 

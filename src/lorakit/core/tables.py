@@ -1,25 +1,8 @@
 """The tables the successors of plain LoRA register into; core reads them and names none of them.
 
-``lorakit.variants.register()`` (called once by ``import lorakit``) fills them; importing a variant's module
-registers nothing. Each table is one way a new kind joins:
-
-- :data:`INITIALIZERS`: ``LoraConfig.init`` names -> :class:`Init` (PiSSA, OLoRA, LoftQ).
-- :data:`VARIANTS`: adapter classes tried in order; the first whose ``wanted(config)`` is true wraps the
-  plain adapter the layer type built: ``wrap(layer, plain) -> Adapter`` (DoRA, AdaLoRA's SVD form).
-- :data:`LAYER_TYPES`: ``fn(module) -> LoraLayer subclass | None``, asked before the built-in layer table
-  (bitsandbytes' quantized linear layers).
-- :data:`ON_ATTACH`: ``fn(model)`` run after an adapter is attached (a quantized base keeps a trainable layout).
-- :data:`PEFT_TYPES`: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)`` giving the exactly
-  equivalent ``LORA`` checkpoint (AdaLoRA).
-- :data:`QUANTIZATIONS`: the base quantizations a checkpoint's ``"quantization"`` metadata may name.
-- :data:`PARAMETER_LAYERS`: ``"default"`` -> the layer type that adapts parameters (``target_parameters``):
-  ``cls(module, parameter_names)`` (LoRA on MoE experts).
-- :data:`EXTRA_LAYERS`: ``fn(model, config, name, lora_paths) -> [(path, layer, adapter, new_layer)]``: layers an
-  adapter places besides its LoRA targets, built without touching the model (trainable tokens).
-- :data:`PEFT_WRITERS`: ``fn(peft, tensors) -> (peft, tensors) | None``: a checkpoint written in another PEFT
-  format when that applies (trainable tokens alone: ``TRAINABLE_TOKENS``).
-- :data:`METADATA`: more keys of lorakit's checkpoint metadata -> check of the value (trainable tokens:
-  ``vocab_size``, ``added_tokens``).
+``import lorakit`` fills them once, through the ``register()`` of :mod:`lorakit.layers`, :mod:`lorakit.variants`,
+:mod:`lorakit.ops` and :mod:`lorakit.save_guard`; importing a module registers nothing. Each table is
+one way a new kind joins; below they are grouped by the step that reads them.
 """
 
 from __future__ import annotations
@@ -66,22 +49,67 @@ def _kaiming_peft(arg) -> dict[str, Any]:
     return {"init_lora_weights": True}  # PEFT's default init
 
 
+#: ``LoraConfig.init`` names -> :class:`Init` (PiSSA, OLoRA, LoftQ join the two below).
 INITIALIZERS: dict[str, Init] = {
     "kaiming": Init(_kaiming, changes_base=False, to_peft=_kaiming_peft),
     "gaussian": Init(_gaussian, changes_base=False),
 }
 #: PEFT ``init_lora_weights`` values lorakit knows but cannot honour (refused by name).
 UNSUPPORTED_INITS = ("eva", "corda", "orthogonal")
-VARIANTS: list[type] = []
-LAYER_TYPES: list[Callable[[Any], type | None]] = []
-ON_ATTACH: list[Callable[[Any], None]] = []
-PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
-QUANTIZATIONS: set[str] = set()
-PARAMETER_LAYERS: dict[str, Callable[[Any, list[str]], Any]] = {}
-EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
-PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
-METADATA: dict[str, Callable[[Any], bool]] = {}
 
+# ----- building an adapter (LoraLayer.new_adapter, plan_adapter, LoraConfig) ----------------------------------
+#: ``fn(module) -> LoraLayer subclass | None``, asked before the linear base case (embeddings, convolutions,
+#: bitsandbytes' quantized linear layers).
+LAYER_TYPES: list[Callable[[Any], type | None]] = []
+#: ``fn(layer, r, scaling, config, module_name) -> Adapter | None``, asked before the layer type's own
+#: ``make_adapter``: an A/B pair of another shape (fused slices).
+PAIR_TYPES: list[Callable[..., Any]] = []
+#: adapter classes tried in order: the first whose ``wanted(config)`` is true wraps the plain adapter the layer
+#: type built, ``wrap(layer, plain) -> Adapter`` (DoRA, AdaLoRA's SVD form).
+VARIANTS: list[type] = []
+#: ``fn(model, config, name, planned_paths) -> [(path, layer, adapter, new_layer)]``: layers an adapter places
+#: besides its ``target_modules``, built without touching the model (parameters, trainable tokens).
+EXTRA_LAYERS: list[Callable[..., list[tuple]]] = []
+#: ``fn(config)`` raising ValueError: checks of the config fields a variant owns (target_parameters, slices).
+CONFIG_CHECKS: list[Callable[[Any], None]] = []
+
+# ----- attached and running -----------------------------------------------------------------------------------
+#: ``fn(model)`` run after an adapter is attached (save_pretrained guarded; a quantized base keeps a trainable
+#: layout).
+ON_ATTACH: list[Callable[[Any], None]] = []
+#: ``[fn(module, x, *args, **kwargs)]``: a ``modules_to_save`` holder's output while its ``row_names`` say which
+#: copy each batch row runs (``lorakit.ops.saved_rows``).
+SAVED_ROWS: list[Callable[..., Any]] = []
+
+# ----- checkpoints (lorakit.core.checkpoint) -------------------------------------------------------------------
+#: another PEFT ``peft_type`` -> ``fn(raw, tensors) -> (raw, tensors)``, the exactly equivalent ``LORA``
+#: checkpoint (AdaLoRA, trainable tokens alone).
+PEFT_TYPES: dict[str, Callable[[dict, dict], tuple[dict, dict]]] = {}
+#: ``fn(peft, tensors) -> (peft, tensors) | None``: a checkpoint written in another PEFT format where that
+#: applies (trainable tokens alone: ``TRAINABLE_TOKENS``).
+PEFT_WRITERS: list[Callable[[dict, dict], tuple[dict, dict] | None]] = []
+#: ``fn(model, config, held, peft) -> paths``: writes the ``adapter_config.json`` field that names some of the
+#: held ``(path, layer)`` (``target_parameters``); those paths are left out of ``target_modules``.
+PEFT_TARGETS: list[Callable[..., set[str]]] = []
+#: ``fn(model, adapter, tensors, peft, meta) -> (tensors, peft, meta)``: what ``convert_to_lora=True`` writes
+#: instead (an adapter whose initialiser replaced the base, as the exactly equivalent plain LoRA for the
+#: original base); ``peft`` and ``meta`` are None for ``lora_state_dict``.
+CONVERSIONS: list[Callable[..., tuple]] = []
+#: ``fn(model, held) -> dict``: more of lorakit's metadata, from the model and the ``(path, layer)`` pairs
+#: holding the adapter (a classifier's class names, a QLoRA base's quantization).
+EXPORT_METADATA: list[Callable[..., dict]] = []
+#: more keys of lorakit's metadata -> check of the value (an allow-list: an unknown key is refused).
+METADATA: dict[str, Callable[[Any], bool]] = {}
+#: ``fn(config, tensors, weights_file) -> keys`` raising ``CheckpointError``: what a variant's tensors must satisfy
+#: in any checkpoint, whatever model it goes into (DoRA: a magnitude for each pair); returns the ``lora_A`` keys
+#: whose rows it vouches for instead of the config's rank (expert stacks: experts x rank).
+TENSOR_CHECKS: list[Callable[..., set[str]]] = []
+#: ``fn(model, config, tensors, weights_file)`` raising ``CheckpointError``: a checkpoint's tensors against the
+#: model, before anything is allocated (the rows of targeted parameters).
+LOAD_CHECKS: list[Callable[..., None]] = []
+#: ``fn(model, planned, copies, tensors)``: shapes a load's new layers and ``modules_to_save`` copies (not
+#: attached yet) to the checkpoint before its shapes are checked (a head with its own number of classes).
+FIT_NEW: list[Callable[..., None]] = []
 
 def parse_init(init: str) -> tuple[str, int | None]:
     """``"pissa_niter_16"`` -> ``("pissa_niter", 16)``; ``"olora"`` -> ``("olora", None)``.

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from itertools import permutations
-from typing import NamedTuple
 
 from torch import nn
 
-from .config import ALL_EXPERTS, LoraConfig
+from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, is_linear_like, lora_layer_type
 from .saved import SavedModule
-from .tables import PARAMETER_LAYERS
 
 # The paper's choice (query and value projections) for common transformers architectures.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -83,7 +80,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _block_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
+def block_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
     if layers_pattern:
         names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         alternatives = "|".join(re.escape(n) for n in names)
@@ -93,7 +90,7 @@ def _block_index(path: str, layers_pattern: str | list[str] | None) -> int | Non
     return int(m.group(1)) if m else None
 
 
-def _selected(path: str, spec: list[str] | str) -> bool:
+def selected(path: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == key or path.endswith("." + key) for key in spec)
@@ -124,11 +121,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if spec == "all-linear":
             if not _is_linear(module) or path in heads or path.split(".")[-1] in heads:
                 continue
-        elif not _selected(path, spec):
+        elif not selected(path, spec):
             continue
-        if config.exclude_modules is not None and _selected(path, config.exclude_modules):
+        if config.exclude_modules is not None and selected(path, config.exclude_modules):
             continue
-        if config.layers is not None and _block_index(path, config.layers_pattern) not in config.layers:
+        if config.layers is not None and block_index(path, config.layers_pattern) not in config.layers:
             continue
         found.append(path)
     if isinstance(spec, list):
@@ -149,10 +146,10 @@ def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
     modules = list(outside_adapters(model))
     wrapped = [p for p, m in modules if isinstance(m, LoraLayer | SavedModule)]
     for key in spec:
-        if any(_selected(path, [key]) for path in adaptable):
+        if any(selected(path, [key]) for path in adaptable):
             continue
         others = [(p, m) for p, m in modules
-                  if p and _selected(p, [key]) and not any(p.startswith(w + ".") for w in wrapped)]
+                  if p and selected(p, [key]) and not any(p.startswith(w + ".") for w in wrapped)]
         if any(isinstance(m, SavedModule) for _, m in others):
             raise ValueError(f"target_modules entry {key!r} names a module another adapter trains in full "
                              "(modules_to_save); a module is either adapted or trained in full, not both")
@@ -161,60 +158,6 @@ def _check_listed_names(model: nn.Module, spec: list[str]) -> None:
             raise ValueError(f"target_modules entry {key!r} matches only modules lorakit cannot adapt "
                              f"({', '.join(kinds)}: {others[0][0]!r}); adaptable types are Linear, Embedding, "
                              "Conv1d/2d/3d and GPT-2's Conv1D")
-
-
-def _parameter_owners(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(path, owner) for every module that may own targeted parameters; at ``path`` sits the owner or the
-    parameter layer that already wraps it."""
-    for name, child in model.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, LoraLayer):
-            if isinstance(child, tuple(PARAMETER_LAYERS.values())):
-                yield path, child.base_layer
-            continue  # a wrapped layer's own weight is adapted as a module
-        if isinstance(child, SavedModule) or lora_layer_type(child) is not None:
-            continue  # modules_to_save copies; layers adapted as modules
-        yield path, child
-        yield from _parameter_owners(child, path)
-
-
-def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
-    """Module path -> names of its parameters ``config.target_parameters`` adapts, in model order.
-
-    A listed name matches ``<module path>.<parameter>`` exactly or as a suffix at a ``.`` boundary (as PEFT);
-    ``"all-experts"`` takes every 3-D floating parameter. ``layers`` and ``exclude_modules`` apply to the
-    module path. Raises ValueError naming the problem when nothing matches or a match is not 2-D/3-D.
-    """
-    spec = config.target_parameters
-    if spec is None:
-        return {}
-    found: dict[str, list[str]] = {}
-    for path, owner in _parameter_owners(model):
-        if config.exclude_modules is not None and _selected(path, config.exclude_modules):
-            continue
-        if config.layers is not None and _block_index(path, config.layers_pattern) not in config.layers:
-            continue
-        names = []
-        for name, p in owner.named_parameters(recurse=False):
-            key = f"{path}.{name}"
-            if spec == ALL_EXPERTS:
-                hit = p.dim() == 3 and p.is_floating_point()
-            else:
-                hit = _selected(key, spec)
-                if hit and p.dim() not in (2, 3):
-                    raise ValueError(f"target_parameters matches {key} of shape {tuple(p.shape)}; only 2-D and "
-                                     "3-D parameters can be adapted")
-            if hit:
-                names.append(name)
-        if names:
-            found[path] = names
-    if not found:
-        sample = [f"{p}.{n}" for p, o in _parameter_owners(model) for n, t in o.named_parameters(recurse=False)
-                  if t.dim() == 3][:4]
-        raise ValueError(f"no parameter matches target_parameters={spec!r}"
-                         + (f" with layers={config.layers}" if config.layers is not None else "")
-                         + f"; 3-D parameters of this model: {sample or '(none)'}")
-    return found
 
 
 def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
@@ -231,68 +174,6 @@ def find_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
     """Paths of the modules named by ``modules_to_save`` (exact path or suffix), outermost only."""
     found: list[str] = []
     for path, _ in outside_adapters(model):  # parents come before their children
-        if path and not any(path.startswith(p + ".") for p in found) and _selected(path, keys):
+        if path and not any(path.startswith(p + ".") for p in found) and selected(path, keys):
             found.append(path)
     return found
-
-
-# ----- expert stacks in a checkpoint, without the model -------------------------------------------------------
-class Stack(NamedTuple):
-    """One ``target_parameters`` pair of a checkpoint: its parameter (None: two fit, see below), rank, expert
-    count and scaling."""
-
-    parameter: str | None
-    rank: int
-    experts: int
-    scaling: float
-
-
-def parameter_stacks(config: LoraConfig, rows: dict[str, int]) -> dict[str, Stack]:
-    """Which targeted parameter each ``target_parameters`` pair of a checkpoint is, from the file alone.
-
-    ``rows``: checkpoint stem (module path, ``.base_layer`` repeated for PEFT's nesting) -> rows of its
-    ``lora_A`` (``E*r``: experts x rank). Returns stem -> :class:`Stack` for the stems of modules whose
-    parameters the config names; ``parameter`` is None where two of them fit the same depth (equal ranks:
-    the numbers are the same either way). ``rank_pattern`` is keyed by ``<module>.<parameter>``, as in PEFT.
-
-    The nesting order is the module's parameter order, which the file does not hold; every order of the
-    named parameters is tried and the ones where all depths share one expert count ``E`` kept: ``E`` is then
-    ``sum(rows) / sum(ranks)`` whatever the order, so each depth's rank is determined. A module whose pairs fit
-    no order is left out (the caller reports it).
-    """
-    spec = config.target_parameters
-    if not isinstance(spec, list):
-        return {}  # "all-experts": the names are the model's
-    modules: dict[str, dict[int, str]] = {}
-    for stem in rows:
-        module, depth = stem, 0
-        while module.endswith(".base_layer"):
-            module, depth = module.removesuffix(".base_layer"), depth + 1
-        modules.setdefault(module, {})[depth] = stem
-    out = {}
-    for module, stems in modules.items():
-        names = list(dict.fromkeys(e.rsplit(".", 1)[-1] for e in spec
-                                   if f"{module}.{e.rsplit('.', 1)[-1]}" == e
-                                   or f"{module}.{e.rsplit('.', 1)[-1]}".endswith("." + e)))
-        if len(names) != len(stems) or sorted(stems) != list(range(len(stems))) or len(names) > 6:
-            continue
-        fits = [order for order in permutations(names) if _one_expert_count(config, module, order, stems, rows)]
-        for depth, stem in stems.items():
-            if not fits:
-                break
-            found = {order[len(stems) - 1 - depth] for order in fits}  # order is innermost first: depth 0 is last
-            key = f"{module}.{fits[0][len(stems) - 1 - depth]}"
-            r = config.rank_for(key)
-            out[stem] = Stack(found.pop() if len(found) == 1 else None, r, rows[stem] // r, config.scaling(key))
-    return out
-
-
-def _one_expert_count(config: LoraConfig, module: str, order: tuple[str, ...], stems: dict[int, str],
-                      rows: dict[str, int]) -> bool:
-    counts = set()
-    for depth, stem in stems.items():
-        r = config.rank_for(f"{module}.{order[len(stems) - 1 - depth]}")
-        if rows[stem] % r:
-            return False
-        counts.add(rows[stem] // r)
-    return len(counts) == 1

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.layers import Adapter, LoraConv, LoraEmbedding, LoraLayer
+from ..core.layers import Adapter, LoraLayer
 from ..core.model import adapter_names, base_owner, check_base_kept, merged_names, wrappers
+from ..layers import LoraConv, LoraEmbedding
 
 
 def bgmv(x: Tensor, A: Tensor, B: Tensor, index: Tensor | None, embedding: bool) -> Tensor:

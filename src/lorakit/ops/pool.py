@@ -38,8 +38,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..core.layers import LoraConv, LoraEmbedding, LoraLayer, changed_base
+from ..core.layers import LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
+from ..layers import LoraConv, LoraEmbedding
 from .per_row import (
     LoopUpdate,
     RoutedRows,

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..core.checkpoint import save_adapter
 from ..core.model import active_adapter
-from ..core.tensor_file import save_tensors
+from ..files import save_tensors
 from . import distributed as D
 from .config import LinearWarmupSchedule, TrainConfig, TrainResult, param_groups
 from .losses import label_smoothed_loss

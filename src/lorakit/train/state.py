@@ -40,7 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core.checkpoint import CheckpointError, atomic_write
+from ..core.checkpoint import CheckpointError
+from ..files import atomic_write
 from .config import check_type
 
 CHECKPOINT = "checkpoint"

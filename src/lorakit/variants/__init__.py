@@ -1,11 +1,14 @@
 """The successors of plain LoRA, each a plug-in that joins core's tables (:mod:`lorakit.core.tables`).
 
+- :mod:`.slices`: fused slices, LoRA on chosen output slices of a fused projection (GPT-2's ``c_attn``).
+- :mod:`.heads`: an adapter's own classification head: class names recorded, the number of classes read.
 - :mod:`.dora`: DoRA, a magnitude per output feature times a normalised direction.
 - :mod:`.adalora`: AdaLoRA's SVD-form adapters and rank allocator.
 - :mod:`.inits`: PiSSA, OLoRA and LoftQ, initialisers that read (and replace) the base weight.
 - :mod:`.quantized`: QLoRA, LoRA on bitsandbytes' 4-bit and 8-bit base layers.
 - :mod:`.loraplus`: LoRA+ optimizer parameter groups.
-- :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``).
+- :mod:`.params`: LoRA on parameters and MoE experts (``LoraConfig.target_parameters``); :mod:`.param_targets`
+  finds the parameters, reads a checkpoint's expert stacks by parameter path and plugs the field into core.
 - :mod:`.tokens`: trainable tokens (``trainable_token_indices``), chosen embedding rows trained.
 - :mod:`.derived`: values derived from weights (DoRA's row norms, the expert pairs' grouped layout), kept for
   inference while the weights are unchanged.
@@ -16,7 +19,7 @@ The seam (the contract variants build on)
 -----------------------------------------
 
 **Adapter variants** change what an adapter computes. A variant is a subclass of
-:class:`~lorakit.core.layers.Adapter` (as :class:`~lorakit.core.layers.SlicedAdapter` is) registered in
+:class:`~lorakit.core.layers.Adapter` (as :class:`~lorakit.variants.slices.SlicedAdapter` is) registered in
 :data:`~lorakit.core.tables.VARIANTS`; ``LoraLayer``, checkpoints and the per-row path never ask which one
 they hold. A variant class provides:
 
@@ -52,7 +55,7 @@ with argument 16) to an :class:`~lorakit.core.tables.Init`; see :mod:`.inits` fo
 
 from __future__ import annotations
 
-from . import adalora, dora, inits, params, quantized, tokens
+from . import adalora, dora, heads, inits, param_targets, params, quantized, slices, tokens
 from .adalora import AdaLoraAllocator, AdaLoraConfig
 from .loraplus import loraplus_param_groups
 from .quantized import merge_errors, quantize
@@ -60,11 +63,14 @@ from .quantized import merge_errors, quantize
 
 def register() -> None:
     """Put every variant into core's tables; calling it again changes nothing."""
+    slices.register()
+    heads.register()
     dora.register()
     adalora.register()
     inits.register()
     quantized.register()
     params.register()
+    param_targets.register()  # before tokens: trainable tokens see the parameter layers
     tokens.register()
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
+from ..core.checkpoint import CONFIG_NAME, PREFIX, CheckpointError
 from ..core.config import LoraConfig
-from ..core.layers import Adapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, SlicedAdapter
-from ..core.tables import VARIANTS
+from ..core.layers import Adapter, LoraLayer, LoraLinear
+from ..core.tables import TENSOR_CHECKS, VARIANTS
+from ..layers import LoraConv, LoraEmbedding
 from .derived import Derived
+from .slices import SlicedAdapter
 
 
 class DoraAdapter(Adapter):
@@ -122,7 +127,27 @@ def _factor(magnitude: Tensor, norm: Tensor) -> Tensor:
     return torch.where(zero, torch.ones_like(magnitude), magnitude / torch.where(zero, torch.ones_like(norm), norm))
 
 
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-feature magnitude, under PEFT's key
+
+
+def check_magnitudes(config: LoraConfig, tensors: dict[str, Tensor], weights_file: Path) -> set[str]:
+    """Core's ``TENSOR_CHECKS`` entry: a DoRA checkpoint (``use_dora: true``) holds the magnitude of each
+    ``lora_A``/``lora_B`` pair, a plain one none; a :class:`CheckpointError` naming the key otherwise. Vouches
+    for no rank."""
+    for key in sorted(tensors):
+        if key.endswith(MAGNITUDE) and not config.use_dora:
+            raise CheckpointError(f"{weights_file}: {key} is a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+        if config.use_dora and key.endswith(("lora_A.weight", "lora_embedding_A")):
+            stem = key.rsplit(".lora_", 1)[0]
+            if f"{stem}.{MAGNITUDE}" not in tensors:
+                raise CheckpointError(f"{weights_file}: {CONFIG_NAME} has use_dora true, but {stem}.{MAGNITUDE} (the "
+                                      f"DoRA magnitude of {stem.removeprefix(PREFIX)}) is missing")
+    return set()
+
+
 def register() -> None:
     r"""Join core's variant table: a config with ``use_dora=True`` builds :class:`DoraAdapter`\ s."""
     if DoraAdapter not in VARIANTS:
         VARIANTS.append(DoraAdapter)
+    if check_magnitudes not in TENSOR_CHECKS:
+        TENSOR_CHECKS.append(check_magnitudes)

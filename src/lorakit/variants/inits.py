@@ -12,7 +12,7 @@ to restore, no conversion, no exclusivity) and its docstring says so.
 
 The layer writes the new base when the adapter is attached (``LoraLayer.attach``, at commit time),
 keeps ``A0, B0`` on the adapter (non-persistent buffers), and restores the original base when the
-adapter is deleted or unloaded without merging. From that record :func:`lorakit.core.layers.plain_lora_pair`
+adapter is deleted or unloaded without merging. From that record :func:`plain_lora_pair`
 gives the exactly equivalent plain LoRA for the **original** base, ``A' = [A; A0]``, ``B' = [B, -B0]``
 (rank 2r, same scaling), whatever initialiser changed the base (PEFT's
 ``path_initial_model_for_weight_conversion``). A base-changing adapter must be the only adapter on its model
@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.checkpoint import PREFIX
 from ..core.config import short_repr
-from ..core.layers import Adapter, LoraLayer, LoraLinear, SlicedAdapter
-from ..core.tables import INITIALIZERS, BaseChange, Init
+from ..core.layers import Adapter, LoraLayer, LoraLinear, changed_base
+from ..core.tables import CONVERSIONS, INITIALIZERS, BaseChange, Init, parse_init
 from .quantized import LOFTQ_PRESET, LoraQuantLinear, dequantize, quantized_linear, set_quantized_weight
+from .slices import SlicedAdapter
 
 
 def _pissa_init(layer: LoraLayer, adapter: Adapter, niter: int | None) -> BaseChange:
@@ -136,8 +138,56 @@ def _loftq(layer: LoraLayer, adapter: Adapter, iters: int | None) -> BaseChange:
     return loftq_init(layer, adapter, iters or 1)
 
 
+def plain_lora_pair(adapter: Adapter) -> tuple[Tensor, Tensor]:
+    """The plain LoRA pair, for the **original** base, equivalent to ``adapter`` on its layer's base.
+
+    Unchanged base: ``plain_pair()``. Changed base (``original = new + s·B0·A0``):
+    ``new + s·B·A = original + s·(B·A - B0·A0) = original + s·[B, -B0]·[A; A0]`` (rank 2r, same scaling).
+    """
+    if not adapter.additive:
+        raise ValueError(f"a {type(adapter).__name__} is not a plain LoRA update and cannot be converted")
+    A, B = adapter.plain_pair()
+    if not changed_base(adapter):
+        return A, B
+    return torch.cat([A, adapter.init_A.to(A.dtype)]), torch.cat([B, -adapter.init_B.to(B.dtype)], dim=1)
+
+
+def to_plain_lora(model: nn.Module, adapter: str, tensors: dict[str, Tensor], peft: dict | None,
+                  meta: dict | None) -> tuple[dict[str, Tensor], dict | None, dict | None]:
+    """Core's ``CONVERSIONS`` entry (``convert_to_lora=True``): each layer whose base the adapter's initialiser
+    replaced gets :func:`plain_lora_pair` under its ``lora_A``/``lora_B`` keys; the config gets every rank
+    doubled with the scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``) and ``init_lora_weights: true``,
+    the metadata no fingerprint (it was taken on the replaced base). Other adapters are returned as they are."""
+    held = [(p, m.adapters[adapter]) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    changed = [changed_base(a) for _, a in held]
+    tensors = dict(tensors)
+    for (path, a), replaced in zip(held, changed, strict=True):
+        if replaced:  # A' = [A; A0] (r', k...), B' = [B, -B0] (d, r', ...) in the layer's own shapes
+            A, B = plain_lora_pair(a)
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = A.reshape(-1, *a.lora_A.weight.shape[1:]).detach()
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = B.reshape(B.shape[0], -1, *a.lora_B.weight.shape[2:]).detach()
+    if peft is None or not held:
+        return tensors, peft, meta
+    init = held[0][1].config.init
+    if not any(changed) and INITIALIZERS[parse_init(init)[0]].changes_base:  # changed for good (kept no A0, B0)
+        raise ValueError(f"convert_to_lora: adapter {adapter!r} was initialised by {init!r}, whose base is not the "
+                         "original minus a low-rank part (LoftQ's is the quantized weight): no plain LoRA for the "
+                         "original base equals it")
+    if not any(changed):
+        return tensors, peft, meta
+    if not all(changed):  # initialisers change every layer they run on, so this means a hand-built model
+        raise ValueError(f"convert_to_lora: adapter {adapter!r} replaced the base of only some of its layers")
+    f = math.sqrt(2) if peft.get("use_rslora") else 2  # alpha' / g(2r) == alpha / g(r)
+    return (tensors, {**peft, "init_lora_weights": True, "r": 2 * peft["r"], "lora_alpha": f * peft["lora_alpha"],
+                      "rank_pattern": {k: 2 * v for k, v in peft["rank_pattern"].items()},
+                      "alpha_pattern": {k: f * v for k, v in peft["alpha_pattern"].items()}},
+            {**meta, "base_fingerprint": None})
+
+
 def register() -> None:
     """Add PiSSA (``pissa``, ``pissa_niter_<K>``), OLoRA and LoftQ (``loftq``, ``loftq_<K>``) to the table."""
+    if to_plain_lora not in CONVERSIONS:
+        CONVERSIONS.append(to_plain_lora)
     INITIALIZERS.update({
         "pissa": Init(_pissa_init),  # arg None: full SVD
         "pissa_niter": Init(_pissa_init, counted=True),

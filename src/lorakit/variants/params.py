@@ -31,8 +31,8 @@ from torch.nn import functional as F
 
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraLayer, init_pair
-from ..core.tables import PARAMETER_LAYERS
 from .derived import Derived
+from .param_targets import PARAMETER_LAYERS
 
 
 class ExpertLora(Adapter):

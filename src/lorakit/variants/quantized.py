@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraLayer, LoraLinear, changed_base, conv1d_type
 from ..core.saved import SavedModule
-from ..core.tables import LAYER_TYPES, ON_ATTACH, QUANTIZATIONS
+from ..core.tables import EXPORT_METADATA, LAYER_TYPES, METADATA, ON_ATTACH
 from ..core.targets import outside_adapters
 
 EXTRA_HINT = "pip install 'lorakit[qlora]'"
@@ -317,6 +317,13 @@ def _quantized_layer_type(module: nn.Module) -> type[LoraLayer] | None:
     return LoraQuantLinear if types and isinstance(module, types) else None
 
 
+def export_quantization(model: nn.Module, held: list) -> dict:
+    """Core's ``EXPORT_METADATA`` entry: ``{"quantization": name}``, the :data:`PRESETS` name of the 4/8-bit base
+    the adapter was trained on (QLoRA), when all its quantized layers share one."""
+    found = {m.quantization() for _, m in held if isinstance(m, LoraQuantLinear)}
+    return {"quantization": found.pop()} if len(found) == 1 and found <= set(PRESETS) else {}
+
+
 def register() -> None:
     """Join core's tables: bitsandbytes' layers wrap as :class:`LoraQuantLinear`, attaching an adapter keeps
     4-bit layers trainable, checkpoints may record the :data:`PRESETS` names."""
@@ -324,4 +331,6 @@ def register() -> None:
         LAYER_TYPES.append(_quantized_layer_type)
     if keep_trainable_layout not in ON_ATTACH:
         ON_ATTACH.append(keep_trainable_layout)
-    QUANTIZATIONS.update(PRESETS)
+    if export_quantization not in EXPORT_METADATA:
+        EXPORT_METADATA.append(export_quantization)
+    METADATA["quantization"] = lambda v: isinstance(v, str) and v in PRESETS  # a QLoRA adapter's base

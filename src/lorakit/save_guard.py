@@ -3,17 +3,19 @@
 transformers' ``model.save_pretrained`` would write lorakit's wrapped names (``query.base_layer.weight``,
 ``classifier.copies.default.weight``); ``from_pretrained`` then reads them as a model whose adapted layers
 and head are missing and freshly initialised, with only a load report. :func:`guard_save_pretrained`
-(called when an adapter is attached) puts a :class:`SavePretrainedGuard` on the instance: while lorakit
-layers are there it raises, naming what to do instead; once they are gone (``unload``, or the last
-adapter deleted) it calls the class's own ``save_pretrained``. Nothing here imports transformers.
+(run when an adapter is attached: :func:`register` puts it in :data:`lorakit.core.tables.ON_ATTACH`) puts a
+:class:`SavePretrainedGuard` on the instance: while lorakit layers are there it raises, naming what to do
+instead; once they are gone (``unload``, or the last adapter deleted) it calls the class's own
+``save_pretrained``. Nothing here imports transformers.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .layers import LoraLayer
-from .saved import SavedModule
+from .core.layers import LoraLayer
+from .core.saved import SavedModule
+from .core.tables import ON_ATTACH
 
 ATTR = "save_pretrained"
 
@@ -40,3 +42,9 @@ def guard_save_pretrained(model: nn.Module) -> None:
     """Put the guard on ``model`` if its class has a ``save_pretrained`` (transformers and the like)."""
     if callable(getattr(type(model), ATTR, None)) and not isinstance(model.__dict__.get(ATTR), SavePretrainedGuard):
         model.__dict__[ATTR] = SavePretrainedGuard(model)
+
+
+def register() -> None:
+    """Guard every model an adapter is attached to; calling it again changes nothing."""
+    if guard_save_pretrained not in ON_ATTACH:
+        ON_ATTACH.append(guard_save_pretrained)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.save_guard import SavePretrainedGuard
+from lorakit.save_guard import SavePretrainedGuard
 from tests.conftest import MLP, bert, randomize_lora
 
 pytest.importorskip("transformers")
