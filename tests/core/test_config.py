@@ -59,6 +59,7 @@ def test_harmless_keys_are_read_and_dropped():
     ({"alpha_pattern": {"fc1": "2"}}, r"alpha_pattern\['fc1'\]"),
     ({"slices": [[True, False]]}, "slices must be a mapping"),
     ({"task_type": 5}, "task_type must be a string"),
+    ({"task_type": "NOPE"}, "task_type must be one of CAUSAL_LM, SEQ_CLS, .* got 'NOPE'"),
     ({"init": True}, "init must be"),
 ])
 def test_every_field_is_type_checked(kwargs, message):

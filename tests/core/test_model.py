@@ -249,6 +249,16 @@ def test_no_match_lists_linear_modules():
     assert "q_proj" in msg and "fc1" in msg and "head" in msg
 
 
+def test_an_exclusion_that_removes_every_match_says_so():
+    model = MLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"exclude_modules=\['fc1'\] removes every module target_modules=\['fc1'\] "
+                                         r"matches \(1: fc1\)"):
+        lorakit.add_lora(model, lorakit.LoraConfig(target_modules=["fc1"], exclude_modules=["fc1"]))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_target_selection_regex_exclude_layers_all_linear():
     from tests.conftest import llama
 

@@ -67,6 +67,7 @@ PEFT_KEYS: dict[str, tuple[str, str | None]] = {
     "kasa_config": ("refused", None),
     "ensure_weight_tying": ("refused", None),
 }
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
 LORAKIT_KEY = "lorakit"  # lorakit's metadata (fingerprint, fused slices, class names): the weights file's header
 
 
@@ -162,6 +163,8 @@ class LoraConfig:
         for name in ("task_type", "base_model_name_or_path"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, str), f"{name} must be a string, got {short_repr(value)}")
+        _check(self.task_type in (None, *TASK_TYPES),
+               f"task_type must be one of {', '.join(TASK_TYPES)} (PEFT's), got {short_repr(self.task_type)}")
         for name in ("rank_pattern", "alpha_pattern", "slices"):
             value = getattr(self, name)
             _check(isinstance(value, dict) and all(isinstance(k, str) and k for k in value),

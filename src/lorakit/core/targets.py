@@ -116,7 +116,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     spec = resolve_target_modules(model, config)
     heads = _output_head_names(model) if spec == "all-linear" else set()
-    found = []
+    found, excluded = [], []
     for path, module in adaptable_modules(model):
         if spec == "all-linear":
             if not _is_linear(module) or path in heads or path.split(".")[-1] in heads:
@@ -124,12 +124,16 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         elif not selected(path, spec):
             continue
         if config.exclude_modules is not None and selected(path, config.exclude_modules):
+            excluded.append(path)
             continue
         if config.layers is not None and block_index(path, config.layers_pattern) not in config.layers:
             continue
         found.append(path)
     if isinstance(spec, list):
         _check_listed_names(model, spec)
+    if not found and excluded and config.layers is None:
+        raise ValueError(f"exclude_modules={config.exclude_modules!r} removes every module target_modules={spec!r} "
+                         f"matches ({len(excluded)}: {', '.join(excluded[:3])}{', ...' if len(excluded) > 3 else ''})")
     if not found:
         raise ValueError(
             f"no module matches target_modules={spec!r}"
