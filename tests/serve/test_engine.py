@@ -30,25 +30,43 @@ def _count(engine: Engine, phase: str) -> float:
     return engine.metrics.registry.get_sample_value("lorakit_batch_size_count", {"phase": phase}) or 0
 
 
-def test_an_idle_engine_gathers_requests_that_keep_coming_into_one_prefill():
+def _engine(max_batch_size: int, gather_s: float, gather_max_s: float) -> Engine:
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
-    # a long gather window, so that a loaded machine's scheduling cannot split the burst: 6 requests 10 ms
-    # apart all arrive within it of each other
-    engine = Engine(AdapterStore(model, "base", {}, max_loaded=1), "sft", max_batch_size=8, gather_s=1.0)
+    return Engine(AdapterStore(model, "base", {}, max_loaded=1), "sft", max_batch_size=max_batch_size,
+                  gather_s=gather_s, gather_max_s=gather_max_s)
+
+
+def _run(engine: Engine, count: int, apart_s: float, timeout: float) -> list[_Done]:
+    """Submit ``count`` 4-token generations ``apart_s`` apart; wait for every answer (``timeout`` each)."""
     engine.start()
     finished = threading.Semaphore(0)
-    sinks = [_Done(finished) for _ in range(6)]
+    sinks = [_Done(finished) for _ in range(count)]
     try:
         for i, sink in enumerate(sinks):
             engine.submit(GenJob(None, [1 + i, 2, 3], 4, sink))
-            time.sleep(0.01)
+            time.sleep(apart_s)
         for _ in sinks:
-            assert finished.acquire(timeout=60)
+            assert finished.acquire(timeout=timeout), "a request was not answered in time"
     finally:
         engine.stop(30)
-    assert [s.error for s in sinks] == [None] * 6
+    assert [s.error for s in sinks] == [None] * count
+    return sinks
+
+
+def test_an_idle_engine_gathers_requests_that_keep_coming_into_one_prefill():
+    # long gather windows, so that a loaded machine's scheduling cannot split the burst: 6 requests 10 ms
+    # apart all arrive within 1 s of each other
+    engine = _engine(max_batch_size=8, gather_s=1.0, gather_max_s=30.0)
+    _run(engine, 6, apart_s=0.01, timeout=60)
     assert _count(engine, "prefill") == 1  # without gathering, the first request is prefilled alone
     assert _count(engine, "decode") == 3  # 4 tokens: one from the prefill, three decode steps for all 6 rows
+
+
+def test_gathering_stops_when_a_batch_is_full():
+    # windows of a minute: only a full batch (3 rows) lets the engine start before the 20 s answer timeout
+    engine = _engine(max_batch_size=3, gather_s=60.0, gather_max_s=60.0)
+    _run(engine, 3, apart_s=0.0, timeout=20)
+    assert _count(engine, "prefill") == 1

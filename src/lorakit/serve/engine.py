@@ -34,21 +34,25 @@ from .sampling import RowSampler, logprobs_of
 
 log = logging.getLogger("lorakit.serve")
 
-GATHER_S = 0.003
-"""An idle engine that receives a request waits for more while they keep coming less than this apart (at most
-8 times this in all), so that a burst of requests starts as one prefill: each HTTP request reaches the engine
-~0.3-1.5 ms after the previous one, and a first prefill of 1 row made the other 63 of a burst wait for it
-and then take a prefill of their own. A lone request waits this long once."""
+GATHER_S = 0.005
+"""An idle engine that receives a request waits for more while they keep coming less than this apart, until
+a batch is full or :data:`GATHER_MAX_S` has passed, so that a burst of requests starts as one prefill. HTTP
+requests of a burst reach the engine 0.6-1.3 ms apart (median), so the first prefill held 1 row and the
+other 63 of a burst waited for it, then took a prefill of their own. A lone request waits this long once."""
+
+GATHER_MAX_S = 0.1
+"""The longest an idle engine gathers (requests that keep coming without filling a batch)."""
 
 
 class Engine:
     """Scheduler over an :class:`AdapterStore`'s model; ``start()`` runs it on its own thread."""
 
     def __init__(self, store: AdapterStore, task: str, pad_id: int = 0, eos_ids: set[int] | None = None,
-                 max_batch_size: int = 32, metrics=None, gather_s: float = GATHER_S):
+                 max_batch_size: int = 32, metrics=None, gather_s: float = GATHER_S,
+                 gather_max_s: float = GATHER_MAX_S):
         if max_batch_size < 1:
             raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-        self.gather_s = gather_s
+        self.gather_s, self.gather_max_s = gather_s, gather_max_s
         self.store, self.task = store, task
         self.model = store.model
         self.max_batch_size = max_batch_size
@@ -125,11 +129,13 @@ class Engine:
             item = self.incoming.get(timeout=0.5) if block else self.incoming.get_nowait()
         except queue.Empty:
             return
-        deadline = time.perf_counter() + 8 * self.gather_s if block else 0.0
+        deadline = time.perf_counter() + self.gather_max_s if block else 0.0
         while True:
-            if item is not None:
-                self._lanes[item.lane](item)
-            wait = min(self.gather_s, deadline - time.perf_counter())
+            if item is None:  # stop(): finish what is queued, without gathering more
+                return
+            self._lanes[item.lane](item)
+            full = max(len(self.waiting), len(self.classify_waiting)) >= self.max_batch_size
+            wait = 0.0 if full else min(self.gather_s, deadline - time.perf_counter())
             try:
                 item = self.incoming.get(timeout=wait) if wait > 0 else self.incoming.get_nowait()
             except queue.Empty:
