@@ -67,7 +67,8 @@ class SpareLayer(DynamicLayer):
     """A ``DynamicLayer`` over ``keys``/``values`` ``(b, heads, W, head_dim)`` that appends in place.
 
     transformers' ``DynamicLayer.update`` concatenates, so every decode step copies all ``W`` columns of
-    every layer (on CPU, a fifth of a small model's step in ``generate()``). Here ``keys``/``values`` are
+    every layer (a fifth of a small model's step in a profile on a busy CPU; at 1,024-token prompts the
+    engine ran 1.19x ``generate()`` with this layer, 1.02x with transformers'). Here ``keys``/``values`` are
     views of buffers with :func:`spare_columns` free columns after ``W``: a step writes its own column, and
     only a full buffer is copied (into one with new free columns): a few columns a step instead of ``W``.
     """
