@@ -132,6 +132,11 @@ def test_vllm_sampling_fields(client, ref):
     assert ask(top_k=1).text.strip() == ref.text(out).strip()  # top_k=1 at T=1 is greedy
     tiny_p = client.completions.create(model="a", prompt=prompt, max_tokens=N, temperature=1.0, top_p=5e-324)
     assert tiny_p.choices[0].text.strip() == ref.text(out).strip()  # the nucleus keeps the top token (fuzz: a 500)
+    cold = client.completions.create(model="a", prompt=prompt, max_tokens=N, temperature=1e-300)
+    assert cold.choices[0].text.strip() == ref.text(out).strip()  # logits / 1e-300 overflow: T -> 0 is greedy
+    tiny_rep = client.completions.create(model="a", prompt=prompt, max_tokens=N, temperature=1.0,
+                                         extra_body={"repetition_penalty": 1e-323, "ignore_eos": True})
+    assert tiny_rep.usage.completion_tokens == N  # seen logits / 1e-323 overflow to inf (fuzz: a 500)
     assert ask(min_p=1.0).text.strip() == ref.text(out).strip()  # only the most likely token survives
     stop = ask(stop_token_ids=[out[at]], top_k=1)
     assert stop.finish_reason == "stop" and stop.text.strip() == ref.text(out[:at]).strip()

@@ -25,6 +25,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+FLOAT_MAX = torch.finfo(torch.float32).max
+
 
 class LogitsProcessor(Protocol):
     done: bool  # True once the row must end (a grammar whose output is complete): finish_reason "stop"
@@ -121,6 +123,7 @@ class Penalties:
         if self.repetition != 1.0:
             seen = self.seen | (self.counts > 0)
             penalized = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+            penalized = penalized.clamp(max=FLOAT_MAX)  # a tiny penalty overflows a positive logit to inf
             logits = torch.where(seen, penalized, logits)
         if self.presence or self.frequency:
             logits = logits - self.presence * (self.counts > 0) - self.frequency * self.counts
@@ -138,7 +141,7 @@ def draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | No
     """Greedy at temperature 0; otherwise softmax(logits / T) cut to top-k, the top-p nucleus and min-p."""
     if params.temperature == 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, -1)
+    probs = torch.softmax(_scaled(logits, params.temperature), -1)
     if params.top_k > 0 and params.top_k < probs.shape[-1]:
         kth = probs.topk(params.top_k).values[-1]
         probs = torch.where(probs >= kth, probs, 0.0)
@@ -151,6 +154,17 @@ def draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | No
         keep[0] = True  # the most likely token always stays (a top_p that is 0 in float32, e.g. 5e-324)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature``, finite where the logits are: in float64 when float32 overflows (a temperature
+    of 1e-300 is 0 in float32); logits that are still too large for float64 tie at its largest value."""
+    scaled = logits.float() / temperature
+    finite = logits.isfinite()
+    if scaled[finite].isfinite().all():
+        return scaled
+    scaled = logits.double() / temperature
+    return torch.where(finite, scaled.nan_to_num(posinf=torch.finfo(torch.float64).max), scaled)
 
 
 def logprobs_of(logits: Tensor, tokens: Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
