@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from ..core.config import LORAKIT_KEY
+from ..core.config import LORAKIT_KEY, module_matches
 from ..variants.param_targets import Stack, parameter_stacks
+from ..variants.tokens import LORA_KEY
 
 HELP = "Describe an adapter checkpoint: config, size, per-layer rank and norm of the update."
 
@@ -72,9 +73,6 @@ def _layer(module: str, A: torch.Tensor, B: torch.Tensor, config, stack: Stack |
 def _token_rows(config, tensors: dict, meta: dict) -> list[dict]:
     """Per layer with trainable tokens: its path, the trained ids, how many rows, ||rows||, and the tokens the
     adapter added to the tokenizer (``lorakit train --add-tokens``)."""
-    from ..core.config import module_matches
-    from ..variants.tokens import LORA_KEY
-
     spec = config.trainable_token_indices
     out = []
     for key in sorted(k for k in tensors if k.endswith("." + LORA_KEY)):
