@@ -248,7 +248,7 @@ def _check_lora_options(args: argparse.Namespace) -> None:
     lists = ("target_modules", "exclude_modules", "modules_to_save")
     convert = {**dict.fromkeys(lists, _names), "slices": slice_masks, "target_parameters": _parameter_names}
     tokens = added_tokens(args.add_tokens)
-    if _names(args.target_modules) == [] and args.target_modules.strip().lower() == "none" and not tokens:
+    if (args.target_modules or "").strip().lower() == "none" and not tokens:
         raise UsageError("--target-modules none adapts nothing without --add-tokens")
     if tokens and args.method == "adalora":
         raise UsageError("--add-tokens is not supported with --method adalora")
