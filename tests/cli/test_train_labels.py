@@ -9,8 +9,6 @@ import pytest
 
 from lorakit.cli.main import main
 from lorakit.train.data import DataError, default_data_dir, label_names_in
-from tests.conftest import save_random
-from tests.train.helpers_tokenizer import minilm_tokenizer
 
 
 def test_packaged_sst2_names_its_classes():
@@ -25,21 +23,16 @@ def test_a_bad_labels_file_is_named(tmp_path, text, error):
         label_names_in(tmp_path)
 
 
-def test_a_run_records_the_folders_class_names(tmp_path, capsys):
+def test_a_run_records_the_folders_class_names(bert_dir, tmp_path, capsys):
     from safetensors import safe_open
-    from transformers import BertConfig, BertForSequenceClassification
 
-    tok = minilm_tokenizer()
-    model = save_random(tmp_path / "bert", BertForSequenceClassification,
-                        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                                   vocab_size=tok.vocab_size, max_position_embeddings=64), tok)
     data = tmp_path / "data"
     data.mkdir()
     rows = ["sentence\tlabel"] + [f"{w} movie .\t{int(w == 'good')}" for w in ["good", "bad"] * 4]
     (data / "train.tsv").write_text("\n".join(rows) + "\n")
     (data / "labels.txt").write_text("negative\npositive\n")
     out = tmp_path / "run"
-    assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+    assert main(["train", "--model", str(bert_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
                  "--batch-size", "4", "--progress", "false", "--plot", "false"]) == 0, capsys.readouterr().out
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["lorakit"])
