@@ -16,7 +16,8 @@ def test_packaged_sst2_names_its_classes():
 
 
 @pytest.mark.parametrize("text, error", [("", "empty"), ("a\n\nb\n", "line 2 is blank"),
-                                         ("a\nb\na\n", "more than once")])
+                                         ("a\nb\na\n", "more than once"),
+                                         ("a\n a \n", r"\['a'\] appear more than once")])
 def test_a_bad_labels_file_is_named(tmp_path, text, error):
     (tmp_path / "labels.txt").write_text(text)
     with pytest.raises(DataError, match=error):

@@ -104,14 +104,14 @@ def label_names_in(path: str | Path) -> list[str] | None:
     file = Path(path) / LABELS_FILE
     if not Path(path).is_dir() or not file.is_file():
         return None
-    names = _read_text(file).splitlines()
-    blank = next((i + 1 for i, n in enumerate(names) if not n.strip()), None)
+    names = [n.strip() for n in _read_text(file).splitlines()]  # compared as they are used: stripped
+    blank = next((i + 1 for i, n in enumerate(names) if not n), None)
     if not names or blank is not None:
         raise DataError(f"{file}: {'empty' if not names else f'line {blank} is blank'}; write one class name a line")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(f"{file}: class names {repeated} appear more than once")
-    return [n.strip() for n in names]
+    return names
 
 
 def resolve_splits(path: str | Path) -> dict[str, Path]:
