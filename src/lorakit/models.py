@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 TASK_TYPES = {"classification": "SEQ_CLS", "sft": "CAUSAL_LM", "e2e": "CAUSAL_LM"}
@@ -54,7 +55,6 @@ def load_model(model: str, task: str, num_labels: int | None = None, dtype=None,
     """
     import transformers
     from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
 
     _check_exists(model)
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -86,8 +86,6 @@ def load_model(model: str, task: str, num_labels: int | None = None, dtype=None,
 def _load_error(model: str, e: Exception) -> str:
     """What went wrong loading ``model``, in one line: the OS's words, the unreadable safetensors file, or
     the config field of the wrong type (a hub model's; a local one is checked before)."""
-    from safetensors import SafetensorError
-
     lines = str(e).strip().splitlines() or [type(e).__name__]
     if isinstance(e, SafetensorError):
         return f"its safetensors weights are not readable: {lines[0]}"
