@@ -26,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 from bench_lora import SPECS, THREADS, build_model, close, randomize_B, vocab
-from common import alternate, environment, fmt_ms, in_child, peak_growth_mib
+from common import adamw_step, alternate, environment, fmt_ms, in_child, peak_growth_mib
 from torch import nn
 
 import lorakit
@@ -57,27 +57,16 @@ def make(variant: str, base: nn.Module, model_name: str, copy_base: bool = True)
     return twin
 
 
-def step_fn(model: nn.Module, ids: torch.Tensor):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def memory_child(variant: str, model_name: str, b: int, s: int) -> None:
     """Subprocess entry (CPU): peak RSS growth (MiB) over two steps of one variant; prints JSON."""
     torch.set_num_threads(THREADS)
     model = make(variant, build_model(model_name), model_name, copy_base=False).train()
     ids = torch.randint(0, vocab(model), (b, s), generator=torch.Generator().manual_seed(0))
-    print(json.dumps({"mib": peak_growth_mib(step_fn(model, ids))}))
+    print(json.dumps({"mib": peak_growth_mib(adamw_step(model, ids, lr=1e-5))}))
 
 
 def cuda_memory(model: nn.Module, ids: torch.Tensor) -> float:
-    step = step_fn(model, ids)
+    step = adamw_step(model, ids, lr=1e-5)
     step()  # optimizer state allocated once, then measured like the CPU case: growth over steps
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -212,7 +201,7 @@ def main(argv=None) -> None:
         close(models["lora"](ids).logits, models["peft_lora"](ids).logits, "LoRA logits")
     for m in models.values():
         m.train()
-    steps = {v: step_fn(m, ids) for v, m in models.items()}
+    steps = {v: adamw_step(m, ids, lr=1e-5) for v, m in models.items()}
     if dev.type == "cuda":
         inner = steps
 
