@@ -329,24 +329,13 @@ def _lora_config(args: argparse.Namespace, rank: int, model, model_path, token_i
     return lora
 
 
-def _train(args: argparse.Namespace, say) -> int:
-    import torch
-
-    from .. import add_lora, quantize, save_adapter, trainable_parameters
-    from ..models import add_vocabulary, default_model_path, load_model, load_tokenizer
-    from ..train.data import collate, default_data_dir, resolve_splits
-    from ..train.evaluate import evaluate_classification, evaluate_perplexity
-    from ..train.loop import batches_per_epoch, train
+def _adapted_model(args: argparse.Namespace, rank: int, model_path: str, splits: dict):
+    """The tokenizer (with ``--add-tokens``), the capped train and dev examples, and the base model with the run's
+    adapter on it (quantized with ``--quantize``): ``(model, tokenizer, train_examples, dev_examples)``."""
+    from .. import add_lora, quantize
+    from ..models import add_vocabulary, load_model, load_tokenizer
     from ..variants.tokens import record_added_tokens
 
-    t0 = time.perf_counter()
-    rank = _adalora_rank(args)
-    train_cfg = _check_run(args)  # nothing is written before every check passed
-    torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
-    model_path = args.model or default_model_path()
-    splits = resolve_splits(args.data or default_data_dir())
-    if "train" not in splits:
-        raise FileNotFoundError(f"--data {args.data}: no train file found")
     tokenizer = load_tokenizer(model_path)
     tokens = added_tokens(args.add_tokens)
     tokenizer.add_tokens(tokens, special_tokens=True)  # before the data is tokenized: each is one token
@@ -360,6 +349,27 @@ def _train(args: argparse.Namespace, say) -> int:
         record_added_tokens(model, token_ids)
     if args.quantize:  # after add_lora: init loftq fits the adapter to the full-precision weights first
         quantize(model, **PRESETS[args.quantize])
+    return model, tokenizer, train_examples, dev_examples
+
+
+def _train(args: argparse.Namespace, say) -> int:
+    import torch
+
+    from .. import save_adapter, trainable_parameters
+    from ..models import default_model_path
+    from ..train.data import collate, default_data_dir, resolve_splits
+    from ..train.evaluate import evaluate_classification, evaluate_perplexity
+    from ..train.loop import batches_per_epoch, train
+
+    t0 = time.perf_counter()
+    rank = _adalora_rank(args)
+    train_cfg = _check_run(args)  # nothing is written before every check passed
+    torch.manual_seed(args.seed)  # the new head and LoRA's A are drawn before train() seeds its own streams
+    model_path = args.model or default_model_path()
+    splits = resolve_splits(args.data or default_data_dir())
+    if "train" not in splits:
+        raise FileNotFoundError(f"--data {args.data}: no train file found")
+    model, tokenizer, train_examples, dev_examples = _adapted_model(args, rank, model_path, splits)
     batches_per_epoch(len(train_examples), train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     trainable, total = trainable_parameters(model)
     say(f"model        {model_path}")
