@@ -78,13 +78,18 @@ def test_merge_refuses_an_out_that_holds_its_adapter_or_base(saved, tmp_path, ca
     assert {path: _tree(path) for path in (base, adapter)} == before  # nothing replaced
 
 
-def test_eval_refuses_a_task_of_another_kind_than_the_adapter(saved, tmp_path, capsys):
+def test_eval_refuses_a_task_of_another_kind_than_the_adapter(saved, tmp_path, capsys, monkeypatch):
+    import lorakit.models
+
     _, adapter = saved
     data = tmp_path / "dev.tsv"
     data.write_text("sentence\tlabel\ngood movie .\t1\nbad movie .\t0\n")
     report = tmp_path / "report.json"
-    fails(["eval", str(adapter), "--data", str(data), "--task", "classification", "--output", str(report)], capsys,
-          "--task classification needs a SEQ_CLS adapter; this one is CAUSAL_LM (use --task sft or e2e)", report)
+    with monkeypatch.context() as m:  # refused from the adapter's config, before the base model loads
+        m.setattr(lorakit.models, "load_with_adapter", lambda *a, **k: pytest.fail("loaded before --task was checked"))
+        fails(["eval", str(adapter), "--data", str(data), "--task", "classification", "--output", str(report)],
+              capsys, "--task classification needs a SEQ_CLS adapter; this one is CAUSAL_LM (use --task sft or e2e)",
+              report)
     sft = tmp_path / "dev.jsonl"
     sft.write_text(json.dumps({"prompt": "say hi", "response": "hi there"}) + "\n")
     fails(["eval", str(adapter), "--data", str(sft), "--task", "e2e", "--output", str(report)], capsys,

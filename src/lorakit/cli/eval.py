@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import TASK_TYPES, load_with_adapter
+    from ..models import load_with_adapter
     from ..train.data import resolve_splits
     from ..train.evaluate import evaluate_classification, evaluate_e2e, evaluate_perplexity
     from ..train.state import write_text_atomic
@@ -43,15 +43,8 @@ def run(args: argparse.Namespace) -> int:
     run_args = read_run_args(Path(args.adapter), instead=None if args.data else "--data")
     splits = resolve_splits(args.data or _training_data(run_args))
     path = splits.get("dev") or splits.get("test") or splits.get("train")
-    model, tokenizer, task = load_with_adapter(args.adapter, args.model, quantize=args.quantize or "auto")
-    trained_as = run_args.get("task")
-    if not args.task and isinstance(trained_as, str) and TASK_TYPES.get(trained_as) == TASK_TYPES[task]:
-        task = trained_as  # e2e and sft adapters are both CAUSAL_LM: the run says which
-    if args.task and TASK_TYPES[args.task] != TASK_TYPES[task]:
-        fits = " or ".join(t for t, kind in TASK_TYPES.items() if kind == TASK_TYPES[task])
-        raise UsageError(f"--task {args.task} needs a {TASK_TYPES[args.task]} adapter; this one is "
-                         f"{TASK_TYPES[task]} (use --task {fits})")
-    task = args.task or task
+    task = _task(args, run_args)  # checked before the model loads
+    model, tokenizer, _ = load_with_adapter(args.adapter, args.model, quantize=args.quantize or "auto")
     result: dict = {}
     if task == "e2e":
         refs = _e2e_references(path, args.max_examples)
@@ -75,6 +68,23 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(result, indent=2))
     return 0
+
+
+def _task(args: argparse.Namespace, run_args: dict) -> str:
+    """The task to evaluate: ``--task`` (refused when the adapter is of another kind), else the training run's
+    (e2e and sft adapters are both CAUSAL_LM: the run says which), else the adapter's kind."""
+    from ..core.checkpoint import read_adapter
+    from ..models import TASK_TYPES, task_for_adapter
+
+    task = task_for_adapter(read_adapter(args.adapter)[0].task_type)
+    trained_as = run_args.get("task")
+    if not args.task and isinstance(trained_as, str) and TASK_TYPES.get(trained_as) == TASK_TYPES[task]:
+        return trained_as
+    if args.task and TASK_TYPES[args.task] != TASK_TYPES[task]:
+        fits = " or ".join(t for t, kind in TASK_TYPES.items() if kind == TASK_TYPES[task])
+        raise UsageError(f"--task {args.task} needs a {TASK_TYPES[args.task]} adapter; this one is "
+                         f"{TASK_TYPES[task]} (use --task {fits})")
+    return args.task or task
 
 
 def _e2e_references(path, limit: int | None) -> dict[str, list[str]]:
