@@ -193,11 +193,14 @@ class AdapterStore:
             raise AdapterNotFound(f"model {name!r} does not exist; available: {[self.base_name, *self.known]}")
         return self.known[name]
 
+    def own_head(self, name: str | None) -> bool:
+        """Whether rows of ``name`` run the adapter's own classification head (else the base model's)."""
+        info = self.known.get(name) if name is not None else None
+        return info is not None and info.num_classes is not None
+
     def num_classes(self, name: str | None) -> int:
         """Outputs of the head that rows of ``name`` run: the adapter's own, else the base model's."""
-        info = self.known.get(name) if name is not None else None
-        own = info.num_classes if info is not None else None
-        return own if own is not None else self.model.config.num_labels
+        return self.known[name].num_classes if self.own_head(name) else self.model.config.num_labels
 
     # ----- engine thread only -------------------------------------------------------------------------------
     def ensure(self, name: str | None, pinned: set[str]) -> bool:
