@@ -23,6 +23,7 @@ from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ..core.config import LORAKIT_KEY
 from ..core.model import delete_adapter
 from ..core.tables import METADATA
+from ..models import HEAD_WEIGHTS
 from ..ops.pool import AdapterPool
 from .errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidRequest, PathRefused
 
@@ -71,8 +72,6 @@ def _header(path: Path, raw: dict) -> tuple[dict, int | None]:
     the number of outputs of the adapter's own classification head (None: it has none), read without loading
     the tensors."""
     from safetensors import safe_open
-
-    from ..models import HEAD_WEIGHTS
 
     try:
         with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
