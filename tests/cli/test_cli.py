@@ -40,6 +40,12 @@ def test_train_classification_then_inspect_and_merge(bert_dir, cls_data, tmp_pat
     assert len(info["layers"]) == 4  # query, value x 2 layers
     assert info["config"]["modules_to_save"] == ["classifier"]
 
+    none = tmp_path / "none"  # --modules-to-save none trains no head (it fell back to the classifier before)
+    assert main(["train", "--model", str(bert_dir), "--data", str(cls_data), "--output-dir", str(none), *FAST,
+                 "--modules-to-save", "none"]) == 0
+    assert json.loads((none / "adapter" / "adapter_config.json").read_text())["modules_to_save"] is None
+    capsys.readouterr()
+
     merged = tmp_path / "merged"
     umask = os.umask(0o022)
     try:

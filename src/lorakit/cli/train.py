@@ -153,6 +153,14 @@ def _names(value: str | list | None) -> list[str] | str | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _modules_to_save(args: argparse.Namespace, model) -> list[str] | str | None:
+    """``--modules-to-save`` as given (``none``: nothing); unset, a classifier's head."""
+    names = _names(args.modules_to_save)
+    if names is None and args.task == "classification":
+        names = head_module_names(model)
+    return names or None
+
+
 def _parameter_names(value: str | None) -> list[str] | str | None:
     if value is None or value == ALL_EXPERTS:
         return value
@@ -318,8 +326,7 @@ def _lora_config(args: argparse.Namespace, rank: int, model, model_path, token_i
         target_parameters=_parameter_names(args.target_parameters),
         exclude_modules=_names(args.exclude_modules), bias=args.bias, init=args.init, use_rslora=args.use_rslora,
         use_dora=args.use_dora, slices=slice_masks(args.slices) or {},
-        modules_to_save=_names(args.modules_to_save) or (head_module_names(model) if args.task == "classification"
-                                                         else None),
+        modules_to_save=_modules_to_save(args, model),
         task_type=TASK_TYPES[args.task], base_model_name_or_path=str(model_path),
         trainable_token_indices=sorted(set(token_ids.values())) or None,
     )
