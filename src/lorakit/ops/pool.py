@@ -156,7 +156,7 @@ class AdapterPool:
         """Layers whose adapters are stacked: not convolutions (run by loop) nor layers that route rows
         themselves (MoE experts, which read their adapters' own factors)."""
         return [layer for layer in self._wrappers()[0]
-                if not isinstance(layer, LoraConv) and not getattr(layer, "routes_rows", False)]
+                if not isinstance(layer, LoraConv) and not layer.routes_rows]
 
     def add(self, name: str) -> int:
         """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
@@ -222,7 +222,7 @@ class AdapterPool:
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
         for layer in layers:
-            if getattr(layer, "routes_rows", False):  # MoE experts: the rows' adapters, read live
+            if layer.routes_rows:  # MoE experts: the rows' adapters, read live
                 layer.row_plan = RoutedRows(names)
                 continue
             stack = self.stacks.get(layer)
