@@ -247,11 +247,16 @@ def case_setup(reps: int, counts=(128, 256, 512, 1000)) -> dict:
 # ----- decode ratio: per-row / one shared adapter at small models ------------------------------------------
 def case_decode_ratio(reps: int) -> dict:
     """One decode step (KV cache of 32 tokens) with a distinct adapter per row (pool) vs one shared adapter."""
+    return _over_sizes(_ratio_at, reps)
+
+
+def _over_sizes(ratio_at, reps: int) -> dict:
+    """``ratio_at(hidden, layers, rows, reps)`` at each small model size and row count, printed as it goes."""
     out = {}
     for hidden, layers in ((64, 2), (128, 2), (256, 4), (512, 4)):
         for rows in (8, 32):
             key = f"hidden {hidden} x {layers} layers, {rows} rows"
-            out[key] = _ratio_at(hidden, layers, rows, reps)
+            out[key] = ratio_at(hidden, layers, rows, reps)
             print(key, out[key], flush=True)
     return out
 
@@ -296,13 +301,7 @@ def case_decode_ratio_dora(reps: int) -> dict:
     """As ``decode_ratio``, with every other row's adapter a DoRA adapter (the pool applies its per-output
     factors, computed once at ``add``), against every row on one shared plain adapter and on one shared DoRA
     adapter (``use_adapter``: DoRA recomputes its row norms per forward, as PEFT's does)."""
-    out = {}
-    for hidden, layers in ((64, 2), (128, 2), (256, 4), (512, 4)):
-        for rows in (8, 32):
-            key = f"hidden {hidden} x {layers} layers, {rows} rows"
-            out[key] = _dora_ratio_at(hidden, layers, rows, reps)
-            print(key, out[key], flush=True)
-    return out
+    return _over_sizes(_dora_ratio_at, reps)
 
 
 def _dora_ratio_at(hidden: int, layers: int, rows: int, reps: int) -> dict[str, float]:

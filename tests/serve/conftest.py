@@ -15,6 +15,14 @@ LLAMA_ADAPTERS = ["a", "b", "c"]
 LABELS = ["neg", "neu", "pos"]
 
 
+def _adapters_dir(tmp_path_factory, label: str, model_dir, names: list[str], **kwargs):
+    """A fresh folder ``label`` holding the adapters ``names`` of the model in ``model_dir``
+    (:func:`~tests.serve.helpers.save_adapters`)."""
+    root = tmp_path_factory.mktemp(label)
+    save_adapters(model_dir, root, names, **kwargs)
+    return root
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     return save_llama(tmp_path_factory.mktemp("llama") / "llama")
@@ -23,9 +31,7 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_adapters(llama_dir, tmp_path_factory):
     """Three causal-LM adapters (ranks 2, 3, 4; c on q_proj only) under one adapters dir."""
-    root = tmp_path_factory.mktemp("llama_adapters")
-    save_adapters(llama_dir, root, LLAMA_ADAPTERS)
-    return root
+    return _adapters_dir(tmp_path_factory, "llama_adapters", llama_dir, LLAMA_ADAPTERS)
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +57,8 @@ def bert_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bert_adapters(bert_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bert_adapters")
-    save_adapters(bert_dir, root, ["x", "y", "z"], task="classification", labels=LABELS)
-    return root
+    return _adapters_dir(tmp_path_factory, "bert_adapters", bert_dir, ["x", "y", "z"], task="classification",
+                         labels=LABELS)
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +69,7 @@ def json_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def json_adapters(json_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("json_adapters")
-    save_adapters(json_llama, root, ["a", "b"])
-    return root
+    return _adapters_dir(tmp_path_factory, "json_adapters", json_llama, ["a", "b"])
 
 
 @pytest.fixture(autouse=True)

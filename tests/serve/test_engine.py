@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,3 +71,11 @@ def test_gathering_stops_when_a_batch_is_full():
     engine = _engine(max_batch_size=3, gather_s=60.0, gather_max_s=60.0)
     _run(engine, 3, apart_s=0.0, timeout=20)
     assert _count(engine, "prefill") == 1
+
+
+@pytest.mark.parametrize("name, value", [("gather_s", -0.1), ("gather_max_s", float("nan")),
+                                         ("gather_s", float("inf")), ("gather_s", "5"), ("gather_max_s", True)])
+def test_a_bad_gather_window_is_refused_by_name(name, value):
+    windows = {"gather_s": 0.0, "gather_max_s": 0.0, name: value}
+    with pytest.raises(ValueError, match=f"^Engine {name} must be a finite number of seconds >= 0, got "):
+        _engine(max_batch_size=1, **windows)

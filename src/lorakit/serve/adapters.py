@@ -23,6 +23,7 @@ from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ..core.config import LORAKIT_KEY
 from ..core.model import delete_adapter
 from ..core.tables import METADATA
+from ..models import HEAD_WEIGHTS
 from ..ops.pool import AdapterPool
 from .errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidRequest, PathRefused
 
@@ -71,8 +72,6 @@ def _header(path: Path, raw: dict) -> tuple[dict, int | None]:
     the number of outputs of the adapter's own classification head (None: it has none), read without loading
     the tensors."""
     from safetensors import safe_open
-
-    from ..models import HEAD_WEIGHTS
 
     try:
         with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
@@ -193,11 +192,14 @@ class AdapterStore:
             raise AdapterNotFound(f"model {name!r} does not exist; available: {[self.base_name, *self.known]}")
         return self.known[name]
 
+    def own_head(self, name: str | None) -> bool:
+        """Whether rows of ``name`` run the adapter's own classification head (else the base model's)."""
+        info = self.known.get(name) if name is not None else None
+        return info is not None and info.num_classes is not None
+
     def num_classes(self, name: str | None) -> int:
         """Outputs of the head that rows of ``name`` run: the adapter's own, else the base model's."""
-        info = self.known.get(name) if name is not None else None
-        own = info.num_classes if info is not None else None
-        return own if own is not None else self.model.config.num_labels
+        return self.known[name].num_classes if self.own_head(name) else self.model.config.num_labels
 
     # ----- engine thread only -------------------------------------------------------------------------------
     def ensure(self, name: str | None, pinned: set[str]) -> bool:

@@ -17,6 +17,7 @@ Token ids in, token ids out: tokenizing, detokenizing and stop strings belong to
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -52,6 +53,9 @@ class Engine:
                  gather_max_s: float = GATHER_MAX_S):
         if max_batch_size < 1:
             raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+        for name, value in (("gather_s", gather_s), ("gather_max_s", gather_max_s)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ValueError(f"Engine {name} must be a finite number of seconds >= 0, got {value!r}")
         self.gather_s, self.gather_max_s = gather_s, gather_max_s
         self.store, self.task = store, task
         self.model = store.model

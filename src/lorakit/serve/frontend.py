@@ -337,8 +337,7 @@ class Frontend:
         info = self.store.known.get(adapter) if adapter else None
         if info is not None and info.labels and len(info.labels) == n:
             return info.labels
-        own_head = info is not None and info.num_classes is not None
-        id2label = {} if own_head else (self.engine.model.config.id2label or {})
+        id2label = {} if self.store.own_head(adapter) else (self.engine.model.config.id2label or {})
         return [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
 
 

@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models import (
+    apply_vocabulary,
+    base_quantization_for,
+    load_model,
+    load_tokenizer,
+    num_labels_in,
+    plan_vocabulary,
+    quantize_base,
+    task_for_adapter,
+)
 from .adapters import AdapterStore, discover
 from .engine import Engine
 from .frontend import Frontend
@@ -31,8 +41,6 @@ def build_frontend(model: str, adapters: dict[str, Path] | None = None, adapters
     ``quantize``: the base's 4/8-bit form (``lorakit.models.base_quantization_for``); ``"auto"``: the one the
     first readable adapter was trained on (QLoRA adapters record it), else full precision.
     """
-    from ..models import base_quantization_for, load_model, load_tokenizer, quantize_base
-
     base_name = base_name_of(model)
     known = discover(base_name, adapters, adapters_dir)  # lists and checks every adapter before loading
     task, num_labels, labels, recorded = first_readable(known)
@@ -58,8 +66,6 @@ def grow_vocabulary(net, tokenizer, known: dict) -> None:
     (:func:`lorakit.models.plan_vocabulary`: adapters taken in the order they are listed). An adapter whose
     tokens conflict is marked with the reason, naming the adapter it conflicts with: its requests fail with it,
     the others are served."""
-    from ..models import apply_vocabulary, plan_vocabulary
-
     vocabulary = plan_vocabulary(tokenizer, {n: info.vocab for n, info in known.items() if not info.error})
     for name, why in vocabulary.refused.items():
         known[name].error = why
@@ -81,7 +87,6 @@ def first_readable(known: dict) -> tuple[str | None, int | None, list[str] | Non
     form); an unreadable one is marked with its error (its requests fail with it, the others are served)."""
     from ..core.checkpoint import read_adapter
     from ..core.config import LORAKIT_KEY
-    from ..models import num_labels_in, task_for_adapter
 
     for info in known.values():
         if info.error:

@@ -160,9 +160,9 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """``logits / temperature``, finite where the logits are: in float64 when float32 overflows (a temperature
     of 1e-300 is 0 in float32); logits that are still too large for float64 tie at its largest value."""
     scaled = logits.float() / temperature
-    finite = logits.isfinite()
-    if scaled[finite].isfinite().all():
+    if scaled.max().isfinite():  # one reduction a token: an overflow shows as +inf, 0/0 as NaN (max keeps it)
         return scaled
+    finite = logits.isfinite()
     scaled = logits.double() / temperature
     return torch.where(finite, scaled.nan_to_num(posinf=torch.finfo(torch.float64).max), scaled)
 

@@ -38,9 +38,8 @@ async def models(front: Front) -> P.ModelList:
 def _head(front, name: str | None) -> dict:
     """What a model card says of the head that ``name``'s requests run (classification)."""
     classes = front.store.num_classes(name)
-    own = name is not None and front.store.known[name].num_classes is not None
     return {"labels": None if classes == 1 else front.labels_of(name, classes), "num_classes": classes,
-            "untrained_head": False if own else not front.base_head_trained}
+            "untrained_head": False if front.store.own_head(name) else not front.base_head_trained}
 
 
 @router.get("/metrics", response_class=Response, responses={
