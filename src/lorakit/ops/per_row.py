@@ -41,7 +41,6 @@ from torch import Tensor, nn
 from ..core.layers import Adapter, LoraLayer
 from ..core.model import adapter_names, base_owner, check_base_kept, merged_names, wrappers
 from ..core.targets import outside_adapters
-from ..layers import LoraConv, LoraEmbedding
 
 
 def bgmv(x: Tensor, A: Tensor, B: Tensor, index: Tensor | None, embedding: bool) -> Tensor:
@@ -115,7 +114,7 @@ class StackedWeights:
 
     def __init__(self, layer: LoraLayer, adapters: list[Adapter], index: Tensor, zero_slot: bool, shared: bool):
         self.layer, self.adapters, self.index, self.zero_slot = layer, adapters, index, zero_slot
-        self.shared, self.embedding = shared, isinstance(layer, LoraEmbedding)
+        self.shared, self.embedding = shared, layer.takes_ids
         self.cached: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     def stacks(self) -> tuple[Tensor, Tensor]:
@@ -260,7 +259,7 @@ def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | Loop
     if layer.routes_rows:
         return RoutedRows(names)
     used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
-    if isinstance(layer, LoraConv) or not used or not all(row_batched(layer.adapters[n]) for n in used):
+    if not layer.stacks_rows or not used or not all(row_batched(layer.adapters[n]) for n in used):
         return LoopUpdate(layer, names)
     slot = {n: j for j, n in enumerate(used)}  # base rows get the zero slot len(used)
     slots = [slot.get(n, len(used)) for n in names]
