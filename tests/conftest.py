@@ -156,6 +156,19 @@ def randomize_lora(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
                         p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def train_losses(model: nn.Module, steps: int, lr: float, **batch) -> list[float]:
+    """``steps`` AdamW steps of ``model``'s trainable parameters on one ``batch``; the loss of each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def build(case: Case, seed: int = 0, dtype=torch.float32, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     model = case.build().to(dtype)

@@ -9,7 +9,8 @@ from lorakit.layers import LoraConv
 from tests.conftest import randomize_lora
 
 
-@pytest.mark.parametrize("conv", [nn.Conv1d(3, 5, 3, padding=1), nn.Conv2d(3, 5, (3, 2), stride=2)])
+@pytest.mark.parametrize("conv", [nn.Conv1d(3, 5, 3, padding=1), nn.Conv2d(3, 5, (3, 2), stride=2),
+                                  nn.Conv3d(3, 5, (2, 3, 1), padding=(1, 0, 0))])
 def test_conv_delta_weight_is_the_update(conv):
     torch.manual_seed(0)
     model = nn.Sequential(conv)
@@ -17,8 +18,8 @@ def test_conv_delta_weight_is_the_update(conv):
     randomize_lora(model)
     layer = model[0]
     assert isinstance(layer, LoraConv)
-    x = torch.randn(2, 3, 9) if isinstance(conv, nn.Conv1d) else torch.randn(2, 3, 9, 8)
-    conv_fn = torch.nn.functional.conv1d if isinstance(conv, nn.Conv1d) else torch.nn.functional.conv2d
+    x = torch.randn(2, 3, *(9, 8, 7)[:conv.weight.dim() - 2])
+    conv_fn = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[x.dim()]
     ref = conv_fn(x, conv.weight + layer.delta_weight("default"), conv.bias, conv.stride, conv.padding)
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
 

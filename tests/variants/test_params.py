@@ -19,6 +19,7 @@ from lorakit.cli.main import main
 from lorakit.core.checkpoint import CheckpointError
 from lorakit.ops.pool import AdapterPool
 from lorakit.variants.params import ParamLayer, routed_forward
+from tests.conftest import train_losses
 from tests.variants.moe_models import EXPERTS, tiny_moe, token_ids
 
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
@@ -359,14 +360,7 @@ def test_trains_only_expert_factors_and_loss_falls():
     model = _adapted(seed=2, std=0.01).train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 4 and all(p.shape[0] in (8, 32) for p in params)
-    opt = torch.optim.AdamW(params, lr=2e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, steps=5, lr=2e-2, input_ids=x, labels=x)
     assert losses[-1] < losses[0] - 0.05
 
 

@@ -67,10 +67,11 @@ def test_dora_linear_matches_reference_formula_and_gradients():
 def test_fresh_dora_adapter_leaves_output_unchanged():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(1, 3, 3))
-    x = torch.randn(2, 8)
-    before = base[0](x)
-    model = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=2, use_dora=True, target_modules=["0"]))
+    x, image = torch.randn(2, 8), torch.randn(2, 1, 6, 6)
+    before, before_conv = base[0](x), base[1](image)
+    model = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=2, use_dora=True, target_modules=["0", "1"]))
     torch.testing.assert_close(model[0](x), before, atol=1e-6, rtol=0)  # m = ||W0|| at the start
+    torch.testing.assert_close(model[1](image), before_conv, atol=1e-6, rtol=0)  # the convolution too
 
 
 @pytest.mark.parametrize("case", DORA_CASES, ids=[c.name for c in DORA_CASES])

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..files import atomic_write, save_tensors
 from .config import LORAKIT_KEY, LoraConfig, short_repr
 from .layers import LoraLayer
-from .model import adapter_config, adapter_names, commit_adapter, plan_adapter
+from .model import adapter_config, adapter_names, commit_adapter, holding, plan_adapter
 from .saved import SavedModule
 from .tables import (
     CONVERSIONS,
@@ -119,7 +119,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
     The metadata (base fingerprint, fused slices, class names) sits in the safetensors header's
     ``__metadata__`` under ``"lorakit"``, where PEFT and vLLM do not look (PEFT warns about unknown config keys).
     """
-    held = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    held = holding(model, adapter)
     hashed = _fingerprinted(model, adapter)  # what a load fingerprints
     d = config.to_peft_dict()
     named = set()  # layers another field names (target_parameters)
@@ -148,7 +148,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, adapter: str) -> tuple[di
 
 def _fingerprinted(model: nn.Module, adapter: str) -> list[str]:
     """The paths a base fingerprint hashes, in model order: the LoRA targets of ``adapter`` (parameters too)."""
-    return [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters and m.lora_target]
+    return [p for p, m in holding(model, adapter) if m.lora_target]
 
 
 def base_fingerprint(model: nn.Module, paths: list[str]) -> str | None:

@@ -156,6 +156,9 @@ class LoraLayer(nn.Module):
     """Wraps a base layer and holds its named adapters; subclasses say how to build and merge them."""
 
     lora_target = True  # named in target_modules (False: placed by another config field, e.g. trainable tokens)
+    routes_rows = False  # True: per-row batches hand the layer the rows' adapter names (MoE experts group tokens)
+    stacks_rows = True  # per-row batches and the pool stack its adapters' B·A; False: run them by loop (convs)
+    takes_ids = False  # its input is token ids (embeddings): per-row batches gather rows of A, not x @ A
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

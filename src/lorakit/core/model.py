@@ -210,6 +210,11 @@ def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
     return (m for _, m in outside_adapters(model) if isinstance(m, LoraLayer))
 
 
+def holding(model: nn.Module, adapter: str) -> list[tuple[str, LoraLayer]]:
+    """(path, layer) of the LoRA layers that hold ``adapter``, in model order."""
+    return [(p, m) for p, m in outside_adapters(model) if isinstance(m, LoraLayer) and adapter in m.adapters]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters in ``model``, in the order they were added."""
     names: dict[str, None] = {}

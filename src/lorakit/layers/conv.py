@@ -15,6 +15,8 @@ from ..core.layers import Adapter, LoraLayer, factory_kwargs
 class LoraConv(LoraLayer):
     """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base kernel, B a 1x1 conv."""
 
+    stacks_rows = False  # a kernel is no (k, r) matrix: per-row batches run each row's adapter by loop
+
     def __init__(self, base_layer: nn.Module):
         if base_layer.groups != 1:
             raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")

@@ -17,6 +17,8 @@ from ..core.layers import Adapter, LoraLayer, factory_kwargs
 class LoraEmbedding(LoraLayer):
     """``nn.Embedding``: ``lora_A`` is an embedding table ``(num, r)``, ``lora_B`` maps ``r -> dim``."""
 
+    takes_ids = True
+
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.fresh_output = type(base_layer) is nn.Embedding  # a lookup's output is a new tensor

@@ -18,6 +18,7 @@ from ..core.model import (
     lora_layers,
 )
 from ..core.saved import SavedModule
+from ..core.targets import outside_adapters
 
 
 def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how: str = "linear",
@@ -37,29 +38,14 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
     one of the adapters goes with the new adapter; two adapters that both train the same module cannot
     be combined (a full module has no weighted sum), as in PEFT. The new adapter is not activated.
     """
-    if how not in ("linear", "cat", "svd"):
-        raise ValueError(f"how must be linear|cat|svd, got {how!r}")
-    if not isinstance(weights, dict) or not weights:
-        raise ValueError("combine_adapters needs at least one adapter weight")
-    for a, w in weights.items():
-        if a not in adapter_names(model):
-            raise KeyError(f"no adapter named {a!r}; the model has {adapter_names(model)}")
-        if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
-            raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
-        raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
-    for layer in lora_layers(model):
-        for a in weights:
-            if a in layer.adapters and not layer.adapters[a].additive:
-                raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
-                                 "not a plain B·A update; only plain LoRA adapters combine")
+    _check_inputs(model, weights, how, rank)
     configs = [adapter_config(model, a) for a in weights]
     keep = list(dict.fromkeys(k for c in configs for k in c.modules_to_save or []))
     config = configs[0].replace(use_rslora=False, slices={}, rank_pattern={}, alpha_pattern={}, bias="none",
                                 modules_to_save=keep or None, use_dora=False, init="kaiming")
     check_new_adapter(model, name, config)
     planned = []
-    for path, layer in model.named_modules():
+    for path, layer in outside_adapters(model):
         if not isinstance(layer, LoraLayer):
             continue
         parts = [(layer.adapters[a], w) for a, w in weights.items() if a in layer.adapters]
@@ -75,7 +61,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
             raise ValueError(f"combine_adapters: the combined adapter is not finite at {path} ({adapter.dtype})")
         planned.append(Planned(path, layer, adapter, new_layer=False))
     copies = {}
-    for path, saved in model.named_modules():
+    for path, saved in outside_adapters(model):
         if isinstance(saved, SavedModule):
             owners = [a for a in weights if a in saved.copies]
             if len(owners) > 1:
@@ -88,6 +74,27 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, how
         p.adapter.requires_grad_(False)  # it trains once set active
     for module in copies.values():
         module.requires_grad_(False)
+
+
+def _check_inputs(model: nn.Module, weights: dict[str, float], how: str, rank: int | None) -> None:
+    """Raise a one-line error for a bad ``how``, ``weights`` or ``rank``, or an adapter that is not plain B·A."""
+    if how not in ("linear", "cat", "svd"):
+        raise ValueError(f"how must be linear|cat|svd, got {how!r}")
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError("combine_adapters needs at least one adapter weight")
+    names = adapter_names(model)  # one walk of the model, not one per weight
+    for a, w in weights.items():
+        if a not in names:
+            raise KeyError(f"no adapter named {a!r}; the model has {names}")
+        if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
+            raise ValueError(f"combine_adapters: the weight of {a!r} must be a finite number, got {w!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
+    for layer in lora_layers(model):
+        for a in weights:
+            if a in layer.adapters and not layer.adapters[a].additive:
+                raise ValueError(f"combine_adapters: adapter {a!r} is a {type(layer.adapters[a]).__name__}, "
+                                 "not a plain B·A update; only plain LoRA adapters combine")
 
 
 def _combined_pair(parts: list[tuple[Adapter, float]], how: str, rank: int | None):

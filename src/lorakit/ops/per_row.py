@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..core.layers import Adapter, LoraLayer
 from ..core.model import adapter_names, base_owner, check_base_kept, merged_names, wrappers
-from ..layers import LoraConv, LoraEmbedding
+from ..core.targets import outside_adapters
 
 
 def bgmv(x: Tensor, A: Tensor, B: Tensor, index: Tensor | None, embedding: bool) -> Tensor:
@@ -114,7 +114,7 @@ class StackedWeights:
 
     def __init__(self, layer: LoraLayer, adapters: list[Adapter], index: Tensor, zero_slot: bool, shared: bool):
         self.layer, self.adapters, self.index, self.zero_slot = layer, adapters, index, zero_slot
-        self.shared, self.embedding = shared, isinstance(layer, LoraEmbedding)
+        self.shared, self.embedding = shared, layer.takes_ids
         self.cached: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     def stacks(self) -> tuple[Tensor, Tensor]:
@@ -226,8 +226,8 @@ class RoutedRows:
 
 def routed_blocks(model: nn.Module) -> list[nn.Module]:
     """The modules around the layers that route rows themselves (a MoE block around its experts)."""
-    return [model.get_submodule(path.rpartition(".")[0]) for path, m in model.named_modules()
-            if path and getattr(m, "routes_rows", False)]
+    return [model.get_submodule(path.rpartition(".")[0]) for path, m in outside_adapters(model)
+            if path and isinstance(m, LoraLayer) and m.routes_rows]
 
 
 @contextmanager
@@ -256,10 +256,10 @@ def make_row_update(layer: LoraLayer, names: list[str | None]) -> RowPlan | Loop
     """The per-row update for ``layer``: gathered for linear-like and embedding layers whose adapters stack
     (``row_batched``), loop for convolutions and for adapters that run on their rows alone (``row_wise``), the
     names for a layer that routes rows itself (``routes_rows``: MoE experts)."""
-    if getattr(layer, "routes_rows", False):
+    if layer.routes_rows:
         return RoutedRows(names)
     used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
-    if isinstance(layer, LoraConv) or not used or not all(row_batched(layer.adapters[n]) for n in used):
+    if not layer.stacks_rows or not used or not all(row_batched(layer.adapters[n]) for n in used):
         return LoopUpdate(layer, names)
     slot = {n: j for j, n in enumerate(used)}  # base rows get the zero slot len(used)
     slots = [slot.get(n, len(used)) for n in names]

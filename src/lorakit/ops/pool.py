@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from ..core.layers import LoraLayer, changed_base
 from ..core.model import adapter_names, wrappers
-from ..layers import LoraConv, LoraEmbedding
 from .per_row import (
     LoopUpdate,
     RoutedRows,
@@ -61,7 +60,7 @@ class _LayerStack:
         w = next(iter(layer.adapters.values())).lora_B.weight
         A, B = next(iter(layer.adapters.values())).plain_pair()
         self.k, self.d = A.shape[1], B.shape[0]
-        self.embedding = isinstance(layer, LoraEmbedding)
+        self.embedding = layer.takes_ids
         self.A_t = torch.zeros(slots + 1, self.k, rank, dtype=w.dtype, device=w.device)
         self.B_t = torch.zeros(slots + 1, rank, self.d, dtype=w.dtype, device=w.device)
         self.S_t = torch.ones(slots + 1, self.d, dtype=w.dtype, device=w.device)
@@ -156,7 +155,7 @@ class AdapterPool:
         """Layers whose adapters are stacked: not convolutions (run by loop) nor layers that route rows
         themselves (MoE experts, which read their adapters' own factors)."""
         return [layer for layer in self._wrappers()[0]
-                if not isinstance(layer, LoraConv) and not getattr(layer, "routes_rows", False)]
+                if layer.stacks_rows and not layer.routes_rows]
 
     def add(self, name: str) -> int:
         """Stack adapter ``name`` (already in the model) into a slot; returns the slot."""
@@ -222,7 +221,7 @@ class AdapterPool:
         if any(layer.merged for layer in layers):
             raise RuntimeError("AdapterPool.rows needs unmerged adapters; unmerge(model) first")
         for layer in layers:
-            if getattr(layer, "routes_rows", False):  # MoE experts: the rows' adapters, read live
+            if layer.routes_rows:  # MoE experts: the rows' adapters, read live
                 layer.row_plan = RoutedRows(names)
                 continue
             stack = self.stacks.get(layer)

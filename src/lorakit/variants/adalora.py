@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..core.config import LoraConfig
 from ..core.layers import Adapter, LoraLayer, LoraLinear
-from ..core.model import active_adapter
+from ..core.model import active_adapter, holding
 from ..core.tables import PEFT_TYPES, VARIANTS
 
 # PEFT's AdaLoRA init: P and Q ~ N(0, 0.02²), Λ = 0 (the update starts at zero, as LoRA's does).
@@ -135,8 +135,7 @@ class SVDAdapter(Adapter):
 
 def svd_adapters(model: nn.Module, adapter: str) -> dict[str, SVDAdapter]:
     """Module path -> the :class:`SVDAdapter` named ``adapter`` on it."""
-    return {path: m.adapters[adapter] for path, m in model.named_modules()
-            if isinstance(m, LoraLayer) and adapter in m.adapters and isinstance(m.adapters[adapter], SVDAdapter)}
+    return {path: m.adapters[adapter] for path, m in holding(model, adapter) if isinstance(m.adapters[adapter], SVDAdapter)}
 
 
 # ----- the budget schedule and the allocator ------------------------------------------------------------

@@ -57,9 +57,9 @@ class DoraAdapter(Adapter):
                 W = layer.as_matrix(base.new_base) if base is not None else layer.weight_matrix()
                 magnitude.copy_(dora.row_norm(W))
         dora.lora_magnitude_vector = nn.Parameter(magnitude)
-        # PEFT stores a convolution's magnitude as (1, d, 1, ...) and the others' as (d,)
-        w0 = layer.base_layer.weight
-        dora.file_shape = (1, -1, *[1] * (w0.dim() - 2)) if isinstance(layer, LoraConv) else (-1,)
+        # PEFT stores a convolution's magnitude (weight (d, k, *kernel)) as (1, d, 1, ...), the others' as (d,)
+        dims = layer.base_layer.weight.dim()
+        dora.file_shape = (1, -1, *[1] * (dims - 2)) if dims > 2 else (-1,)
         return dora
 
     @property

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..core.checkpoint import PREFIX
 from ..core.config import short_repr
 from ..core.layers import Adapter, LoraLayer, LoraLinear, changed_base
+from ..core.model import holding
 from ..core.tables import CONVERSIONS, INITIALIZERS, BaseChange, Init, parse_init
 from .quantized import LOFTQ_PRESET, LoraQuantLinear, dequantize, quantized_linear, set_quantized_weight
 from .slices import SlicedAdapter
@@ -158,7 +159,7 @@ def to_plain_lora(model: nn.Module, adapter: str, tensors: dict[str, Tensor], pe
     replaced gets :func:`plain_lora_pair` under its ``lora_A``/``lora_B`` keys; the config gets every rank
     doubled with the scaling kept (``alpha * 2``, rsLoRA ``alpha * sqrt(2)``) and ``init_lora_weights: true``,
     the metadata no fingerprint (it was taken on the replaced base). Other adapters are returned as they are."""
-    held = [(p, m.adapters[adapter]) for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.adapters]
+    held = [(p, m.adapters[adapter]) for p, m in holding(model, adapter)]
     changed = [changed_base(a) for _, a in held]
     tensors = dict(tensors)
     for (path, a), replaced in zip(held, changed, strict=True):
